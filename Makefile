@@ -1,0 +1,33 @@
+# The two commands of a fresh clone: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch and torchvision go in first and pinned: an unpinned resolver may pick other builds.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint dev clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m cli.main demo
+
+dev: venv
+	$(PY) -m cli.main dev
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check broker storage api workers cli tests
+	$(VENV)/bin/mypy broker storage api workers cli
+
+clean:
+	rm -rf .editfarm out

@@ -1,0 +1,48 @@
+"""Every Redis key and object-store key layout, in one place.
+
+All Redis keys share the ``editfarm:`` prefix so an operator can find (and a
+test can clean) everything we write.
+"""
+
+PREFIX = "editfarm:"
+
+
+def job(job_id: str) -> str:
+    """Hash: one field per top-level Job attribute, each JSON-encoded."""
+    return f"{PREFIX}job:{job_id}"
+
+
+def tenant_jobs(tenant: str) -> str:
+    """Sorted set of a tenant's job ids, scored by created_at (epoch s)."""
+    return f"{PREFIX}tenant:{tenant}:jobs"
+
+
+def job_events(job_id: str) -> str:
+    """Pub/sub channel of a job's status and progress events."""
+    return f"{PREFIX}events:{job_id}"
+
+
+def webhook_message(message_id: str) -> str:
+    """Hash: url, body, tenant, state, attempts of one webhook message."""
+    return f"{PREFIX}webhook:{message_id}"
+
+
+def webhook_attempts(message_id: str) -> str:
+    """List of JSON delivery attempts of one webhook message."""
+    return f"{PREFIX}webhook:{message_id}:attempts"
+
+
+def worker_heartbeat(worker_name: str) -> str:
+    """String with the last heartbeat (epoch s) of a worker process."""
+    return f"{PREFIX}worker:{worker_name}:heartbeat"
+
+
+# -- object-store keys: per tenant and job, so a bucket policy or lifecycle rule can scope them --
+
+
+def input_object(tenant: str, job_id: str, index: int, ext: str) -> str:
+    return f"tenants/{tenant}/jobs/{job_id}/inputs/{index}.{ext}"
+
+
+def output_object(tenant: str, job_id: str, index: int, ext: str) -> str:
+    return f"tenants/{tenant}/jobs/{job_id}/outputs/{index}.{ext}"

@@ -1,0 +1,30 @@
+"""Settings every deployable shares (``EDITFARM_`` environment variables).
+
+Each deployable has its own settings class built on this one (see
+``api/settings.py`` and ``workers/settings.py``).
+"""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ClusterSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="EDITFARM_", env_file=None, extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Celery redelivers a message unacked for longer than this (celery #5935), so it
+    # must exceed the longest job; the JobStore lease is what prevents double runs.
+    visibility_timeout_s: int = 6 * 3600
+
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "editfarm"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_path_style: bool = True
+    presign_expiry_s: int = 24 * 3600
+
+    webhook_secret: SecretStr | None = None
+    model: str = ""

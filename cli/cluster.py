@@ -1,0 +1,204 @@
+"""A whole editfarm cluster on one machine, as real processes: the engine of `editfarm dev`,
+`editfarm demo` and the integration tests.
+
+Redis (given, or started locally with AOF), an S3-compatible server (moto) with
+the bucket created, the API (uvicorn), render worker(s) and a webhook worker
+(Celery prefork), each its own process with ``EDITFARM_`` settings in its environment.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from cli.localservices import ManagedProcess, ServiceDied, free_port, start_redis, start_s3, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class ClusterConfig:
+    workdir: Path
+    redis_url: str | None = None          # None → start a local Redis
+    model: str | None = None              # None → build the tiny model in workdir
+    api_port: int | None = None
+    render_workers: int = 1
+    device: str = "cpu"
+    api_keys: str = ""                    # "tenant:key,..."; empty → one random dev key
+    webhook_secret: str = ""              # empty → a random whsec_ secret
+    extra_env: dict[str, str] = field(default_factory=dict)
+    quiet: bool = True
+
+
+class LocalCluster:
+    """Start with :meth:`start`, stop with :meth:`stop` (also a context manager)."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.workdir = config.workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.redis: ManagedProcess | None = None
+        self.s3: ManagedProcess | None = None
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.api_keys = config.api_keys or f"dev:ef_{secrets.token_urlsafe(24)}"
+        self.webhook_secret = config.webhook_secret or "whsec_" + __import__("base64").b64encode(
+            secrets.token_bytes(24)).decode()
+        self.api_port = config.api_port or free_port()
+        self.redis_url = config.redis_url or ""
+        self.env: dict[str, str] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> LocalCluster:
+        try:
+            self._start_services()
+            self.env = self._environment()
+            self.start_api()
+            self.start_webhook_worker()
+            for index in range(self.config.render_workers):
+                self.start_render_worker(index)
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for name in list(self.procs):
+            self.stop_process(name)
+        for managed in (self.s3, self.redis):
+            if managed is not None:
+                managed.stop()
+
+    # -- parts -------------------------------------------------------------------------------
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def s3_url(self) -> str:
+        assert self.s3 is not None
+        return self.s3.url
+
+    def api_key(self, tenant: str | None = None) -> str:
+        pairs = [p.split(":", 1) for p in self.api_keys.split(",") if ":" in p]
+        for t, key in pairs:
+            if tenant is None or t == tenant:
+                return key
+        raise KeyError(tenant)
+
+    def _start_services(self) -> None:
+        log_dir = self.workdir / "logs"
+        log_dir.mkdir(exist_ok=True)
+        if not self.redis_url:
+            self.redis = start_redis(workdir=self.workdir / "redis", log=log_dir / "redis.log")
+            self.redis_url = f"redis://127.0.0.1:{self.redis.port}/0"
+        self.s3 = start_s3(log=log_dir / "s3.log")
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.s3.url, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket="editfarm")
+        if not self.config.model:
+            model_dir = self.workdir / "models" / "tiny-edit"
+            if not (model_dir / "model_index.json").exists():
+                subprocess.run([sys.executable, "-m", "cli.main", "model", "tiny", str(model_dir)],
+                               check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            self.config.model = str(model_dir)
+
+    def _environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDITFARM_")}
+        env.update({
+            "EDITFARM_REDIS_URL": self.redis_url,
+            "EDITFARM_S3_ENDPOINT_URL": self.s3_url,
+            "EDITFARM_S3_BUCKET": "editfarm",
+            "EDITFARM_S3_ACCESS_KEY_ID": "test",
+            "EDITFARM_S3_SECRET_ACCESS_KEY": "test",
+            "EDITFARM_API_KEYS": self.api_keys,
+            "EDITFARM_WEBHOOK_SECRET": self.webhook_secret,
+            "EDITFARM_MODEL": str(self.config.model),
+            "EDITFARM_DEVICE": self.config.device,
+            # local development: webhooks and image URLs on loopback over http are allowed
+            "EDITFARM_WEBHOOK_ALLOW_PRIVATE": "true",
+            "EDITFARM_WEBHOOK_ALLOW_HTTP": "true",
+            "EDITFARM_ALLOW_PRIVATE_URLS": "true",
+            "EDITFARM_ALLOW_HTTP_URLS": "true",
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.config.extra_env)
+        return env
+
+    def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
+        log = open(self.workdir / "logs" / f"{name}.log", "ab")
+        self.procs[name] = subprocess.Popen(
+            args, cwd=ROOT, env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start_api(self) -> None:
+        self._spawn("api", [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
+                            "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning"])
+
+    def start_render_worker(self, index: int, extra_env: dict[str, str] | None = None) -> str:
+        name = f"render{index}"
+        ready = self.workdir / "ready" / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        self._spawn(name, [sys.executable, "-m", "celery", "-A", "workers.celery_worker:app", "worker",
+                           "-Q", "render", "-P", "prefork", "-c", "1", "-n", f"{name}@%h", "-E",
+                           "--without-gossip", "--without-mingle", "-l", "INFO"],
+                    {"EDITFARM_WORKER_ROLE": "render", "EDITFARM_READY_FILE": str(ready),
+                     "EDITFARM_WORKER_NAME": f"{name}@local", **(extra_env or {})})
+        return name
+
+    def start_webhook_worker(self) -> None:
+        self._spawn("webhooks", [sys.executable, "-m", "celery", "-A", "workers.celery_worker:app", "worker",
+                                 "-Q", "webhooks", "-P", "threads", "-c", "8", "-n", "webhooks@%h", "-E",
+                                 "--without-gossip", "--without-mingle", "-l", "INFO"],
+                    {"EDITFARM_WORKER_ROLE": "webhooks"})
+
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        """Wait for the API to answer /readyz and every render worker to write its ready file."""
+        def api_ready() -> bool:
+            return httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200
+        wait_until(api_ready, timeout_s, "API")
+        for name in self.procs:
+            if name.startswith("render"):
+                self.wait_worker_ready(name, timeout_s)
+
+    def wait_worker_ready(self, name: str, timeout_s: float = 120) -> None:
+        ready = self.workdir / "ready" / f"{name}.ready"
+        proc = self.procs[name]
+
+        def check() -> bool:
+            if proc.poll() is not None:
+                raise ServiceDied(f"{name} exited: see {self.workdir / 'logs' / (name + '.log')}")
+            return ready.exists()
+        wait_until(check, timeout_s, name, interval_s=0.1)
+
+    def log(self, name: str) -> str:
+        path = self.workdir / "logs" / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""

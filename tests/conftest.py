@@ -1,0 +1,47 @@
+"""Shared fixtures: a private Redis server and S3 server for the whole test session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from cli.localservices import ManagedProcess, start_redis, start_s3
+
+# Settings of the test process itself must not leak in from the developer's shell.
+for name in list(os.environ):
+    if name.startswith("EDITFARM_"):
+        del os.environ[name]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    server = start_redis(workdir=tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def redis_client(redis_server: ManagedProcess) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=redis_server.port)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[ManagedProcess]:
+    server = start_s3()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random-weight Qwen-Image-Edit pipeline, built once per session."""
+    from workers.pipeline.tiny import build_tiny_edit_model
+
+    return build_tiny_edit_model(tmp_path_factory.mktemp("models") / "tiny-edit")

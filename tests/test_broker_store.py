@@ -1,0 +1,109 @@
+"""The JobStore's compare-and-set semantics, on real Redis and on the in-memory stand-in."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from broker.schema import Job, JobParams, JobStatus, new_job_id
+from broker.store import InMemoryJobStore, JobStore, RedisJobStore
+
+
+@pytest.fixture(params=["redis", "memory"])
+def store(request: pytest.FixtureRequest, redis_client: redis.Redis) -> JobStore:
+    return RedisJobStore(redis_client) if request.param == "redis" else InMemoryJobStore()
+
+
+def make_job(tenant: str = "acme") -> Job:
+    return Job(id=new_job_id(), tenant=tenant, params=JobParams(prompt="make the sky purple", seed=7))
+
+
+def test_a_created_job_reads_back_equal(store: JobStore) -> None:
+    job = make_job()
+    store.create(job)
+    assert store.get(job.id) == job
+
+
+def test_creating_the_same_id_twice_is_refused(store: JobStore) -> None:
+    job = make_job()
+    store.create(job)
+    with pytest.raises(KeyError):
+        store.create(job)
+
+
+def test_an_unknown_job_is_none(store: JobStore) -> None:
+    assert store.get("job_nope") is None
+    assert store.transition("job_nope", JobStatus.RUNNING) is None
+
+
+def test_another_tenant_cannot_read_a_job(store: JobStore) -> None:
+    job = make_job("acme")
+    store.create(job)
+    assert store.get_for_tenant(job.id, "acme") is not None
+    assert store.get_for_tenant(job.id, "globex") is None
+
+
+def test_a_queued_job_moves_to_running_then_succeeded(store: JobStore) -> None:
+    job = make_job()
+    store.create(job)
+    running = store.transition(job.id, JobStatus.RUNNING, {"worker": "w1", "attempts": 1})
+    assert running is not None and running.status is JobStatus.RUNNING and running.worker == "w1"
+    done = store.transition(job.id, JobStatus.SUCCEEDED, {"finished_at": 5.0})
+    assert done is not None and done.status is JobStatus.SUCCEEDED and done.finished_at == 5.0
+
+
+def test_a_succeeded_job_can_never_go_back_to_running(store: JobStore) -> None:
+    job = make_job()
+    store.create(job)
+    store.transition(job.id, JobStatus.RUNNING)
+    store.transition(job.id, JobStatus.SUCCEEDED)
+    assert store.transition(job.id, JobStatus.RUNNING) is None
+    assert store.transition(job.id, JobStatus.FAILED) is None
+    assert store.get(job.id).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
+
+
+def test_a_queued_job_cannot_jump_to_succeeded(store: JobStore) -> None:
+    job = make_job()
+    store.create(job)
+    assert store.transition(job.id, JobStatus.SUCCEEDED) is None
+
+
+def test_expectations_on_other_fields_guard_the_change(store: JobStore) -> None:
+    job = make_job()
+    store.create(job)
+    store.transition(job.id, JobStatus.RUNNING, {"worker": "w1"})
+    assert store.transition(job.id, JobStatus.FAILED, expect={"worker": ["w2"]}) is None
+    assert store.transition(job.id, JobStatus.FAILED, expect={"worker": ["w1"]}) is not None
+
+
+def test_only_one_of_many_concurrent_starts_wins(store: JobStore) -> None:
+    job = make_job()
+    store.create(job)
+    wins: list[str] = []
+
+    def start(name: str) -> None:
+        if store.transition(job.id, JobStatus.RUNNING, {"worker": name}, from_=[JobStatus.QUEUED]):
+            wins.append(name)
+
+    threads = [threading.Thread(target=start, args=(f"w{i}",)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert store.get(job.id).worker == wins[0]  # type: ignore[union-attr]
+
+
+def test_a_tenants_jobs_are_listed_newest_first(store: JobStore) -> None:
+    jobs = [make_job("acme") for _ in range(3)]
+    for offset, job in enumerate(jobs):
+        store.create(job.model_copy(update={"created_at": 1000.0 + offset}))
+    store.create(make_job("globex"))
+    assert store.tenant_job_ids("acme") == [j.id for j in reversed(jobs)]
+    assert store.tenant_job_ids("acme", offset=1, limit=1) == [jobs[1].id]
+
+
+def test_terminal_statuses_are_terminal() -> None:
+    assert [s.value for s in JobStatus if s.is_terminal] == ["succeeded", "failed", "canceled"]
