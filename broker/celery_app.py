@@ -17,7 +17,7 @@ RENDER_QUEUE = "render"
 WEBHOOK_QUEUE = "webhooks"
 
 
-def make_celery(redis_url: str, visibility_timeout_s: int = 6 * 3600) -> Celery:
+def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600) -> Celery:
     """A Celery app on the Redis broker, configured so accepted work is never dropped.
 
     ``visibility_timeout_s`` must exceed the longest job (seconds).

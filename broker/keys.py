@@ -32,6 +32,11 @@ def webhook_attempts(message_id: str) -> str:
     return f"{PREFIX}webhook:{message_id}:attempts"
 
 
+def webhook_lock(message_id: str) -> str:
+    """String lock held while one delivery attempt of a message is in flight."""
+    return f"{PREFIX}webhook:{message_id}:lock"
+
+
 def worker_heartbeat(worker_name: str) -> str:
     """String with the last heartbeat (epoch s) of a worker process."""
     return f"{PREFIX}worker:{worker_name}:heartbeat"

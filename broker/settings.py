@@ -16,7 +16,7 @@ class ClusterSettings(BaseSettings):
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Celery redelivers a message unacked for longer than this (celery #5935), so it
     # must exceed the longest job; the JobStore lease is what prevents double runs.
-    visibility_timeout_s: int = 6 * 3600
+    visibility_timeout_s: int = 12 * 3600
 
     s3_endpoint_url: str | None = None
     s3_bucket: str = "editfarm"

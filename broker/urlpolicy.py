@@ -27,6 +27,10 @@ class UrlNotAllowed(ValueError):
     """The URL's scheme or resolved address is not allowed by the policy."""
 
 
+class HostDoesNotResolve(UrlNotAllowed):
+    """The host name did not resolve (possibly a transient DNS failure)."""
+
+
 def is_public_address(address: str) -> bool:
     """True for a globally routable unicast address (not loopback, private, link-local, multicast, metadata)."""
     ip = ipaddress.ip_address(address)
@@ -55,7 +59,7 @@ def system_resolver(host: str, port: int) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        raise UrlNotAllowed(f"host {host!r} does not resolve") from exc
+        raise HostDoesNotResolve(f"host {host!r} does not resolve") from exc
     return sorted({str(info[4][0]) for info in infos})
 
 

@@ -1,0 +1,296 @@
+"""Integration tests: the Redis outbox (DB 15) and a real HTTP receiver on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+import redis
+from standardwebhooks.webhooks import Webhook
+
+from broker import keys
+from workers import webhooks as wh
+
+SECRET = "whsec_" + base64.b64encode(b"integration-secret-0123456789abc").decode()
+pytestmark = pytest.mark.integration
+
+BODY = wh.build_body("job.succeeded", {"id": "job_1", "status": "succeeded"}, time.time())
+
+
+@dataclass
+class Receiver:
+    """Replies with the scripted (status, sleep_s, headers) in turn, then 200; records every request."""
+
+    script: list[tuple[int, float, dict[str, str]]] = field(default_factory=list)
+    requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver()
+    lock = threading.Lock()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            with lock:
+                rec.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                status, sleep_s, headers = rec.script.pop(0) if rec.script else (200, 0.0, {})
+            time.sleep(sleep_s)
+            try:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("content-length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+            except OSError:
+                pass  # the client gave up (timeout test)
+
+        do_GET = do_POST  # a followed redirect would arrive as GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    rec.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    yield rec
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def r(redis_client: redis.Redis) -> redis.Redis:
+    """The session's private Redis server (see conftest), flushed per test."""
+    return redis_client
+
+
+@pytest.fixture
+def prefix(r: redis.Redis) -> Iterator[str]:
+    """A unique message-id prefix; every key under it is deleted afterwards."""
+    p = f"msg_test{uuid.uuid4().hex[:12]}"
+    yield p
+    for key in r.scan_iter(match=keys.webhook_message(p) + "*"):
+        r.delete(key)
+
+
+@pytest.fixture
+def outbox(r: redis.Redis) -> wh.WebhookOutbox:
+    return wh.WebhookOutbox(r, ttl_s=600)
+
+
+def config(**kw: object) -> wh.WebhookConfig:
+    base: dict[str, object] = {"secrets": [SECRET], "timeout_s": 0.3, "jitter": 0.1,
+                               "retry_schedule_s": (0, 0.01, 0.01, 0.01), "allow_private": True,
+                               "allow_http": True}
+    base.update(kw)
+    return wh.WebhookConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with wh.make_client(config()) as c:
+        yield c
+
+
+def test_two_500s_then_a_200_make_three_attempts_and_one_signed_delivery(receiver, outbox, prefix, client):
+    receiver.script = [(500, 0, {}), (500, 0, {})]
+    mid = prefix + "_a"
+    assert outbox.put(mid, receiver.url, BODY, "tenant1")
+    outcomes = []
+    for _ in range(5):
+        result = wh.deliver_once(outbox, mid, config(), client)
+        outcomes.append(result.outcome)
+        if result.outcome == "retry":
+            assert 0.01 <= result.retry_in_s <= 0.011  # type: ignore[operator]
+    assert outcomes == ["retry", "retry", "delivered", "done", "done"]
+    assert len(receiver.requests) == 3
+    assert {h["webhook-id"] for _, h, _ in receiver.requests} == {mid}
+    for _, headers, body in receiver.requests:
+        assert body == BODY and headers["content-type"] == "application/json"
+        Webhook(SECRET).verify(body, headers)
+    attempts = outbox.attempts(mid)
+    assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 500), (3, 200)]
+    assert all(a["duration_ms"] >= 0 and a["at"] > 0 for a in attempts)
+    msg = outbox.get(mid)
+    assert msg and msg.state == "delivered" and msg.attempts == 3 and msg.status_code == 200
+
+
+def test_each_attempt_carries_a_fresh_timestamp_covered_by_the_signature(receiver, outbox, prefix, client):
+    receiver.script = [(503, 0, {})]
+    mid = prefix + "_ts"
+    outbox.put(mid, receiver.url, BODY, "t")
+    clock = [time.time()]
+    wh.deliver_once(outbox, mid, config(), client, now=lambda: clock[0])
+    clock[0] += 1000
+    wh.deliver_once(outbox, mid, config(), client, now=lambda: clock[0])
+    stamps = [h["webhook-timestamp"] for _, h, _ in receiver.requests]
+    t0 = int(clock[0]) - 1000
+    assert stamps == [str(t0), str(t0 + 1000)]
+    sigs = [h["webhook-signature"] for _, h, _ in receiver.requests]
+    assert sigs == [wh.sign(SECRET, mid, t0, BODY), wh.sign(SECRET, mid, t0 + 1000, BODY)]
+
+
+def test_a_410_stops_delivery_for_good(receiver, outbox, prefix, client):
+    receiver.script = [(410, 0, {})]
+    mid = prefix + "_gone"
+    outbox.put(mid, receiver.url, BODY, "t")
+    result = wh.deliver_once(outbox, mid, config(), client)
+    assert result.outcome == "failed" and result.status_code == 410 and result.retry_in_s is None
+    assert wh.deliver_once(outbox, mid, config(), client).outcome == "done"
+    assert len(receiver.requests) == 1 and outbox.get(mid).state == "failed"  # type: ignore[union-attr]
+
+
+def test_a_refused_connection_is_retried(outbox, prefix, client):
+    with socket.socket() as sock:  # bound but not listening: connecting is refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/hook"
+        mid = prefix + "_refused"
+        outbox.put(mid, url, BODY, "t")
+        result = wh.deliver_once(outbox, mid, config(), client)
+    assert result.outcome == "retry" and result.status_code is None and "Connect" in (result.error or "")
+    (attempt,) = outbox.attempts(mid)
+    assert attempt["status_code"] is None and attempt["error"]
+
+
+def test_a_receiver_slower_than_the_timeout_is_retried(receiver, outbox, prefix, client):
+    receiver.script = [(200, 1.0, {})]
+    mid = prefix + "_slow"
+    outbox.put(mid, receiver.url, BODY, "t")
+    started = time.monotonic()
+    result = wh.deliver_once(outbox, mid, config(timeout_s=0.2), client)
+    assert time.monotonic() - started < 0.9
+    assert result.outcome == "retry" and (result.error or "").startswith("timeout")
+    assert outbox.get(mid).state == "pending"  # type: ignore[union-attr]
+
+
+def test_a_302_redirect_is_not_followed_and_counts_as_a_failure(receiver, outbox, prefix, client):
+    receiver.script = [(302, 0, {"location": "/elsewhere"})]
+    mid = prefix + "_redirect"
+    outbox.put(mid, receiver.url, BODY, "t")
+    result = wh.deliver_once(outbox, mid, config(), client)
+    assert result.outcome == "retry" and result.status_code == 302
+    assert [path for path, _, _ in receiver.requests] == ["/hook"]
+    assert outbox.attempts(mid)[0]["error"] == "http 302"
+
+
+def test_a_redirect_is_not_followed_even_by_a_client_configured_to_follow(receiver, outbox, prefix):
+    receiver.script = [(307, 0, {"location": "/elsewhere"})]
+    mid = prefix + "_redirect2"
+    outbox.put(mid, receiver.url, BODY, "t")
+    with httpx.Client(follow_redirects=True, trust_env=False) as following:
+        assert wh.deliver_once(outbox, mid, config(), following).status_code == 307
+    assert len(receiver.requests) == 1
+
+
+def test_a_second_deliver_once_after_success_sends_nothing(receiver, outbox, prefix, client):
+    mid = prefix + "_once"
+    outbox.put(mid, receiver.url, BODY, "t")
+    assert wh.deliver_once(outbox, mid, config(), client).outcome == "delivered"
+    assert wh.deliver_once(outbox, mid, config(), client).outcome == "done"
+    assert len(receiver.requests) == 1 and len(outbox.attempts(mid)) == 1
+
+
+def test_the_url_policy_refuses_loopback_without_opening_a_socket(receiver, outbox, prefix, monkeypatch):
+    mid = prefix + "_private"
+    outbox.put(mid, receiver.url, BODY, "t")
+    connects: list[object] = []
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect",
+                        lambda self, addr: connects.append(addr) or real_connect(self, addr))
+    with wh.make_client(config()) as c:
+        result = wh.deliver_once(outbox, mid, config(allow_private=False), c)
+    assert result.outcome == "failed" and "url_not_allowed" in (result.error or "")
+    assert receiver.requests == [] and connects == []
+    assert outbox.get(mid).state == "failed"  # type: ignore[union-attr]
+    assert wh.deliver_once(outbox, mid, config(), wh.make_client(config())).outcome == "done"
+
+
+def test_plain_http_is_refused_unless_allowed(receiver, outbox, prefix, client):
+    mid = prefix + "_http"
+    outbox.put(mid, receiver.url, BODY, "t")
+    result = wh.deliver_once(outbox, mid, config(allow_http=False), client)
+    assert result.outcome == "failed" and receiver.requests == []
+
+
+def test_attempts_run_out_after_max_attempts(receiver, outbox, prefix, client):
+    receiver.script = [(500, 0, {})] * 5
+    mid = prefix + "_exhaust"
+    outbox.put(mid, receiver.url, BODY, "t")
+    cfg = config(max_attempts=3)
+    outcomes = [wh.deliver_once(outbox, mid, cfg, client).outcome for _ in range(4)]
+    assert outcomes == ["retry", "retry", "failed", "done"]
+    assert len(receiver.requests) == 3 and outbox.get(mid).error == "http 500"  # type: ignore[union-attr]
+
+
+def test_a_concurrent_delivery_of_the_same_message_is_deferred(receiver, outbox, prefix, client, r):
+    receiver.script = [(200, 0.4, {})]
+    mid = prefix + "_race"
+    outbox.put(mid, receiver.url, BODY, "t")
+    first: list[wh.DeliveryResult] = []
+    t = threading.Thread(
+        target=lambda: first.append(wh.deliver_once(outbox, mid, config(timeout_s=2), client)))
+    t.start()
+    deadline = time.monotonic() + 2
+    while not receiver.requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with wh.make_client(config()) as other:
+        second = wh.deliver_once(outbox, mid, config(busy_retry_s=1.5), other)
+    t.join()
+    assert second.outcome == "retry" and second.retry_in_s == 1.5
+    assert first[0].outcome == "delivered" and len(receiver.requests) == 1
+    assert r.exists(keys.webhook_message(mid) + ":lock") == 0  # released afterwards
+
+
+def test_put_is_create_once_and_sets_a_ttl_on_both_keys(outbox, prefix, r):
+    mid = prefix + "_put"
+    assert outbox.put(mid, "https://example.com/a", b'{"v":1}', "t1") is True
+    assert outbox.put(mid, "https://example.com/b", b'{"v":2}', "t2") is False
+    msg = outbox.get(mid)
+    assert msg and msg.url == "https://example.com/a" and msg.body == b'{"v":1}' and msg.tenant == "t1"
+    outbox.record_attempt(mid, {"attempt": 1, "error": "x"})
+    assert 0 < r.ttl(keys.webhook_message(mid)) <= 600
+    assert 0 < r.ttl(keys.webhook_attempts(mid)) <= 600
+    assert outbox.get(prefix + "_nothing") is None
+    assert outbox.record_attempt(prefix + "_nothing", {}) == 0
+    assert not outbox.mark_failed(prefix + "_nothing", "x", 1)
+    assert r.exists(keys.webhook_message(prefix + "_nothing")) == 0
+
+
+def test_the_outbox_works_with_a_decode_responses_client(r, prefix):
+    client = redis.Redis(host="127.0.0.1", port=6379, db=15, decode_responses=True)
+    box = wh.WebhookOutbox(client, ttl_s=60)
+    mid = prefix + "_decoded"
+    box.put(mid, "https://example.com/a", BODY, "t")
+    box.mark_delivered(mid, 204, 123.5)
+    msg = box.get(mid)
+    assert msg and msg.body == BODY and msg.state == "delivered" and msg.status_code == 204
+    assert msg.finished_at == 123.5
+    client.close()
+
+
+def test_a_redelivered_task_that_runs_before_the_scheduled_retry_waits_instead_of_sending(
+        receiver, outbox, prefix, client):
+    receiver.script = [(500, 0, {})]
+    mid = prefix + "_early"
+    outbox.put(mid, receiver.url, BODY, "t")
+    cfg = config(retry_schedule_s=(0, 30, 30), jitter=0)
+    assert wh.deliver_once(outbox, mid, cfg, client).retry_in_s == 30
+    early = wh.deliver_once(outbox, mid, cfg, client)
+    assert early.outcome == "retry" and early.attempt is None
+    assert 28 < early.retry_in_s <= 30  # type: ignore[operator]
+    assert len(receiver.requests) == 1
+    due = wh.deliver_once(outbox, mid, cfg, client, now=lambda: time.time() + 30)
+    assert due.outcome == "delivered" and len(receiver.requests) == 2
