@@ -79,7 +79,7 @@ def _encode(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
-def _decode_job(raw: Mapping[bytes | str, bytes | str]) -> Job:
+def _decode_job(raw: Mapping[Any, Any]) -> Job:
     data = {
         (k.decode() if isinstance(k, bytes) else k): json.loads(v)
         for k, v in raw.items()
@@ -152,8 +152,8 @@ class RedisJobStore(JobStore):
         return bool(self._cas(keys=[keys.job(job_id)], args=args))
 
     def tenant_job_ids(self, tenant: str, offset: int = 0, limit: int = 50) -> list[str]:
-        ids = self.redis.zrevrange(keys.tenant_jobs(tenant), offset, offset + limit - 1)
-        return [i.decode() if isinstance(i, bytes) else i for i in ids]
+        ids: list[Any] = list(self.redis.zrevrange(keys.tenant_jobs(tenant), offset, offset + limit - 1))
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
 
 class InMemoryJobStore(JobStore):

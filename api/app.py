@@ -1,0 +1,99 @@
+"""The FastAPI application factory.
+
+Run it with ``uvicorn --factory api.app:create_app`` (settings from
+``EDITFARM_`` environment variables) or ``python -m api``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from api.auth import parse_api_keys
+from api.deps import Services
+from api.errors import install_error_handlers
+from api.models import component_schemas
+from api.routers import health, jobs
+from api.settings import ApiSettings
+
+logger = logging.getLogger("editfarm.api")
+
+DESCRIPTION = """\
+Submit Qwen-Image-Edit jobs and follow them.
+
+Authenticate with `Authorization: Bearer <key>`. `POST /v1/jobs` takes JSON
+(image as a `data:` or `https://` URL) or multipart/form-data (image as a file);
+the job is rendered asynchronously, outputs land in the object store and are
+returned as presigned URLs; an optional signed webhook reports completion.
+Every error is `{"error": {"code", "message", "param"?}}`.
+"""
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("editfarm")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def create_app(settings: ApiSettings | None = None, services: Services | None = None) -> FastAPI:
+    """Build the API.
+
+    ``settings`` default to the environment (or to ``services.settings``);
+    ``services`` default to the real cluster (:meth:`Services.from_settings`).
+    When both are given, ``settings`` wins. Raises ValueError if
+    ``EDITFARM_API_KEYS`` is malformed (the message never contains a key).
+    """
+    if settings is None:
+        settings = services.settings if services is not None else ApiSettings()
+    api_keys = parse_api_keys(settings.api_keys.get_secret_value())
+    if not len(api_keys):
+        logger.warning("EDITFARM_API_KEYS is empty: every authenticated request will get 401")
+    if services is None:
+        services = Services.from_settings(settings)
+    elif services.settings is not settings:
+        services = dataclasses.replace(services, settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for close in services.closers:
+            try:
+                close()
+            except Exception:  # shutting down anyway
+                logger.warning("error closing a client at shutdown", exc_info=True)
+
+    app = FastAPI(
+        title="editfarm job API", version=_version(), description=DESCRIPTION,
+        openapi_url="/openapi.json", docs_url="/docs", redoc_url=None, lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.api_keys = api_keys
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    _add_component_schemas(app)
+    return app
+
+
+def _add_component_schemas(app: FastAPI) -> None:
+    """Publish the request-body schemas that POST /v1/jobs references via ``openapi_extra``."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(component_schemas())
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+# `uvicorn --factory api.app:app` works too: it is the factory, not an instance,
+# so importing this module reads no environment and connects to nothing.
+app = create_app

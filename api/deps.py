@@ -1,0 +1,74 @@
+"""The services the API runs on, and the FastAPI dependencies that hand them out.
+
+Routes never build clients themselves: :func:`api.app.create_app` puts one
+:class:`Services` on ``app.state.services`` (real Redis/S3/Celery, or fakes in
+unit tests) and routes ask for it through :data:`ServicesDep`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import redis
+from fastapi import Depends, Request
+
+from api.settings import ApiSettings
+from broker.celery_app import enqueue_render, make_celery
+from broker.store import JobStore, RedisJobStore
+from storage.store import ObjectStore, S3ObjectStore
+
+
+@dataclass
+class Services:
+    """Everything a request handler may touch.
+
+    ``enqueue(job_id)`` queues a stored job for rendering (raises if the broker
+    is unreachable). ``redis`` is only used by ``/readyz``; None skips that check.
+    ``closers`` run at application shutdown.
+    """
+
+    settings: ApiSettings
+    store: JobStore
+    objects: ObjectStore
+    enqueue: Callable[[str], None]
+    redis: redis.Redis | None = None
+    closers: list[Callable[[], Any]] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: ApiSettings) -> Services:
+        """The real cluster: Redis job store, S3 object store, Celery render queue.
+
+        Builds clients only; nothing connects until first use (``/readyz`` checks).
+        """
+        # bounded socket timeouts so a dead Redis fails a request instead of hanging it
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
+        )
+        celery = make_celery(settings.redis_url, settings.visibility_timeout_s)
+        return cls(
+            settings=settings,
+            store=RedisJobStore(client),
+            objects=S3ObjectStore(settings.s3_config()),
+            enqueue=functools.partial(enqueue_render, celery),
+            redis=client,
+            closers=[client.close, celery.close],
+        )
+
+
+def get_services(request: Request) -> Services:
+    """The app's :class:`Services` (set by create_app)."""
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_settings(services: ServicesDep) -> ApiSettings:
+    return services.settings
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]

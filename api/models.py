@@ -1,0 +1,88 @@
+"""Request models and the documentation-only models of the job API's JSON.
+
+:class:`SubmitParams` validates what a client sends (it *is* :class:`JobParams`
+with an optional seed), so limits live in one place: ``broker.schema``.
+:class:`JobRequest` and :class:`JobOut` exist for the OpenAPI document; the
+response itself is built by :func:`broker.views.job_view`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+from pydantic.json_schema import models_json_schema
+
+from broker.schema import MAX_SEED, JobParams, Output, Progress
+
+
+class SubmitParams(JobParams):
+    """JobParams as submitted: the seed may be left out (the API then picks and records one)."""
+
+    seed: int | None = Field(  # type: ignore[assignment]  # optional on input, required in JobParams
+        default=None, ge=0, le=MAX_SEED,
+        description="Random seed (0 … 2^32-1). Omitted → a random one, returned in params.seed.",
+    )
+
+
+class JobRequest(SubmitParams):
+    """The JSON body of POST /v1/jobs."""
+
+    image: str = Field(
+        description="The input image: a `data:image/png;base64,...` URL or an `https://` URL "
+                    "(PNG, JPEG or WEBP).",
+    )
+
+
+class OutputOut(Output):
+    url: str = Field(description="Presigned GET URL of the output; expires after presign_expiry_s.")
+
+
+class JobErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class JobUrls(BaseModel):
+    self_: str = Field(alias="self", description="This job (GET)")
+    cancel: str = Field(description="Cancel this job (POST)")
+
+
+class JobOut(BaseModel):
+    """A job as the API returns it (see broker.views.job_view)."""
+
+    id: str
+    status: str = Field(description="queued | running | succeeded | failed | canceled")
+    operation: str
+    params: JobParams
+    progress: Progress
+    outputs: list[OutputOut]
+    error: JobErrorOut | None
+    attempts: int
+    created_at: str | None = Field(description="ISO-8601 UTC")
+    started_at: str | None
+    finished_at: str | None
+    urls: JobUrls
+
+
+REF_TEMPLATE = "#/components/schemas/{model}"
+
+
+def component_schemas() -> dict[str, Any]:
+    """Schemas the routes reference by ``$ref`` but FastAPI cannot see (manually parsed bodies).
+
+    Adds ``JobRequest`` and ``JobMultipartRequest`` (image as a binary file part)
+    plus their enum definitions, keyed as OpenAPI components.
+    """
+    _, top = models_json_schema([(JobRequest, "validation")], ref_template=REF_TEMPLATE)
+    schemas: dict[str, Any] = dict(top.get("$defs", {}))
+    multipart = dict(schemas["JobRequest"])
+    multipart["title"] = "JobMultipartRequest"
+    multipart["description"] = ("The multipart/form-data body of POST /v1/jobs: `image` is a file part; "
+                                "the other fields are form fields (numbers as text).")
+    multipart["properties"] = {
+        **multipart["properties"],
+        "image": {"type": "string", "format": "binary", "description": "The input image file."},
+    }
+    schemas["JobMultipartRequest"] = multipart
+    return schemas

@@ -1,0 +1,50 @@
+"""Settings of the API process (``EDITFARM_`` environment variables)."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+
+from broker.settings import ClusterSettings
+from storage.store import S3Config
+
+MIB = 1024 * 1024
+
+
+class ApiSettings(ClusterSettings):
+    """Everything the API reads from its environment.
+
+    ``api_keys`` is ``tenant:key,tenant2:key2`` (``EDITFARM_API_KEYS``); it is
+    parsed and checked by :func:`api.auth.parse_api_keys` when the app is built,
+    so a malformed value fails at startup without the keys ever being printed.
+    """
+
+    api_keys: SecretStr = SecretStr("")
+    # prefix of urls.self / urls.cancel / Location; empty → the request's own base URL
+    public_base_url: str = ""
+
+    max_body_bytes: int = Field(default=40 * MIB, gt=0)
+    max_image_bytes: int = Field(default=25 * MIB, gt=0)
+    # width*height, checked from the image header before any pixel is decoded
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    max_image_side_px: int = Field(default=8192, gt=0)
+
+    # input-image URLs and webhooks: https to public addresses only, unless these are set
+    # (local development and tests); cloud metadata addresses stay refused either way.
+    allow_private_urls: bool = False
+    allow_http_urls: bool = False
+    url_fetch_timeout_s: float = Field(default=15.0, gt=0)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def s3_config(self) -> S3Config:
+        """The object-store configuration these settings describe."""
+        secret = self.s3_secret_access_key
+        return S3Config(
+            bucket=self.s3_bucket,
+            endpoint_url=self.s3_endpoint_url,
+            region=self.s3_region,
+            access_key_id=self.s3_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret is not None else None,
+            path_style=self.s3_path_style,
+        )

@@ -1,0 +1,48 @@
+"""In-process fakes for tests of the API (and of anything that drives it).
+
+``fake_services()`` gives in-memory job and object stores and an enqueue that
+only records job ids, so a TestClient can run the whole submit path offline.
+"""
+
+from __future__ import annotations
+
+from pydantic import SecretStr
+
+from api.deps import Services
+from api.settings import ApiSettings
+from broker.store import InMemoryJobStore
+from storage.store import InMemoryObjectStore
+
+TEST_KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-9876543210"}
+
+
+def make_settings(**overrides: object) -> ApiSettings:
+    """ApiSettings with two tenants (see TEST_KEYS) that ignore the environment for keys."""
+    values: dict[str, object] = {
+        "api_keys": SecretStr(",".join(f"{t}:{k}" for t, k in TEST_KEYS.items())),
+        **overrides,
+    }
+    return ApiSettings(**values)  # type: ignore[arg-type]
+
+
+class RecordingQueue:
+    """An enqueue function that appends job ids to ``queued``; ``down = True`` makes it raise."""
+
+    def __init__(self) -> None:
+        self.queued: list[str] = []
+        self.down = False
+
+    def __call__(self, job_id: str) -> None:
+        if self.down:
+            raise ConnectionError("queue is down")
+        self.queued.append(job_id)
+
+
+def fake_services(settings: ApiSettings | None = None) -> Services:
+    """Services over InMemoryJobStore, InMemoryObjectStore and a RecordingQueue (redis=None)."""
+    return Services(
+        settings=settings or make_settings(),
+        store=InMemoryJobStore(),
+        objects=InMemoryObjectStore(),
+        enqueue=RecordingQueue(),
+    )
