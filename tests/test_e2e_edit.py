@@ -1,0 +1,151 @@
+"""One edit job end to end through real parts: API → Redis → Celery worker process → S3 → signed webhook.
+
+Every part is real: a Redis server, the API under uvicorn, a `celery worker`
+process loading the tiny Qwen-Image-Edit pipeline with `from_pretrained`, moto's
+S3 server over HTTP, and an HTTP webhook receiver.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import httpx
+import pytest
+import redis
+from PIL import Image
+from standardwebhooks.webhooks import Webhook
+
+from cli.cluster import ClusterConfig, LocalCluster
+from cli.demo import WebhookReceiver
+from tests.e2e_support import API_KEYS, Hooks, auth, data_url, png_bytes, wait_terminal
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalCluster]:
+    config = ClusterConfig(workdir=tmp_path_factory.mktemp("cluster"), model=str(tiny_model), api_keys=API_KEYS)
+    with LocalCluster(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def hooks() -> Iterator[Hooks]:
+    with WebhookReceiver() as receiver:
+        yield Hooks(receiver)
+
+
+def submit_json(cluster: LocalCluster, **fields: object) -> httpx.Response:
+    body = {"operation": "edit", "prompt": "make the sky purple", "image": data_url(png_bytes()),
+            "seed": 7, "steps": 2, "true_cfg_scale": 4.0, "output_format": "png", **fields}
+    return httpx.post(f"{cluster.api_url}/v1/jobs", json=body, headers=auth(), timeout=30)
+
+
+def s3_object(cluster: LocalCluster, key: str) -> bytes:
+    client = boto3.client("s3", endpoint_url=cluster.s3_url, region_name="us-east-1",
+                          aws_access_key_id="test", aws_secret_access_key="test")
+    return bytes(client.get_object(Bucket="editfarm", Key=key)["Body"].read())
+
+
+def test_a_json_edit_job_succeeds_with_its_output_in_s3_and_one_signed_webhook(
+        cluster: LocalCluster, hooks: Hooks) -> None:
+    response = submit_json(cluster, webhook=hooks.receiver.url)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["status"] == "queued" and job["urls"]["self"].endswith(f"/v1/jobs/{job['id']}")
+
+    done = wait_terminal(cluster.api_url, job["id"])
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == {"step": 2, "total": 2}
+    assert done["started_at"] and done["finished_at"] and done["error"] is None
+    [output] = done["outputs"]
+    data = s3_object(cluster, output["key"])
+    assert hashlib.sha256(data).hexdigest() == output["sha256"]
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert image.format == "PNG" and image.size == (output["width"], output["height"])
+    assert httpx.get(output["url"]).content == data  # the presigned URL serves the same bytes
+
+    deliveries = hooks.for_job(job["id"])
+    assert len(deliveries) == 1
+    headers, body = deliveries[0]
+    payload = Webhook(cluster.webhook_secret).verify(body, headers)
+    assert payload["type"] == "job.succeeded"
+    assert payload["data"]["id"] == job["id"] and payload["data"]["outputs"][0]["sha256"] == output["sha256"]
+
+
+def test_a_multipart_upload_edit_job_succeeds(cluster: LocalCluster) -> None:
+    response = httpx.post(
+        f"{cluster.api_url}/v1/jobs", headers=auth(), timeout=30,
+        data={"operation": "edit", "prompt": "add a hat", "seed": "3", "steps": "2"},
+        files={"image": ("cat.png", png_bytes(), "image/png")},
+    )
+    assert response.status_code == 202, response.text
+    done = wait_terminal(cluster.api_url, response.json()["id"])
+    assert done["status"] == "succeeded" and done["params"]["seed"] == 3
+
+
+def test_the_same_seed_twice_gives_identical_bytes(cluster: LocalCluster) -> None:
+    first, second, other = (submit_json(cluster, seed=s).json()["id"] for s in (11, 11, 12))
+    hashes = [wait_terminal(cluster.api_url, j)["outputs"][0]["sha256"] for j in (first, second, other)]
+    assert hashes[0] == hashes[1]
+    assert hashes[0] != hashes[2]
+
+
+def test_a_job_without_a_seed_records_the_seed_it_used(cluster: LocalCluster) -> None:
+    body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "steps": 1}
+    job = httpx.post(f"{cluster.api_url}/v1/jobs", json=body, headers=auth(), timeout=30).json()
+    assert isinstance(job["params"]["seed"], int)
+
+
+_FULL_PNG = png_bytes((256, 256))
+TRUNCATED_PNG = _FULL_PNG[: len(_FULL_PNG) * 2 // 3]
+
+BAD_REQUESTS = [
+    ("non-image bytes", {"image": data_url(b"hello, not an image")}, 422, "invalid_image"),
+    ("truncated png", {"image": data_url(TRUNCATED_PNG)}, 422, "invalid_image"),
+    ("missing prompt", {"prompt": None}, 422, "missing_field"),
+    ("unknown operation", {"operation": "teleport"}, 422, "unknown_operation"),
+    ("steps out of range", {"steps": 0}, 422, "invalid_parameter"),
+]
+
+
+@pytest.mark.parametrize(("case", "fields", "status", "code"), BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_input_gets_a_documented_4xx_and_never_reaches_a_worker(
+        cluster: LocalCluster, case: str, fields: dict[str, object], status: int, code: str) -> None:
+    r = redis.Redis.from_url(cluster.redis_url)
+    jobs_before = len(list(r.scan_iter("editfarm:job:*")))
+    body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "steps": 1, **fields}
+    body = {k: v for k, v in body.items() if v is not None}
+    response = httpx.post(f"{cluster.api_url}/v1/jobs", json=body, headers=auth(), timeout=30)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+    assert response.json()["error"]["message"]
+    assert len(list(r.scan_iter("editfarm:job:*"))) == jobs_before
+    assert r.llen("render") == 0
+
+
+def test_requests_without_a_valid_key_are_401(cluster: LocalCluster) -> None:
+    url = f"{cluster.api_url}/v1/jobs"
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}, {"Authorization": "Basic abc"}):
+        response = httpx.post(url, json={"prompt": "p"}, headers=headers, timeout=10)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+
+
+def test_an_unknown_job_and_another_tenants_job_are_the_same_404(cluster: LocalCluster) -> None:
+    job_id = submit_json(cluster).json()["id"]
+    unknown = httpx.get(f"{cluster.api_url}/v1/jobs/job_doesnotexist", headers=auth("acme"), timeout=10)
+    foreign = httpx.get(f"{cluster.api_url}/v1/jobs/{job_id}", headers=auth("globex"), timeout=10)
+    assert unknown.status_code == foreign.status_code == 404
+    assert unknown.json()["error"]["code"] == foreign.json()["error"]["code"] == "not_found"
+    assert job_id not in foreign.text
+
+
+def test_health_and_readiness_answer(cluster: LocalCluster) -> None:
+    assert httpx.get(f"{cluster.api_url}/healthz").status_code == 200
+    assert httpx.get(f"{cluster.api_url}/readyz").status_code == 200
+    assert "/v1/jobs" in httpx.get(f"{cluster.api_url}/openapi.json").json()["paths"]

@@ -1,0 +1,174 @@
+"""The runner's state machine, with in-memory stand-ins (unit level; the real path is in test_e2e_*)."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+
+import pytest
+from PIL import Image
+
+from broker.events import InMemoryEventPublisher
+from broker.schema import Job, JobParams, JobStatus, new_job_id
+from broker.store import InMemoryJobStore
+from storage import InMemoryObjectStore
+from workers.pipeline.base import Renderer, RenderInterrupted, RenderRequest
+from workers.runner import RetryLater, Runner, RunnerConfig
+
+
+class FakeRenderer(Renderer):
+    """Returns a solid image the size of the input; can be told to fail or to run a hook per step."""
+
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.error: Exception | None = None
+        self.on_each_step: Callable[[int], None] | None = None
+        self.step_sleep_s = 0.0
+
+    def render(self, request: RenderRequest, on_step=None):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.error:
+            raise self.error
+        for step in range(1, request.steps + 1):
+            time.sleep(self.step_sleep_s)
+            if self.on_each_step:
+                self.on_each_step(step)
+            if on_step and not on_step(step, request.steps):
+                raise RenderInterrupted(step, request.steps)
+        return [Image.new("RGB", request.images[0].size, (request.seed % 255, 0, 0))]
+
+    def healthcheck(self) -> None:
+        pass
+
+    def warmup(self) -> None:
+        pass
+
+
+class Harness:
+    def __init__(self, **config: float) -> None:
+        self.store = InMemoryJobStore()
+        self.objects = InMemoryObjectStore()
+        self.events = InMemoryEventPublisher()
+        self.renderer = FakeRenderer()
+        self.notified: list[Job] = []
+        self.runner = Runner(self.store, self.objects, self.events, self.renderer, self.notified.append,
+                             RunnerConfig(worker_name="w@test", **config))  # type: ignore[arg-type]
+
+    def submit(self, steps: int = 3, **fields: object) -> Job:
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), "white").save(buf, format="PNG")
+        job = Job(id=new_job_id(), tenant="acme", params=JobParams(prompt="p", seed=7, steps=steps),
+                  input_keys=["in/0.png"], **fields)  # type: ignore[arg-type]
+        self.objects.put("in/0.png", buf.getvalue(), "image/png")
+        self.store.create(job)
+        return job
+
+    def job(self, job_id: str) -> Job:
+        job = self.store.get(job_id)
+        assert job is not None
+        return job
+
+
+def test_a_queued_job_renders_uploads_and_succeeds_with_one_notification() -> None:
+    h = Harness()
+    job = h.submit()
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED
+    done = h.job(job.id)
+    assert done.status is JobStatus.SUCCEEDED and done.attempts == 1
+    assert done.progress.step == 3 and done.started_at and done.finished_at
+    [out] = done.outputs
+    assert (out.width, out.height) == (64, 48)
+    assert Image.open(io.BytesIO(h.objects.get(out.key))).size == (64, 48)
+    assert [j.status for j in h.notified] == [JobStatus.SUCCEEDED]
+    kinds = [e["type"] for e in h.events.events]
+    assert kinds.count("progress") == 3 and kinds[0] == "status"
+
+
+def test_a_duplicate_delivery_of_a_finished_job_renders_nothing() -> None:
+    h = Harness()
+    job = h.submit()
+    h.runner.run(job.id)
+    h.runner.run(job.id)
+    assert h.renderer.calls == 1 and len(h.notified) == 1
+
+
+def test_an_unreadable_input_fails_the_job_with_input_unreadable() -> None:
+    h = Harness()
+    job = h.submit()
+    h.objects.put("in/0.png", b"not an image", "image/png")
+    assert h.runner.run(job.id) is JobStatus.FAILED
+    assert h.job(job.id).error.code == "input_unreadable"  # type: ignore[union-attr]
+    assert h.renderer.calls == 0 and len(h.notified) == 1
+
+
+def test_a_render_error_fails_the_job_and_not_the_worker() -> None:
+    h = Harness()
+    h.renderer.error = RuntimeError("boom")
+    job = h.submit()
+    assert h.runner.run(job.id) is JobStatus.FAILED
+    assert h.job(job.id).error.code == "render_failed"  # type: ignore[union-attr]
+
+
+def test_a_job_running_under_a_live_lease_is_not_run_twice() -> None:
+    h = Harness()
+    job = h.submit()
+    h.store.transition(job.id, JobStatus.RUNNING, {"worker": "other", "lease_until": time.time() + 30,
+                                                   "attempts": 1})
+    with pytest.raises(RetryLater) as caught:
+        h.runner.run(job.id)
+    assert 29 < caught.value.delay_s < 31
+    assert h.renderer.calls == 0
+
+
+def test_a_job_whose_lease_lapsed_is_taken_over_and_counts_an_attempt() -> None:
+    h = Harness()
+    job = h.submit()
+    h.store.transition(job.id, JobStatus.RUNNING, {"worker": "dead", "lease_until": time.time() - 1,
+                                                   "attempts": 1})
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED
+    assert h.job(job.id).attempts == 2
+
+
+def test_a_job_that_killed_its_worker_too_often_fails_instead_of_looping() -> None:
+    h = Harness(max_attempts=3)
+    job = h.submit()
+    h.store.transition(job.id, JobStatus.RUNNING, {"worker": "dead", "lease_until": time.time() - 1,
+                                                   "attempts": 3})
+    assert h.runner.run(job.id) is JobStatus.FAILED
+    assert h.job(job.id).error.code == "worker_lost"  # type: ignore[union-attr]
+    assert h.renderer.calls == 0 and len(h.notified) == 1
+
+
+def test_storage_down_hands_the_job_back_for_a_retry() -> None:
+    h = Harness()
+    job = h.submit()
+    h.renderer.on_each_step = lambda step: setattr(h.objects, "down", step == 3)
+    with pytest.raises(RetryLater):
+        h.runner.run(job.id)
+    again = h.job(job.id)
+    assert again.status is JobStatus.QUEUED and again.outputs == [] and not h.notified
+    h.objects.down = False
+    h.renderer.on_each_step = None
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED
+
+
+def test_a_job_ended_by_someone_else_mid_render_stops_at_the_next_step() -> None:
+    h = Harness()
+    job = h.submit(steps=5)
+    h.renderer.on_each_step = lambda step: step == 2 and h.store.transition(job.id, JobStatus.CANCELED)
+    assert h.runner.run(job.id) is JobStatus.CANCELED
+    assert h.job(job.id).progress.step == 1
+    assert not h.notified  # the canceler owns that transition's side effects
+
+
+def test_the_lease_is_renewed_while_a_long_render_runs() -> None:
+    h = Harness(lease_s=0.5, heartbeat_interval_s=0.05)
+    h.renderer.step_sleep_s = 0.3
+    job = h.submit(steps=4)
+    leases: list[float] = []
+    h.renderer.on_each_step = lambda step: leases.append(h.job(job.id).lease_until or 0)
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED
+    assert leases[-1] > leases[0] + 0.5

@@ -1,0 +1,277 @@
+"""A tiny random-weight Qwen-Image-Edit pipeline built from the real classes.
+
+Used by tests, CI and local development: no hub download is possible (or wanted), yet the
+worker must exercise exactly the code path real weights take: ``save_pretrained`` here,
+``QwenImageEditPipeline.from_pretrained`` in the worker. Every component is the genuine
+diffusers/transformers class with its dimensions shrunk; the geometry that the pipeline
+derives from configs (VAE scale factor 8, 2x2 latent packing, 14 px vision patches merged
+2x2, the M-RoPE layout) is the same as the real model's, so only quality differs.
+
+Dimension constraints (violating one fails at the first forward pass, not at construction):
+
+* text ``head_dim / 2 == sum(mrope_section)``;
+* vision ``out_hidden_size == text hidden_size == transformer joint_attention_dim``;
+* transformer ``in_channels == 4 * z_dim`` (2x2 packing), ``out_channels == z_dim``;
+* transformer ``sum(axes_dims_rope) == attention_head_dim``, each axis even;
+* VAE ``len(temperal_downsample) == len(dim_mult) - 1`` (this also sets the scale factor).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLQwenImage,
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImageTransformer2DModel,
+)
+from tokenizers import pre_tokenizers
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+__all__ = [
+    "SPECIAL_TOKENS",
+    "build_tiny_edit_components",
+    "build_tiny_edit_model",
+    "build_tiny_processor",
+    "build_tiny_scheduler",
+    "build_tiny_text_encoder",
+    "build_tiny_tokenizer",
+    "build_tiny_transformer",
+    "build_tiny_vae",
+]
+
+# The Qwen2.5-VL special tokens, in the real vocabulary's order (ids 151643..151664 there).
+# Here they follow the 256 byte-level symbols, so <|endoftext|> is id 256.
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
+_BYTE_SYMBOLS = 256
+# Padded to a multiple of 64 like the real 152064-row embedding; the spare rows are never used.
+_VOCAB_SIZE = 320
+
+# Tiny dims. Text head_dim = 32 / 2 = 16, so mrope_section sums to 8 (real: [16, 24, 24]).
+_TEXT_HIDDEN = 32
+_TEXT_HEADS = 2
+_MROPE_SECTION = [2, 3, 3]
+_VISION_HIDDEN = 16
+_Z_DIM = 4
+_DIT_HEAD_DIM = 16
+_DIT_AXES_ROPE = (4, 6, 6)  # frame, height, width; real: (16, 56, 56)
+_VISION_PATCH = 14  # the real patch size: the image processor and vision tower must agree
+_VISION_MERGE = 2
+# Cap the processor's resize so the prompt image is 4..16 merged vision tokens instead of the
+# real ~1000+; the text encoder sees the same structure, just fewer tokens.
+_VISION_MIN_PIXELS = (_VISION_PATCH * _VISION_MERGE) ** 2 * 4
+_VISION_MAX_PIXELS = (_VISION_PATCH * _VISION_MERGE) ** 2 * 16
+
+# The constraints listed in the module docstring, checked once here rather than at the first
+# forward pass deep inside a render.
+assert _TEXT_HIDDEN // _TEXT_HEADS == 2 * sum(_MROPE_SECTION)
+assert sum(_DIT_AXES_ROPE) == _DIT_HEAD_DIM and all(d % 2 == 0 for d in _DIT_AXES_ROPE)
+assert _VOCAB_SIZE >= _BYTE_SYMBOLS + len(SPECIAL_TOKENS)
+
+# The real Qwen-Image scheduler config: dynamic (resolution-dependent) exponential shift.
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
+
+def _token_id(name: str) -> int:
+    """The tiny vocabulary id of a special token (raises ValueError if unknown)."""
+    return _BYTE_SYMBOLS + SPECIAL_TOKENS.index(name)
+
+
+def build_tiny_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level BPE ``Qwen2Tokenizer`` with no merges plus the Qwen chat/vision tokens.
+
+    With no merges every UTF-8 byte is one token: any text encodes, no ``unk`` is needed,
+    and the vocabulary is fully determined by code (no training, hence deterministic).
+    """
+    # alphabet() is an unordered list of the 256 byte symbols; sort by code point so the ids do
+    # not depend on hash order (this gives GPT-2's order: "!" is 0, printable ASCII first).
+    vocab = {symbol: i for i, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for name in SPECIAL_TOKENS:
+        vocab[name] = _token_id(name)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        model_max_length=131072,
+    )
+    return tokenizer
+
+
+def build_tiny_processor(tokenizer: Qwen2Tokenizer) -> Qwen2VLProcessor:
+    """The Qwen2-VL processor (image + video processors + ``tokenizer``) with a small pixel cap."""
+    pixel_kwargs: dict[str, Any] = {
+        "patch_size": _VISION_PATCH,
+        "merge_size": _VISION_MERGE,
+        "temporal_patch_size": 2,
+        "min_pixels": _VISION_MIN_PIXELS,
+        "max_pixels": _VISION_MAX_PIXELS,
+    }
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixel_kwargs),
+        video_processor=Qwen2VLVideoProcessor(**pixel_kwargs),
+        tokenizer=tokenizer,
+    )
+
+
+def build_tiny_text_encoder() -> Qwen2_5_VLForConditionalGeneration:
+    """A 1-layer Qwen2.5-VL with a 1-block vision tower, random weights (current torch RNG)."""
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": _VOCAB_SIZE,
+            "hidden_size": _TEXT_HIDDEN,
+            "intermediate_size": 2 * _TEXT_HIDDEN,
+            "num_hidden_layers": 1,
+            "num_attention_heads": _TEXT_HEADS,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "mrope_section": _MROPE_SECTION, "rope_theta": 1e6},
+            "bos_token_id": _token_id("<|endoftext|>"),
+            "eos_token_id": _token_id("<|im_end|>"),
+            "pad_token_id": _token_id("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": _VISION_HIDDEN,
+            "intermediate_size": 2 * _VISION_HIDDEN,
+            "num_heads": 2,
+            "out_hidden_size": _TEXT_HIDDEN,
+            "patch_size": _VISION_PATCH,
+            "spatial_merge_size": _VISION_MERGE,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [0],
+        },
+        image_token_id=_token_id("<|image_pad|>"),
+        video_token_id=_token_id("<|video_pad|>"),
+        vision_start_token_id=_token_id("<|vision_start|>"),
+        vision_end_token_id=_token_id("<|vision_end|>"),
+    )
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def build_tiny_vae() -> AutoencoderKLQwenImage:
+    """A 4-level Qwen-Image VAE (spatial x8 like the real one) with 8 channels throughout.
+
+    The pipeline always encodes/decodes at ~1 MP, so this VAE dominates CPU time. Choices that
+    keep it cheap: no residual blocks per encoder level (``num_res_blocks=0``; the decoder still
+    has one per level), and 8 channels, since CPU oneDNN only takes conv3d with >= 8 input
+    channels (fewer falls back to the ~4x slower ``slow_conv3d``).
+    """
+    return AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=_Z_DIM,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=0,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * _Z_DIM,
+        latents_std=[1.0] * _Z_DIM,
+    )
+
+
+def build_tiny_transformer() -> QwenImageTransformer2DModel:
+    """A 1-block MMDiT, 2 heads of 16, fed 2x2-packed latents and the text hidden states."""
+    return QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4 * _Z_DIM,
+        out_channels=_Z_DIM,
+        num_layers=1,
+        attention_head_dim=_DIT_HEAD_DIM,
+        num_attention_heads=2,
+        joint_attention_dim=_TEXT_HIDDEN,
+        guidance_embeds=False,
+        axes_dims_rope=_DIT_AXES_ROPE,
+    )
+
+
+def build_tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The flow-matching Euler scheduler with the real Qwen-Image config (no weights)."""
+    return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
+
+
+def build_tiny_edit_components(seed: int = 0) -> dict[str, Any]:
+    """All ``QwenImageEditPipeline`` components, keyed by the pipeline's ``__init__`` names.
+
+    Each model is built right after ``torch.manual_seed(seed)`` so its weights do not depend
+    on which other components were built first. The caller's global RNG state is restored.
+    """
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = build_tiny_tokenizer()
+        torch.manual_seed(seed)
+        text_encoder = build_tiny_text_encoder()
+        torch.manual_seed(seed)
+        vae = build_tiny_vae()
+        torch.manual_seed(seed)
+        transformer = build_tiny_transformer()
+    return {
+        "scheduler": build_tiny_scheduler(),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "processor": build_tiny_processor(tokenizer),
+        "transformer": transformer,
+    }
+
+
+def build_tiny_edit_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build the tiny edit pipeline and ``save_pretrained`` it into ``out_dir``.
+
+    The folder (a few MB) loads with ``QwenImageEditPipeline.from_pretrained(out_dir)`` like a
+    real checkpoint and is deterministic for a given ``seed`` and library versions.
+    Returns ``out_dir`` as a ``Path``. Raises ``OSError`` if it cannot be written.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # Any: mypy sees diffusers' lazily-imported classes as opaque dummies.
+    pipe: Any = QwenImageEditPipeline(**build_tiny_edit_components(seed))
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,41 @@
+"""Settings of the worker deployable (render and webhook workers), from ``EDITFARM_`` variables."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import field_validator
+
+from broker.settings import ClusterSettings
+
+
+class WorkerSettings(ClusterSettings):
+    # "cpu", "cuda" or "auto" (cuda when available; only ever evaluated in the child process).
+    device: str = "auto"
+    # Name of this worker process in leases and logs; Celery's node name is used when empty.
+    worker_name: str = ""
+    # A running job's lease: renewed every heartbeat; another worker may take the job over
+    # only after the lease has lapsed, so a live run is never duplicated.
+    lease_s: float = 60.0
+    heartbeat_interval_s: float = 10.0
+    # A job whose worker died this many times is failed instead of retried forever.
+    max_attempts: int = 3
+    # Delay before retrying a job whose storage was unreachable (seconds).
+    transient_retry_s: float = 5.0
+    ready_file: str = ""
+
+    webhook_timeout_s: float = 15.0
+    webhook_retry_schedule_s: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000]
+    webhook_allow_private: bool = False
+    webhook_allow_http: bool = False
+
+    @field_validator("webhook_retry_schedule_s", mode="before")
+    @classmethod
+    def _split_schedule(cls, value: object) -> object:
+        # accept "0,5,300" from the environment as well as a JSON list
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [float(v) for v in value.split(",") if v.strip()]
+        return value
+
+    def process_name(self) -> str:
+        return self.worker_name or f"worker@{socket.gethostname()}"
