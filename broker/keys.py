@@ -17,6 +17,33 @@ def tenant_jobs(tenant: str) -> str:
     return f"{PREFIX}tenant:{tenant}:jobs"
 
 
+def queued(priority: str) -> str:
+    """Sorted set of queued job ids of one priority, scored by created_at (queue position)."""
+    return f"{PREFIX}queued:{priority}"
+
+
+QUEUED_ALL = tuple(f"{PREFIX}queued:{p}" for p in ("high", "normal", "low"))
+
+RUNNING = f"{PREFIX}running"
+"""Sorted set of running job ids scored by lease_until (epoch s): the reaper finds lapsed leases here."""
+
+INFLIGHT = f"{PREFIX}inflight"
+"""List of running job ids; its LLEN is what KEDA reads so running pods are not scaled away."""
+
+DEADLINES = f"{PREFIX}deadlines"
+"""Sorted set of queued job ids scored by their queue deadline (epoch s)."""
+
+
+def reaped(job_id: str, lease_until: float) -> str:
+    """Marker that the reaper already re-queued this job for this lapsed lease."""
+    return f"{PREFIX}reaped:{job_id}:{lease_until!r}"
+
+
+def worker_drain(worker_name: str) -> str:
+    """Epoch seconds by which a draining worker must hand back its running job."""
+    return f"{PREFIX}worker:{worker_name}:drain_by"
+
+
 def job_events(job_id: str) -> str:
     """Pub/sub channel of a job's status and progress events."""
     return f"{PREFIX}events:{job_id}"

@@ -54,6 +54,25 @@ class Operation(str, enum.Enum):
     EDIT = "edit"
 
 
+class Priority(str, enum.Enum):
+    """Render queues are consumed in strict order: every high job before any normal one."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+
+PRIORITY_ORDER = (Priority.HIGH, Priority.NORMAL, Priority.LOW)
+
+
+class WebhookEvent(str, enum.Enum):
+    """What a job's webhook is told: ``completed`` (always, retried), ``started``, ``progress`` (best effort)."""
+
+    STARTED = "started"
+    PROGRESS = "progress"
+    COMPLETED = "completed"
+
+
 class OutputFormat(str, enum.Enum):
     PNG = "png"
     JPEG = "jpeg"
@@ -83,12 +102,18 @@ class ErrorCode(str, enum.Enum):
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"
+    JOB_FINISHED = "job_finished"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     # job failures
     INPUT_UNREADABLE = "input_unreadable"
     RENDER_FAILED = "render_failed"
     UPLOAD_FAILED = "upload_failed"
     INTERNAL_ERROR = "internal_error"
+    TIMEOUT = "timeout"
+    QUEUE_DEADLINE = "queue_deadline"
+    CANCELED = "canceled"
+    WORKER_LOST = "worker_lost"
+    OUT_OF_MEMORY = "out_of_memory"
     # infrastructure
     UNAVAILABLE = "unavailable"
 
@@ -123,10 +148,16 @@ class JobParams(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
     negative_prompt: str | None = Field(default=" ", max_length=4000)
     seed: int = Field(ge=0, le=MAX_SEED)
-    steps: int = Field(default=30, ge=1, le=100)
+    steps: int = Field(default=30, ge=2, le=100)  # the flow-match scheduler (shift_terminal) needs >= 2
     true_cfg_scale: float = Field(default=4.0, ge=1.0, le=20.0)
     output_format: OutputFormat = OutputFormat.PNG
     webhook: str | None = None
+    webhook_events: list[WebhookEvent] = Field(default_factory=lambda: [WebhookEvent.COMPLETED])
+    priority: Priority = Priority.NORMAL
+    # running longer than this → failed with code "timeout" (seconds)
+    timeout_s: float | None = Field(default=None, gt=0, le=86400)
+    # not started within this many seconds of submission → canceled with code "queue_deadline"
+    queue_deadline_s: float | None = Field(default=None, gt=0, le=7 * 86400)
 
 
 class Job(BaseModel):
@@ -146,6 +177,13 @@ class Job(BaseModel):
     attempts: int = 0
     worker: str | None = None
     lease_until: float | None = None
+
+
+def queue_deadline_at(job: Job) -> float | None:
+    """Epoch seconds after which a still-queued job is canceled, or None."""
+    if job.params.queue_deadline_s is None:
+        return None
+    return job.created_at + job.params.queue_deadline_s
 
 
 def new_job_id() -> str:

@@ -17,6 +17,8 @@ class ClusterSettings(BaseSettings):
     # Celery redelivers a message unacked for longer than this (celery #5935), so it
     # must exceed the longest job; the JobStore lease is what prevents double runs.
     visibility_timeout_s: int = 12 * 3600
+    # how often workers sweep for messages unacked past the visibility timeout; None: kombu's default
+    unacked_restore_interval_s: int | None = None
 
     s3_endpoint_url: str | None = None
     s3_bucket: str = "editfarm"

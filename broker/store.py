@@ -18,7 +18,15 @@ from typing import Any
 import redis
 
 from broker import keys
-from broker.schema import Job, JobStatus, dump_fields, sources_of
+from broker.schema import (
+    PRIORITY_ORDER,
+    Job,
+    JobStatus,
+    Priority,
+    dump_fields,
+    queue_deadline_at,
+    sources_of,
+)
 
 Expect = Mapping[str, Iterable[Any]]
 """field name → the values it may have for the change to apply."""
@@ -45,6 +53,49 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def tenant_job_ids(self, tenant: str, offset: int = 0, limit: int = 50) -> list[str]:
         """A tenant's job ids, newest first."""
+
+    @abc.abstractmethod
+    def queue_position(self, job_id: str) -> int | None:
+        """0-based place of a queued job in the strict-priority render order; None if not queued."""
+
+    @abc.abstractmethod
+    def queued_count(self, priority: Priority) -> int:
+        """Jobs queued at ``priority``."""
+
+    @abc.abstractmethod
+    def running_count(self) -> int:
+        """Jobs running now."""
+
+    @abc.abstractmethod
+    def lapsed_leases(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        """Running jobs whose lease ended before ``now`` (epoch s), as (job id, lease_until)."""
+
+    @abc.abstractmethod
+    def overdue_queued(self, now: float, limit: int = 100) -> list[str]:
+        """Queued jobs whose queue deadline passed before ``now`` (epoch s)."""
+
+    def tenant_job_ids_before(
+        self, tenant: str, before: tuple[float, str] | None, limit: int = 50,
+    ) -> list[tuple[str, float]]:
+        """Up to ``limit`` of a tenant's jobs as ``(job id, created_at)``, newest first, starting
+        strictly after the position ``before = (created_at, job id)`` in that order (None: the newest).
+
+        A cursor that stays valid while new jobs arrive. This default reads every
+        job; stores override it.
+        """
+        rows: list[tuple[str, float]] = []
+        offset = 0
+        while True:
+            ids = self.tenant_job_ids(tenant, offset, 200)
+            if not ids:
+                break
+            offset += len(ids)
+            for job_id in ids:
+                job = self.get(job_id)
+                if job is not None and (before is None or (job.created_at, job_id) < before):
+                    rows.append((job_id, job.created_at))
+        rows.sort(key=lambda r: (r[1], r[0]), reverse=True)
+        return rows[:limit]
 
     def get_for_tenant(self, job_id: str, tenant: str) -> Job | None:
         """The job if it exists and belongs to ``tenant``; otherwise None (never reveal others' jobs)."""
@@ -87,13 +138,39 @@ def _decode_job(raw: Mapping[Any, Any]) -> Job:
     return Job.model_validate(data)
 
 
-# KEYS[1] = job hash. ARGV = n_checks, then per check: field, n_values, values...,
-# then field/value pairs to set. Values are JSON-encoded by the caller, so the
-# script compares and stores strings and never needs cjson.
-_CAS_SCRIPT = """
+# Keeps the index sets in step with the job hash, in the same atomic script:
+# queued:<priority> (queue position), deadlines, running (lease_until) and the
+# inflight list that KEDA counts. KEYS[1] is the job hash, KEYS[2..7] the
+# indexes in _INDEX_KEYS order, ARGV[1] the job id.
+_REINDEX = """
+local function reindex(id)
+  local status = redis.call('HGET', KEYS[1], 'status')
+  for i = 2, 4 do redis.call('ZREM', KEYS[i], id) end
+  redis.call('ZREM', KEYS[7], id)
+  if status == '"queued"' then
+    local params = cjson.decode(redis.call('HGET', KEYS[1], 'params'))
+    local created = tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0
+    local slot = ({high = 2, normal = 3, low = 4})[params['priority']] or 3
+    redis.call('ZADD', KEYS[slot], created, id)
+    local deadline = params['queue_deadline_s']
+    if type(deadline) == 'number' then redis.call('ZADD', KEYS[7], created + deadline, id) end
+  end
+  if status == '"running"' then
+    redis.call('ZADD', KEYS[5], tonumber(redis.call('HGET', KEYS[1], 'lease_until')) or 0, id)
+    if not redis.call('LPOS', KEYS[6], id) then redis.call('LPUSH', KEYS[6], id) end
+  else
+    redis.call('ZREM', KEYS[5], id)
+    redis.call('LREM', KEYS[6], 0, id)
+  end
+end
+"""
+
+# ARGV = id, n_checks, then per check: field, n_values, values..., then field/value
+# pairs to set. Values are JSON-encoded by the caller, so the checks compare strings.
+_CAS_SCRIPT = _REINDEX + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local i = 2
-for _ = 1, tonumber(ARGV[1]) do
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
   local field = ARGV[i]
   local n = tonumber(ARGV[i + 1])
   local current = redis.call('HGET', KEYS[1], field)
@@ -107,16 +184,23 @@ for _ = 1, tonumber(ARGV[1]) do
 end
 if i <= #ARGV then
   redis.call('HSET', KEYS[1], unpack(ARGV, i, #ARGV))
+  for j = i, #ARGV, 2 do
+    if ARGV[j] == 'status' or ARGV[j] == 'lease_until' then reindex(ARGV[1]); break end
+  end
 end
 return 1
 """
 
-_CREATE_SCRIPT = """
+# ARGV = id, created_at, then field/value pairs; KEYS[8] is the tenant's job list.
+_CREATE_SCRIPT = _REINDEX + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3, #ARGV))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
+reindex(ARGV[1])
 return 1
 """
+
+_INDEX_KEYS = (*keys.QUEUED_ALL, keys.RUNNING, keys.INFLIGHT, keys.DEADLINES)
 
 
 class RedisJobStore(JobStore):
@@ -132,8 +216,8 @@ class RedisJobStore(JobStore):
         for name, value in dump_fields(job).items():
             flat += [name, _encode(value)]
         created = self._create(
-            keys=[keys.job(job.id), keys.tenant_jobs(job.tenant)],
-            args=[repr(job.created_at), job.id, *flat],
+            keys=[keys.job(job.id), *_INDEX_KEYS, keys.tenant_jobs(job.tenant)],
+            args=[job.id, repr(job.created_at), *flat],
         )
         if not created:
             raise KeyError(f"job {job.id} already exists")
@@ -143,17 +227,69 @@ class RedisJobStore(JobStore):
         return _decode_job(raw) if raw else None
 
     def compare_and_set(self, job_id: str, expect: Expect, fields: Mapping[str, Any]) -> bool:
-        args: list[Any] = [len(expect)]
+        args: list[Any] = [job_id, len(expect)]
         for name, values in expect.items():
             encoded = [_encode(v) for v in values]
             args += [name, len(encoded), *encoded]
         for name, value in fields.items():
             args += [name, _encode(value)]
-        return bool(self._cas(keys=[keys.job(job_id)], args=args))
+        return bool(self._cas(keys=[keys.job(job_id), *_INDEX_KEYS], args=args))
 
     def tenant_job_ids(self, tenant: str, offset: int = 0, limit: int = 50) -> list[str]:
         ids: list[Any] = list(self.redis.zrevrange(keys.tenant_jobs(tenant), offset, offset + limit - 1))
         return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+    def tenant_job_ids_before(
+        self, tenant: str, before: tuple[float, str] | None, limit: int = 50,
+    ) -> list[tuple[str, float]]:
+        key = keys.tenant_jobs(tenant)
+        if before is None:
+            top: list[Any] = list(self.redis.zrevrange(key, 0, limit - 1, withscores=True))
+            return [(i.decode() if isinstance(i, bytes) else str(i), float(sc)) for i, sc in top]
+        score, last_id = before
+        rows: list[tuple[str, float]] = []
+        start = 0
+        while len(rows) < limit:
+            # same-score members come in reverse lexicographic order: skip those at or above the cursor
+            batch: list[Any] = list(self.redis.zrevrangebyscore(key, repr(score), "-inf", start=start,
+                                                                num=limit + 1, withscores=True))
+            if not batch:
+                break
+            start += len(batch)
+            for member, member_score in batch:
+                job_id = member.decode() if isinstance(member, bytes) else str(member)
+                if float(member_score) < score or job_id < last_id:
+                    rows.append((job_id, float(member_score)))
+        return rows[:limit]
+
+
+    def queue_position(self, job_id: str) -> int | None:
+        pipe = self.redis.pipeline(transaction=False)
+        for priority in PRIORITY_ORDER:
+            pipe.zrank(keys.queued(priority.value), job_id)
+            pipe.zcard(keys.queued(priority.value))
+        answers = pipe.execute()
+        ahead = 0
+        for rank, size in zip(answers[0::2], answers[1::2]):
+            if rank is not None:
+                return ahead + int(rank)
+            ahead += int(size)
+        return None
+
+    def queued_count(self, priority: Priority) -> int:
+        return int(self.redis.zcard(keys.queued(priority.value)))
+
+    def running_count(self) -> int:
+        return int(self.redis.llen(keys.INFLIGHT))
+
+    def lapsed_leases(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        rows: list[Any] = list(self.redis.zrangebyscore(keys.RUNNING, "-inf", f"({now!r}", start=0, num=limit,
+                                                         withscores=True))
+        return [(i.decode() if isinstance(i, bytes) else str(i), float(score)) for i, score in rows]
+
+    def overdue_queued(self, now: float, limit: int = 100) -> list[str]:
+        rows: list[Any] = list(self.redis.zrangebyscore(keys.DEADLINES, "-inf", f"({now!r}", start=0, num=limit))
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in rows]
 
 
 class InMemoryJobStore(JobStore):
@@ -191,3 +327,31 @@ class InMemoryJobStore(JobStore):
                     if json.loads(r["tenant"]) == tenant]
         jobs.sort(reverse=True)
         return [i for _, i in jobs[offset:offset + limit]]
+
+    def _all(self) -> list[Job]:
+        with self._lock:
+            raws = [dict(r) for r in self._jobs.values()]
+        return [_decode_job(r) for r in raws]
+
+    def _queue(self) -> list[Job]:
+        rank = {p: i for i, p in enumerate(PRIORITY_ORDER)}
+        queued = [j for j in self._all() if j.status is JobStatus.QUEUED]
+        return sorted(queued, key=lambda j: (rank[j.params.priority], j.created_at))
+
+    def queue_position(self, job_id: str) -> int | None:
+        ids = [j.id for j in self._queue()]
+        return ids.index(job_id) if job_id in ids else None
+
+    def queued_count(self, priority: Priority) -> int:
+        return sum(1 for j in self._queue() if j.params.priority is priority)
+
+    def running_count(self) -> int:
+        return sum(1 for j in self._all() if j.status is JobStatus.RUNNING)
+
+    def lapsed_leases(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
+        rows = [(j.id, j.lease_until or 0.0) for j in self._all() if j.status is JobStatus.RUNNING]
+        return sorted((r for r in rows if r[1] < now), key=lambda r: r[1])[:limit]
+
+    def overdue_queued(self, now: float, limit: int = 100) -> list[str]:
+        rows = [(queue_deadline_at(j), j.id) for j in self._queue()]
+        return [i for d, i in sorted((d, i) for d, i in rows if d is not None and d < now)][:limit]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from broker.celery_app import RENDER_QUEUE_ORDER
 from cli.localservices import ManagedProcess, ServiceDied, free_port, start_redis, start_s3, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,7 @@ class LocalCluster:
         self.api_port = config.api_port or free_port()
         self.redis_url = config.redis_url or ""
         self.env: dict[str, str] = {}
+        self.metrics_ports: dict[str, int] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -156,29 +158,45 @@ class LocalCluster:
         name = f"render{index}"
         ready = self.workdir / "ready" / f"{name}.ready"
         ready.unlink(missing_ok=True)
+        self.metrics_ports[name] = free_port()
         self._spawn(name, [sys.executable, "-m", "celery", "-A", "workers.celery_worker:app", "worker",
-                           "-Q", "render", "-P", "prefork", "-c", "1", "-n", f"{name}@%h", "-E",
-                           "--without-gossip", "--without-mingle", "-l", "INFO"],
+                           "-Q", ",".join(RENDER_QUEUE_ORDER), "-P", "prefork", "-c", "1", "-n", f"{name}@local",
+                           "-E", "--without-gossip", "--without-mingle", "-l", "INFO"],
                     {"EDITFARM_WORKER_ROLE": "render", "EDITFARM_READY_FILE": str(ready),
-                     "EDITFARM_WORKER_NAME": f"{name}@local", **(extra_env or {})})
+                     "EDITFARM_HEARTBEAT_FILE": str(self.workdir / "ready" / f"{name}.heartbeat"),
+                     "EDITFARM_METRICS_PORT": str(self.metrics_ports[name]), **(extra_env or {})})
         return name
 
     def start_webhook_worker(self) -> None:
+        self.metrics_ports["webhooks"] = free_port()
         self._spawn("webhooks", [sys.executable, "-m", "celery", "-A", "workers.celery_worker:app", "worker",
-                                 "-Q", "webhooks", "-P", "threads", "-c", "8", "-n", "webhooks@%h", "-E",
+                                 "-Q", "webhooks", "-P", "threads", "-c", "8", "-n", "webhooks@local", "-E",
                                  "--without-gossip", "--without-mingle", "-l", "INFO"],
-                    {"EDITFARM_WORKER_ROLE": "webhooks"})
+                    {"EDITFARM_WORKER_ROLE": "webhooks", "EDITFARM_METRICS_PORT": str(self.metrics_ports["webhooks"]),
+                     "EDITFARM_HEARTBEAT_FILE": str(self.workdir / "ready" / "webhooks.heartbeat")})
 
-    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20) -> None:
+    def stop_process(self, name: str, sig: int = signal.SIGTERM, timeout_s: float = 20,
+                     group: bool = True) -> int | None:
+        """Signal a process (its whole group, or like Kubernetes only the main process) and wait.
+
+        Returns its exit code; SIGKILLs the group after ``timeout_s``.
+        """
         proc = self.procs.pop(name, None)
         if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, sig)
+            return proc.returncode if proc else None
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         try:
-            proc.wait(timeout_s)
+            return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            return proc.wait()
+
+    def worker_child_pid(self, name: str) -> int:
+        """PID of a render worker's pool child (the process holding the model), from its ready file."""
+        return int((self.workdir / "ready" / f"{name}.ready").read_text())
 
     def wait_ready(self, timeout_s: float = 120) -> None:
         """Wait for the API to answer /readyz and every render worker to write its ready file."""

@@ -24,23 +24,80 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
 
 @app.command()
 def worker(
-    device: str = typer.Option("auto", help="cpu, cuda or auto"),
-    queues: str = typer.Option("render", help="render (GPU jobs) or webhooks (CPU deliveries)"),
-    concurrency: int = typer.Option(0, help="processes (render: 1 per GPU) or threads (webhooks)"),
+    gpus: str = typer.Option("", help="all, a list like 0,2, or cpu: one worker process per GPU"),
+    device: str = typer.Option("auto", help="cpu, cuda or auto (when --gpus is not given)"),
+    queues: str = typer.Option("render", help="render (GPU jobs) or webhooks (CPU deliveries, reaper)"),
+    concurrency: int = typer.Option(8, help="threads of a webhook worker"),
     name: str = typer.Option("", help="Celery node name, e.g. gpu0@%h"),
 ) -> None:
-    """Run a Celery worker: render jobs (one process, model loaded in the child) or webhook deliveries."""
+    """Run workers: render jobs (one Celery prefork process per GPU, model loaded in the child)
+    or webhook deliveries (CPU threads)."""
+    from cli.gpus import parse_gpus, supervise
+
+    if queues == "webhooks":
+        _celery_worker("webhooks", ["-Q", "webhooks", "-P", "threads", "-c", str(concurrency),
+                                    "-n", name or "webhooks@%h"])
+        return
+    if gpus:
+        try:
+            pinned = parse_gpus(gpus)
+        except (ValueError, RuntimeError) as exc:
+            typer.echo(str(exc), err=True)
+            raise typer.Exit(2) from None
+        if pinned is None:
+            device, name = "cpu", name or "cpu@%h"
+        elif len(pinned) > 1:
+            raise typer.Exit(supervise(pinned, []))
+        else:
+            # one card: pin it here and run in this process (Kubernetes: one pod per GPU)
+            os.environ.setdefault("CUDA_VISIBLE_DEVICES", pinned[0])
+            device, name = "cuda", name or f"gpu{pinned[0]}@%h"
     os.environ["EDITFARM_DEVICE"] = device
-    role = "webhooks" if queues == "webhooks" else "render"
+    from broker.celery_app import RENDER_QUEUE_ORDER
+
+    _celery_worker("render", ["-Q", ",".join(RENDER_QUEUE_ORDER), "-P", "prefork", "-c", "1",
+                              "-n", name or "render@%h"])
+
+
+def _celery_worker(role: str, argv: list[str]) -> None:
     os.environ["EDITFARM_WORKER_ROLE"] = role
     from workers.celery_worker import app as celery_app
 
-    argv = ["worker", "-Q", queues, "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
-    if role == "render":
-        argv += ["-P", "prefork", "-c", str(concurrency or 1), "-n", name or "render@%h"]
-    else:
-        argv += ["-P", "threads", "-c", str(concurrency or 8), "-n", name or "webhooks@%h"]
-    celery_app.worker_main(argv)
+    celery_app.worker_main(["worker", *argv, "-E", "--without-gossip", "--without-mingle", "-l", "INFO"])
+
+
+@app.command()
+def flower(port: int = 5555, address: str = "0.0.0.0") -> None:
+    """Run Flower against the cluster's broker (basic auth from FLOWER_BASIC_AUTH=user:password)."""
+    from workers.celery_worker import app as celery_app
+
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    auth = os.environ.get("FLOWER_BASIC_AUTH")
+    if auth:
+        argv.append(f"--basic-auth={auth}")
+    celery_app.start(argv)
+
+
+probe_app = typer.Typer(help="Probes for Kubernetes and compose health checks.", no_args_is_help=True)
+app.add_typer(probe_app, name="probe")
+
+
+@probe_app.command("ready")
+def probe_ready() -> None:
+    """Exit 0 once the worker has loaded and warmed up its model (its ready file exists)."""
+    from workers.settings import WorkerSettings
+
+    raise typer.Exit(0 if Path(WorkerSettings().ready_file).exists() else 1)
+
+
+@probe_app.command("live")
+def probe_live(max_age_s: float = 60.0) -> None:
+    """Exit 0 while the worker's heartbeat file is fresher than --max-age-s."""
+    from workers.settings import WorkerSettings
+
+    path = Path(WorkerSettings().heartbeat_file)
+    fresh = path.exists() and time.time() - path.stat().st_mtime <= max_age_s
+    raise typer.Exit(0 if fresh else 1)
 
 
 @app.command()

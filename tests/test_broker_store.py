@@ -107,3 +107,50 @@ def test_a_tenants_jobs_are_listed_newest_first(store: JobStore) -> None:
 
 def test_terminal_statuses_are_terminal() -> None:
     assert [s.value for s in JobStatus if s.is_terminal] == ["succeeded", "failed", "canceled"]
+
+
+def test_queue_position_follows_strict_priority_then_age(store: JobStore) -> None:
+    from broker.schema import Priority
+
+    def job(priority: Priority, created_at: float) -> Job:
+        j = make_job()
+        return j.model_copy(update={"created_at": created_at,
+                                    "params": j.params.model_copy(update={"priority": priority})})
+
+    low, normal1, normal2, high = (job(Priority.LOW, 1), job(Priority.NORMAL, 2), job(Priority.NORMAL, 3),
+                                   job(Priority.HIGH, 4))
+    for j in (low, normal1, normal2, high):
+        store.create(j)
+    assert [store.queue_position(j.id) for j in (high, normal1, normal2, low)] == [0, 1, 2, 3]
+    assert store.queued_count(Priority.NORMAL) == 2
+    store.transition(high.id, JobStatus.RUNNING, {"lease_until": 50.0})
+    assert store.queue_position(high.id) is None
+    assert store.queue_position(low.id) == 2
+    assert store.running_count() == 1
+
+
+def test_running_jobs_with_lapsed_leases_are_found_and_leave_the_index_when_done(store: JobStore) -> None:
+    a, b = make_job(), make_job()
+    store.create(a)
+    store.create(b)
+    store.transition(a.id, JobStatus.RUNNING, {"lease_until": 100.0})
+    store.transition(b.id, JobStatus.RUNNING, {"lease_until": 300.0})
+    assert store.lapsed_leases(now=200.0) == [(a.id, 100.0)]
+    store.compare_and_set(a.id, {"status": ["running"]}, {"lease_until": 400.0})
+    assert store.lapsed_leases(now=200.0) == []
+    store.transition(b.id, JobStatus.SUCCEEDED)
+    assert store.lapsed_leases(now=1000.0) == [(a.id, 400.0)]
+    assert store.running_count() == 1
+
+
+def test_queued_jobs_past_their_deadline_are_found(store: JobStore) -> None:
+    soon = make_job()
+    soon = soon.model_copy(update={"created_at": 10.0,
+                                   "params": soon.params.model_copy(update={"queue_deadline_s": 5.0})})
+    never = make_job()
+    store.create(soon)
+    store.create(never)
+    assert store.overdue_queued(now=14.0) == []
+    assert store.overdue_queued(now=16.0) == [soon.id]
+    store.transition(soon.id, JobStatus.CANCELED)
+    assert store.overdue_queued(now=16.0) == []

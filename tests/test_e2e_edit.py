@@ -97,7 +97,7 @@ def test_the_same_seed_twice_gives_identical_bytes(cluster: LocalCluster) -> Non
 
 
 def test_a_job_without_a_seed_records_the_seed_it_used(cluster: LocalCluster) -> None:
-    body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "steps": 1}
+    body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "steps": 2}
     job = httpx.post(f"{cluster.api_url}/v1/jobs", json=body, headers=auth(), timeout=30).json()
     assert isinstance(job["params"]["seed"], int)
 
@@ -119,14 +119,14 @@ def test_bad_input_gets_a_documented_4xx_and_never_reaches_a_worker(
         cluster: LocalCluster, case: str, fields: dict[str, object], status: int, code: str) -> None:
     r = redis.Redis.from_url(cluster.redis_url)
     jobs_before = len(list(r.scan_iter("editfarm:job:*")))
-    body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "steps": 1, **fields}
+    body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "steps": 2, **fields}
     body = {k: v for k, v in body.items() if v is not None}
     response = httpx.post(f"{cluster.api_url}/v1/jobs", json=body, headers=auth(), timeout=30)
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     assert response.json()["error"]["message"]
     assert len(list(r.scan_iter("editfarm:job:*"))) == jobs_before
-    assert r.llen("render") == 0
+    assert sum(r.llen(q) for q in ("render.high", "render.normal", "render.low")) == 0
 
 
 def test_requests_without_a_valid_key_are_401(cluster: LocalCluster) -> None:

@@ -54,13 +54,24 @@ class Harness:
         self.events = InMemoryEventPublisher()
         self.renderer = FakeRenderer()
         self.notified: list[Job] = []
-        self.runner = Runner(self.store, self.objects, self.events, self.renderer, self.notified.append,
-                             RunnerConfig(worker_name="w@test", **config))  # type: ignore[arg-type]
+        self.webhook_events: list[str] = []
+        self.requeued: list[str] = []
+        self.drain = False
+        self.runner = Runner(self.store, self.objects, self.events, self.renderer, self._notify,
+                             RunnerConfig(worker_name="w@test", **config),  # type: ignore[arg-type]
+                             requeue=lambda job: self.requeued.append(job.id), draining=lambda: self.drain)
 
-    def submit(self, steps: int = 3, **fields: object) -> Job:
+    def _notify(self, job: Job, event: str) -> None:
+        self.webhook_events.append(event)
+        if event in ("job.succeeded", "job.failed", "job.canceled"):
+            self.notified.append(job)
+
+    def submit(self, steps: int = 3, params: dict[str, object] | None = None, **fields: object) -> Job:
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), "white").save(buf, format="PNG")
-        job = Job(id=new_job_id(), tenant="acme", params=JobParams(prompt="p", seed=7, steps=steps),
+        job_params = JobParams(**{"prompt": "p", "seed": 7, "steps": steps,  # type: ignore[arg-type]
+                                  "webhook": "https://hooks.example/x", **(params or {})})
+        job = Job(id=new_job_id(), tenant="acme", params=job_params,
                   input_keys=["in/0.png"], **fields)  # type: ignore[arg-type]
         self.objects.put("in/0.png", buf.getvalue(), "image/png")
         self.store.create(job)
@@ -172,3 +183,75 @@ def test_the_lease_is_renewed_while_a_long_render_runs() -> None:
     h.renderer.on_each_step = lambda step: leases.append(h.job(job.id).lease_until or 0)
     assert h.runner.run(job.id) is JobStatus.SUCCEEDED
     assert leases[-1] > leases[0] + 0.5
+
+
+def test_a_job_running_past_its_timeout_fails_with_code_timeout() -> None:
+    h = Harness()
+    h.renderer.step_sleep_s = 0.1
+    job = h.submit(steps=20, params={"timeout_s": 0.25})
+    assert h.runner.run(job.id) is JobStatus.FAILED
+    done = h.job(job.id)
+    assert done.error.code == "timeout" and done.progress.step < 20  # type: ignore[union-attr]
+    assert len(h.notified) == 1
+
+
+def test_a_job_not_started_before_its_queue_deadline_is_canceled_without_rendering() -> None:
+    h = Harness()
+    job = h.submit(params={"queue_deadline_s": 5.0}, created_at=time.time() - 10)
+    assert h.runner.run(job.id) is JobStatus.CANCELED
+    assert h.job(job.id).error.code == "queue_deadline"  # type: ignore[union-attr]
+    assert h.renderer.calls == 0 and len(h.notified) == 1
+
+
+def test_a_draining_worker_hands_its_job_back_and_requeues_it() -> None:
+    h = Harness()
+    job = h.submit(steps=5)
+    h.renderer.on_each_step = lambda step: setattr(h, "drain", step >= 2)
+    assert h.runner.run(job.id) is JobStatus.QUEUED
+    back = h.job(job.id)
+    assert back.status is JobStatus.QUEUED and back.worker is None
+    assert h.requeued == [job.id] and not h.notified
+    h.drain = False
+    h.renderer.on_each_step = None
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED and h.job(job.id).attempts == 2
+
+
+def test_out_of_memory_fails_the_job_with_its_own_code() -> None:
+    class OutOfMemoryError(RuntimeError):
+        pass
+
+    h = Harness()
+    h.renderer.error = OutOfMemoryError("CUDA out of memory")
+    job = h.submit()
+    assert h.runner.run(job.id) is JobStatus.FAILED
+    assert h.job(job.id).error.code == "out_of_memory"  # type: ignore[union-attr]
+
+
+def test_a_device_that_fails_its_health_check_after_an_error_ends_the_process() -> None:
+    from workers.runner import GpuBroken
+
+    h = Harness()
+    h.renderer.error = RuntimeError("CUDA error: an illegal memory access")
+    h.renderer.healthcheck = lambda: (_ for _ in ()).throw(RuntimeError("still broken"))  # type: ignore[method-assign]
+    job = h.submit()
+    with pytest.raises(GpuBroken):
+        h.runner.run(job.id)
+    assert h.job(job.id).status is JobStatus.FAILED  # the job is ended before the process goes
+
+
+def test_started_and_progress_webhooks_go_out_only_when_subscribed() -> None:
+    h = Harness(progress_webhook_interval_s=0.0)
+    quiet = h.submit(steps=3)
+    h.runner.run(quiet.id)
+    assert h.webhook_events == ["job.succeeded"]
+    h.webhook_events.clear()
+    chatty = h.submit(steps=3, params={"webhook_events": ["started", "progress", "completed"]})
+    h.runner.run(chatty.id)
+    assert h.webhook_events == ["job.started", "job.progress", "job.progress", "job.succeeded"]
+
+
+def test_a_job_without_a_webhook_notifies_nobody() -> None:
+    h = Harness()
+    job = h.submit(params={"webhook": None})
+    h.runner.run(job.id)
+    assert h.webhook_events == []

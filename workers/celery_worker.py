@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutting_down
 
 from workers import services
 from workers.tasks import register
@@ -19,8 +19,38 @@ register(app)
 log = logging.getLogger("editfarm.worker")
 
 
+def _role() -> str:
+    return os.environ.get("EDITFARM_WORKER_ROLE", "render")
+
+
+@celeryd_init.connect
+def _name_the_process(sender: str | None = None, **_: object) -> None:
+    # leases, drain keys and heartbeats use the Celery node name (gpu0@host); children inherit it
+    if sender and not os.environ.get("EDITFARM_WORKER_NAME"):
+        os.environ["EDITFARM_WORKER_NAME"] = sender
+        services.settings.cache_clear()
+
+
 @worker_process_init.connect
 def _load_model_in_child(**_: object) -> None:
     # The child, not the parent, loads the model: CUDA does not survive fork.
-    if os.environ.get("EDITFARM_WORKER_ROLE", "render") == "render":
+    if _role() == "render":
         services.warm_up()
+        services.start_background("render")
+
+
+@worker_ready.connect
+def _start_cpu_services(**_: object) -> None:
+    if _role() == "webhooks":
+        services.start_background("webhooks")
+
+
+@worker_shutting_down.connect
+def _drain(**_: object) -> None:
+    # SIGTERM (Kubernetes, compose) is Celery's warm shutdown: no new jobs are taken and the
+    # running one gets drain_timeout_s before the runner hands it back to the queue.
+    if _role() == "render":
+        try:
+            services.start_drain()
+        except Exception:  # noqa: BLE001 - without Redis the lease lapses and the reaper requeues
+            log.exception("could not record the drain deadline")

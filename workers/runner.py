@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from broker import events, keys
 from broker.events import EventPublisher
-from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, Progress
+from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, Progress, queue_deadline_at
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from workers.encode import UnreadableImage, decode_rgb, encode
@@ -28,8 +28,23 @@ from workers.pipeline.base import RenderInterrupted, Renderer, RenderRequest
 
 log = logging.getLogger("editfarm.runner")
 
-Notify = Callable[[Job], None]
-"""Called once with a job that has just reached a terminal status (enqueues its webhook)."""
+Notify = Callable[[Job, str], None]
+"""Called with a job and a webhook event ("job.started", "job.progress", "job.succeeded", ...)."""
+
+Requeue = Callable[[Job], None]
+"""Sends a fresh render message for a job that was handed back."""
+
+DrainCheck = Callable[[], bool]
+"""True once this worker must hand back its running job (graceful shutdown window over)."""
+
+
+def wants_event(job: Job, event: str) -> bool:
+    """Whether ``job``'s webhook subscribed to ``event`` (terminal events always, if a webhook is set)."""
+    if not job.params.webhook:
+        return False
+    if event in ("job.started", "job.progress"):
+        return event.removeprefix("job.") in {e.value for e in job.params.webhook_events}
+    return True
 
 
 class RetryLater(Exception):
@@ -48,6 +63,12 @@ class RunnerConfig:
     heartbeat_interval_s: float = 10.0
     max_attempts: int = 3
     transient_retry_s: float = 5.0
+    # progress webhooks are best effort and throttled to one per this many seconds
+    progress_webhook_interval_s: float = 2.0
+
+
+class GpuBroken(Exception):
+    """The device failed its health check after an error: this process must exit and be restarted."""
 
 
 class _Lease:
@@ -56,6 +77,7 @@ class _Lease:
     def __init__(self, store: JobStore, job_id: str, token: str, config: RunnerConfig) -> None:
         self.store, self.job_id, self.token, self.config = store, job_id, token, config
         self.lost = threading.Event()
+        self.stop_reason: str | None = None  # "lost" | "timeout" | "drain"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
 
@@ -71,8 +93,14 @@ class _Lease:
                 log.warning("lease renewal for %s failed; will retry", self.job_id)
                 continue
             if not renewed:  # canceled, or taken over after we stalled past the lease
-                self.lost.set()
+                self.stop("lost")
                 return
+
+    def stop(self, reason: str) -> None:
+        """Ask the render to stop at its next step, remembering why (first reason wins)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.lost.set()
 
     def __enter__(self) -> _Lease:
         self._thread.start()
@@ -85,9 +113,23 @@ class _Lease:
 
 class Runner:
     def __init__(self, store: JobStore, objects: ObjectStore, publisher: EventPublisher,
-                 renderer: Renderer, notify: Notify, config: RunnerConfig) -> None:
+                 renderer: Renderer | None, notify: Notify, config: RunnerConfig,
+                 requeue: Requeue | None = None, draining: DrainCheck | None = None,
+                 observe: Callable[[str, float], None] | None = None) -> None:
         self.store, self.objects, self.publisher = store, objects, publisher
-        self.renderer, self.notify, self.config = renderer, notify, config
+        self.renderer, self.config = renderer, config
+        self._notify = notify
+        self.requeue = requeue or (lambda job: None)
+        self.draining = draining or (lambda: False)
+        # observe(metric, seconds): "queue_wait", "render", "upload"; and ("job", status) counts
+        self.observe = observe or (lambda name, value: None)
+
+    def notify(self, job: Job, event: str) -> None:
+        if wants_event(job, event):
+            try:
+                self._notify(job, event)
+            except Exception:  # noqa: BLE001 - a webhook must never fail the job; the outbox sweeper retries
+                log.exception("could not queue webhook %s of job %s", event, job.id)
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -103,6 +145,9 @@ class Runner:
         if job.status.is_terminal:
             log.info("job %s already %s; duplicate delivery dropped", job_id, job.status.value)
             return job.status
+        deadline = queue_deadline_at(job)
+        if job.status is JobStatus.QUEUED and deadline is not None and time.time() > deadline:
+            return self.expired(job)
         lease = self.started(job)
         if lease is None:
             current = self.store.get(job_id)
@@ -111,21 +156,51 @@ class Runner:
             return self._work(self.store.get(job_id) or job, lease)
 
     def _work(self, job: Job, lease: _Lease) -> JobStatus | None:
+        assert self.renderer is not None, "a runner without a renderer can only expire jobs"
         try:
             image = decode_rgb(self.objects.get(job.input_keys[0]))
+            began = time.monotonic()
             images = self.renderer.render(self._request(job, image), self._progress(job, lease))
+            self.observe("render", time.monotonic() - began)
+            began = time.monotonic()
             outputs = self._upload(job, images)
+            self.observe("upload", time.monotonic() - began)
         except (UnreadableImage, ObjectNotFound, IndexError) as exc:
             return self.failed(job, lease, ErrorCode.INPUT_UNREADABLE, str(exc))
         except RenderInterrupted:
-            return self.canceled(job, lease, "canceled while rendering")
+            return self._interrupted(job, lease)
         except StorageUnavailable as exc:
             self.handed_back(job, lease, str(exc))
             raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - any render failure ends the job, never the worker
-            log.exception("job %s failed while rendering", job.id)
-            return self.failed(job, lease, ErrorCode.RENDER_FAILED, f"{type(exc).__name__}: {exc}"[:500])
+            return self._render_error(job, lease, exc)
         return self.succeeded(job, lease, outputs)
+
+    def _interrupted(self, job: Job, lease: _Lease) -> JobStatus | None:
+        if lease.stop_reason == "timeout":
+            return self.failed(job, lease, ErrorCode.TIMEOUT,
+                               f"the job ran longer than its timeout_s={job.params.timeout_s:g}")
+        if lease.stop_reason == "drain":
+            if self.handed_back(job, lease, "worker shutting down"):
+                self.requeue(job)
+            current = self.store.get(job.id)
+            return current.status if current else None
+        return self.canceled(job, lease, "canceled while rendering")
+
+    def _render_error(self, job: Job, lease: _Lease, exc: Exception) -> JobStatus | None:
+        """Sort a render error: out of memory and others fail the job; a broken device ends the process."""
+        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
+            status = self.failed(job, lease, ErrorCode.OUT_OF_MEMORY,
+                                 "the device ran out of memory; try a smaller size or fewer images")
+        else:
+            log.exception("job %s failed while rendering", job.id)
+            status = self.failed(job, lease, ErrorCode.RENDER_FAILED, f"{type(exc).__name__}: {exc}"[:500])
+        try:
+            if self.renderer is not None:
+                self.renderer.healthcheck()
+        except Exception as broken:  # noqa: BLE001
+            raise GpuBroken(f"device failed its health check after {type(exc).__name__}") from broken
+        return status
 
     # -- transitions: the one place each side effect happens -----------------------------------
 
@@ -151,7 +226,15 @@ class Runner:
             log.info("job %s was not started here (changed meanwhile)", job.id)
             return None
         self.publisher.publish(job.id, events.STATUS, {"status": "running", "attempt": moved.attempts})
+        self.observe("queue_wait", max(0.0, now - job.created_at))
+        self.notify(moved, "job.started")
         return _Lease(self.store, job.id, token, self.config)
+
+    def expired(self, job: Job) -> JobStatus | None:
+        """queued → canceled: the job was not started within its queue deadline."""
+        return self._terminal(job, JobStatus.CANCELED, {"attempts": [job.attempts]}, error=JobError(
+            code=ErrorCode.QUEUE_DEADLINE.value,
+            message=f"not started within queue_deadline_s={job.params.queue_deadline_s:g}"))
 
     def succeeded(self, job: Job, lease: _Lease, outputs: list[Output]) -> JobStatus | None:
         total = job.params.steps
@@ -170,13 +253,14 @@ class Runner:
         return self._terminal(job, JobStatus.CANCELED, lease.expect(),
                               error=JobError(code="canceled", message=reason))
 
-    def handed_back(self, job: Job, lease: _Lease, reason: str) -> None:
-        """running → queued: a transient failure; the job will be delivered again."""
+    def handed_back(self, job: Job, lease: _Lease, reason: str) -> bool:
+        """running → queued: a transient failure or a drain; the job will be delivered again."""
         moved = self.store.transition(job.id, JobStatus.QUEUED, {"worker": None, "lease_until": None},
                                       from_=[JobStatus.RUNNING], expect={"worker": [lease.token]})
         if moved is not None:
-            log.warning("job %s handed back for retry: %s", job.id, reason)
+            log.warning("job %s handed back: %s", job.id, reason)
             self.publisher.publish(job.id, events.STATUS, {"status": "queued", "reason": reason})
+        return moved is not None
 
     def _terminal(self, job: Job, status: JobStatus, expect: dict[str, list[object]],
                   error: JobError | None = None, outputs: list[Output] | None = None,
@@ -195,7 +279,8 @@ class Runner:
             return current.status if current else None
         self.publisher.publish(job.id, events.STATUS, {"status": status.value,
                                                         "error": fields["error"]})
-        self.notify(moved)
+        self.observe(f"job.{status.value}", 1.0)
+        self.notify(moved, f"job.{status.value}")
         return status
 
     # -- steps ---------------------------------------------------------------------------------
@@ -207,15 +292,26 @@ class Runner:
                              images=[image])  # type: ignore[list-item]
 
     def _progress(self, job: Job, lease: _Lease) -> Callable[[int, int], bool]:
+        started = time.monotonic()
+        last_webhook = [0.0]
+
         def on_step(step: int, total: int) -> bool:
+            if job.params.timeout_s is not None and time.monotonic() - started > job.params.timeout_s:
+                lease.stop("timeout")
+            if self.draining():
+                lease.stop("drain")
             if lease.lost.is_set():
                 return False
             kept = self.store.compare_and_set(job.id, lease.expect(),
                                               {"progress": {"step": step, "total": total}})
             if not kept:
-                lease.lost.set()
+                lease.stop("lost")
                 return False
             self.publisher.publish(job.id, events.PROGRESS, {"step": step, "total": total})
+            now = time.monotonic()
+            if step < total and now - last_webhook[0] >= self.config.progress_webhook_interval_s:
+                last_webhook[0] = now
+                self.notify(job, "job.progress")
             return True
         return on_step
 

@@ -9,17 +9,23 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import redis
 
-from broker.celery_app import enqueue_webhook, make_celery
+from broker import keys
+from broker.celery_app import enqueue_notify, enqueue_render, enqueue_webhook, make_celery
 from broker.events import RedisEventPublisher
+from broker.schema import Job
 from broker.store import RedisJobStore
 from storage import S3Config, S3ObjectStore
+from workers import metrics
 from workers.notify import WebhookNotifier
 from workers.pipeline.base import Renderer
+from workers.reaper import Reaper
 from workers.runner import Runner, RunnerConfig
 from workers.settings import WorkerSettings
 from workers.webhooks import WebhookConfig, WebhookOutbox, make_client
@@ -35,17 +41,22 @@ def settings() -> WorkerSettings:
 @functools.cache
 def celery_app():  # type: ignore[no-untyped-def]
     s = settings()
-    return make_celery(s.redis_url, s.visibility_timeout_s)
+    return make_celery(s.redis_url, s.visibility_timeout_s, s.unacked_restore_interval_s)
 
 
 @functools.cache
 def _redis(pid: int) -> redis.Redis:
-    return redis.Redis.from_url(settings().redis_url, health_check_interval=30)
+    return redis.Redis.from_url(settings().redis_url, health_check_interval=30, socket_connect_timeout=5,
+                                socket_timeout=30)
 
 
 def redis_client() -> redis.Redis:
     # keyed by pid: a connection pool must never be shared across fork
     return _redis(os.getpid())
+
+
+def store() -> RedisJobStore:
+    return RedisJobStore(redis_client())
 
 
 @functools.cache
@@ -111,26 +122,108 @@ def renderer() -> Renderer:
     return _renderer
 
 
+def gpu_memory() -> dict[str, int]:
+    """Bytes allocated by this process per CUDA device (empty on CPU or before the model loads)."""
+    if _renderer is None or not str(_renderer.device).startswith("cuda"):
+        return {}
+    import torch
+
+    return {str(_renderer.device): int(torch.cuda.memory_allocated())}
+
+
+def _touch(path: str, text: str = "") -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text or str(time.time()))
+
+
+def _heartbeat_loop(interval_s: float) -> None:
+    """Liveness: the heartbeat file and Redis key go stale if this process wedges."""
+    s = settings()
+    while True:
+        try:
+            _touch(s.heartbeat_file)
+            redis_client().set(keys.worker_heartbeat(s.process_name()), str(time.time()),
+                               ex=int(interval_s * 6) + 1)
+        except Exception:  # noqa: BLE001 - the file matters most; Redis may blink
+            log.warning("heartbeat not recorded")
+        time.sleep(interval_s)
+
+
+def start_background(role: str) -> None:
+    """Per-process threads: heartbeat and metrics (both roles), the reaper (webhook workers)."""
+    s = settings()
+    threading.Thread(target=_heartbeat_loop, args=(s.heartbeat_interval_s,), daemon=True,
+                     name="editfarm-heartbeat").start()
+    metrics.serve(s.metrics_port, store, gpu_memory)
+    if role == "webhooks":
+        reaper().start()
+
+
 def warm_up() -> None:
-    """Load the model, run one short render and write the ready file, before taking work."""
+    """Load the model, check the device, run one short render, then write the ready file."""
     r = renderer()
     r.healthcheck()
     r.warmup()
-    ready = settings().ready_file
-    if ready:
-        Path(ready).parent.mkdir(parents=True, exist_ok=True)
-        Path(ready).write_text(str(os.getpid()))
+    _touch(settings().ready_file, str(os.getpid()))
     log.info("worker warm and ready")
 
 
+def requeue(job: Job) -> None:
+    enqueue_render(celery_app(), job.id, job.params.priority.value)
+
+
+def notify_via_queue(job: Job, event: str) -> None:
+    enqueue_notify(celery_app(), job.id, event)
+
+
+_drain_checked = [0.0, 0.0]  # (last check, drain_by)
+
+
+def draining() -> bool:
+    """True once this worker's drain window (set at SIGTERM) has passed; checked at most once a second."""
+    now = time.time()
+    if now - _drain_checked[0] >= 1.0:
+        _drain_checked[0] = now
+        raw = redis_client().get(keys.worker_drain(settings().process_name()))
+        _drain_checked[1] = float(raw) if raw else 0.0
+    return bool(_drain_checked[1]) and now >= _drain_checked[1]
+
+
+def start_drain() -> None:
+    """Called in the worker's main process at SIGTERM: running jobs get drain_timeout_s to finish."""
+    s = settings()
+    drain_by = time.time() + s.drain_timeout_s
+    redis_client().set(keys.worker_drain(s.process_name()), repr(drain_by), ex=int(s.drain_timeout_s) + 3600)
+    log.info("draining: a running job has %.0f s to finish before it is handed back", s.drain_timeout_s)
+
+
+def runner_config() -> RunnerConfig:
+    s = settings()
+    return RunnerConfig(worker_name=s.process_name(), lease_s=s.lease_s,
+                        heartbeat_interval_s=s.heartbeat_interval_s, max_attempts=s.max_attempts,
+                        transient_retry_s=s.transient_retry_s)
+
+
 def runner() -> Runner:
+    return Runner(store(), objects(), RedisEventPublisher(redis_client()), renderer(), notify_via_queue,
+                  runner_config(), requeue=requeue, draining=draining, observe=metrics.observe)
+
+
+def notifier() -> WebhookNotifier:
     s = settings()
     objs = objects()
     app = celery_app()
-    notify = WebhookNotifier(outbox(), lambda key: objs.presign_get(key, s.presign_expiry_s),
-                             lambda message_id: enqueue_webhook(app, message_id))
-    config = RunnerConfig(worker_name=s.process_name(), lease_s=s.lease_s,
-                          heartbeat_interval_s=s.heartbeat_interval_s, max_attempts=s.max_attempts,
-                          transient_retry_s=s.transient_retry_s)
-    return Runner(RedisJobStore(redis_client()), objs, RedisEventPublisher(redis_client()),
-                  renderer(), notify, config)
+    return WebhookNotifier(outbox(), lambda key: objs.presign_get(key, s.presign_expiry_s),
+                           lambda message_id: enqueue_webhook(app, message_id), webhook_config(), http_client())
+
+
+def reaper() -> Reaper:
+    s = settings()
+    # expiring needs no model: a runner without a renderer only makes transitions
+    finisher = Runner(store(), objects(), RedisEventPublisher(redis_client()), None, notify_via_queue,
+                      runner_config(), observe=metrics.observe)
+
+    def claim(job_id: str, lease_until: float) -> bool:
+        return bool(redis_client().set(keys.reaped(job_id, lease_until), "1", nx=True, ex=3600))
+    return Reaper(store(), requeue, finisher.expired, claim, s.reaper_interval_s)

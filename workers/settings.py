@@ -22,7 +22,16 @@ class WorkerSettings(ClusterSettings):
     max_attempts: int = 3
     # Delay before retrying a job whose storage was unreachable (seconds).
     transient_retry_s: float = 5.0
-    ready_file: str = ""
+    # written once the model is loaded and warmed up (readiness probe: `editfarm probe ready`)
+    ready_file: str = "/tmp/editfarm/ready"
+    # touched every heartbeat_interval_s while the process is healthy (liveness: `editfarm probe live`)
+    heartbeat_file: str = "/tmp/editfarm/heartbeat"
+    # Prometheus /metrics port of this process; 0 turns it off
+    metrics_port: int = 0
+    # after SIGTERM, a running job may finish for this long before it is handed back (seconds)
+    drain_timeout_s: float = 600.0
+    # how often the reaper (in webhook workers) looks for lapsed leases and queue deadlines (seconds)
+    reaper_interval_s: float = 2.0
 
     webhook_timeout_s: float = 15.0
     webhook_retry_schedule_s: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000]

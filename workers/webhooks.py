@@ -34,7 +34,8 @@ from broker.views import iso
 log = logging.getLogger("editfarm.webhooks")
 
 USER_AGENT = "editfarm-webhooks/0.1"
-EVENT_TYPES = frozenset({"job.succeeded", "job.failed", "job.canceled"})
+EVENT_TYPES = frozenset({"job.succeeded", "job.failed", "job.canceled", "job.started", "job.progress"})
+TERMINAL_EVENT_TYPES = frozenset({"job.succeeded", "job.failed", "job.canceled"})
 # Standard Webhooks' example schedule: delay (s) before attempt 1, 2, 3, ...
 DEFAULT_RETRY_SCHEDULE_S: tuple[float, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
 DEFAULT_TTL_S = 7 * 24 * 3600

@@ -1,0 +1,67 @@
+"""The reaper: finds jobs that nobody is working on any more and gets them moving.
+
+- A running job whose lease lapsed (its worker died, or the whole worker pod
+  went away and its Celery message waits out the visibility timeout) is sent
+  to the render queue again; the runner then takes it over (attempts + 1).
+- A queued job past its queue deadline is canceled (``queue_deadline``) even
+  if no worker ever picks its message up.
+
+It runs as a thread in the CPU webhook workers; several reapers are harmless
+because every change is a compare-and-set and each lapse is claimed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from broker.schema import Job, JobStatus
+from broker.store import JobStore
+
+log = logging.getLogger("editfarm.reaper")
+
+Claim = Callable[[str, float], bool]
+"""(job id, lease_until) → True for the first reaper to claim that lapse."""
+
+
+class Reaper:
+    def __init__(self, store: JobStore, requeue: Callable[[Job], None], expire: Callable[[Job], object],
+                 claim: Claim, interval_s: float = 2.0) -> None:
+        self.store, self.requeue, self.expire, self.claim = store, requeue, expire, claim
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+
+    def sweep(self, now: float | None = None) -> dict[str, int]:
+        """One pass; returns how many jobs were requeued and expired."""
+        now = time.time() if now is None else now
+        requeued = expired = 0
+        for job_id, lease_until in self.store.lapsed_leases(now):
+            job = self.store.get(job_id)
+            if job and job.status is JobStatus.RUNNING and self.claim(job_id, lease_until):
+                log.warning("job %s: lease lapsed %.1f s ago; sending it to a worker again",
+                            job_id, now - lease_until)
+                self.requeue(job)
+                requeued += 1
+        for job_id in self.store.overdue_queued(now):
+            job = self.store.get(job_id)
+            if job and job.status is JobStatus.QUEUED:
+                self.expire(job)
+                expired += 1
+        return {"requeued": requeued, "expired": expired}
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sweep()
+            except Exception:  # noqa: BLE001 - keep sweeping through Redis blips
+                log.exception("reaper pass failed")
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name="editfarm-reaper", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
