@@ -18,8 +18,9 @@ from fastapi import FastAPI
 from api.auth import parse_api_keys
 from api.deps import Services
 from api.errors import install_error_handlers
+from api.metrics import ApiMetrics, MetricsMiddleware
 from api.models import component_schemas
-from api.routers import health, jobs
+from api.routers import health, jobs, monitoring
 from api.settings import ApiSettings
 
 logger = logging.getLogger("editfarm.api")
@@ -32,6 +33,9 @@ Authenticate with `Authorization: Bearer <key>`. `POST /v1/jobs` takes JSON
 the job is rendered asynchronously, outputs land in the object store and are
 returned as presigned URLs; an optional signed webhook reports completion.
 Every error is `{"error": {"code", "message", "param"?}}`.
+
+`GET /v1/jobs/{id}/events` streams a job's status and progress as Server-Sent
+Events. `GET /metrics` (Prometheus, no auth) is for the cluster network only.
 """
 
 
@@ -75,9 +79,14 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
     )
     app.state.services = services
     app.state.api_keys = api_keys
+    # its own registry per app; gauges read the store of app.state.services at scrape time
+    app.state.metrics = metrics = ApiMetrics(lambda: app.state.services.store, settings.metrics_store_timeout_s)
     install_error_handlers(app)
+    # outside the catch-all middleware, so answered 500s are counted too
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(monitoring.router)
     _add_component_schemas(app)
     return app
 

@@ -15,8 +15,10 @@ from typing import Annotated, Any
 import redis
 from fastapi import Depends, Request
 
+from api.events import EventSource, RedisEventSource
 from api.settings import ApiSettings
-from broker.celery_app import enqueue_render, make_celery
+from broker.celery_app import enqueue_notify, enqueue_render, make_celery
+from broker.events import EventPublisher, RedisEventPublisher
 from broker.store import JobStore, RedisJobStore
 from storage.store import ObjectStore, S3ObjectStore
 
@@ -25,21 +27,27 @@ from storage.store import ObjectStore, S3ObjectStore
 class Services:
     """Everything a request handler may touch.
 
-    ``enqueue(job_id)`` queues a stored job for rendering (raises if the broker
-    is unreachable). ``redis`` is only used by ``/readyz``; None skips that check.
-    ``closers`` run at application shutdown.
+    ``enqueue(job_id, priority)`` queues a stored job for rendering on its
+    priority's queue and ``notify(job_id, event)`` asks a CPU worker to send
+    the job's webhook for ``event`` (e.g. ``"job.canceled"``); both raise if the
+    broker is unreachable. ``publisher`` sends a job's live events and
+    ``events`` subscribes to them (SSE). ``redis`` is only used by ``/readyz``;
+    None skips that check. ``closers`` run at application shutdown.
     """
 
     settings: ApiSettings
     store: JobStore
     objects: ObjectStore
-    enqueue: Callable[[str], None]
+    enqueue: Callable[[str, str], None]
+    notify: Callable[[str, str], None]
+    publisher: EventPublisher
+    events: EventSource
     redis: redis.Redis | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> Services:
-        """The real cluster: Redis job store, S3 object store, Celery render queue.
+        """The real cluster: Redis job store and pub/sub, S3 object store, Celery queues.
 
         Builds clients only; nothing connects until first use (``/readyz`` checks).
         """
@@ -53,6 +61,9 @@ class Services:
             store=RedisJobStore(client),
             objects=S3ObjectStore(settings.s3_config()),
             enqueue=functools.partial(enqueue_render, celery),
+            notify=functools.partial(enqueue_notify, celery),
+            publisher=RedisEventPublisher(client),
+            events=RedisEventSource(settings.redis_url),
             redis=client,
             closers=[client.close, celery.close],
         )

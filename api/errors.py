@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.schema import ErrorCode
@@ -79,7 +80,8 @@ def from_validation_errors(errors: Iterable[Mapping[str, Any]]) -> ApiError:
     never echo the input value.
     """
     for err in errors:
-        loc = [str(p) for p in err.get("loc", ()) if p not in _LOC_PREFIXES]
+        # list indexes are dropped: `webhook_events.1` is reported as `webhook_events`
+        loc = [str(p) for p in err.get("loc", ()) if p not in _LOC_PREFIXES and not isinstance(p, int)]
         param = ".".join(loc) or None
         kind = str(err.get("type", ""))
         if kind == "json_invalid":
@@ -124,7 +126,23 @@ async def _http_handler(request: Request, exc: Exception) -> JSONResponse:
     code = _HTTP_CODES.get(status, ErrorCode.INVALID_REQUEST if status < 500 else ErrorCode.INTERNAL_ERROR)
     message = _HTTP_MESSAGES.get(status) or (exc.detail if isinstance(exc.detail, str) else code.value)
     # keep headers such as Allow (405) and WWW-Authenticate (401)
-    return ApiError(status, code, message, headers=exc.headers).response()
+    headers = dict(exc.headers or {})
+    if status == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
+    return ApiError(status, code, message, headers=headers).response()
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path (Starlette names only the first route's)."""
+    methods = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] is Match.FULL for route in request.app.router.routes):
+            methods.append(method)
+    return ", ".join(methods)
+
+
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 def install_error_handlers(app: FastAPI) -> None:

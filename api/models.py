@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
 from broker.schema import MAX_SEED, JobParams, Output, Progress
@@ -49,10 +49,15 @@ class JobUrls(BaseModel):
 
 
 class JobOut(BaseModel):
-    """A job as the API returns it (see broker.views.job_view)."""
+    """A job as the API returns it (broker.views.job_view plus ``queue_position``)."""
 
     id: str
     status: str = Field(description="queued | running | succeeded | failed | canceled")
+    queue_position: int | None = Field(
+        default=None,
+        description="While queued: jobs ahead of this one in the strict-priority render order "
+                    "(0 = next to start), over all tenants. null once it left the queue.",
+    )
     operation: str
     params: JobParams
     progress: Progress
@@ -65,21 +70,42 @@ class JobOut(BaseModel):
     urls: JobUrls
 
 
+class JobList(BaseModel):
+    """A page of GET /v1/jobs."""
+
+    data: list[JobOut] = Field(description="The caller's jobs, newest first.")
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next (older) page; null when there is none. A page may be "
+                    "shorter than `limit` (even empty) while next_cursor is not null."
+    )
+
+
+class CancelRequest(BaseModel):
+    """The optional JSON body of POST /v1/jobs/{id}/cancel."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=500,
+                               description="Why; recorded in the job's error message.")
+
+
 REF_TEMPLATE = "#/components/schemas/{model}"
 
 
 def component_schemas() -> dict[str, Any]:
     """Schemas the routes reference by ``$ref`` but FastAPI cannot see (manually parsed bodies).
 
-    Adds ``JobRequest`` and ``JobMultipartRequest`` (image as a binary file part)
-    plus their enum definitions, keyed as OpenAPI components.
+    Adds ``JobRequest`` and ``JobMultipartRequest`` (image as a binary file part),
+    ``CancelRequest``, plus their enum definitions, keyed as OpenAPI components.
     """
-    _, top = models_json_schema([(JobRequest, "validation")], ref_template=REF_TEMPLATE)
+    _, top = models_json_schema([(JobRequest, "validation"), (CancelRequest, "validation")],
+                                ref_template=REF_TEMPLATE)
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     multipart = dict(schemas["JobRequest"])
     multipart["title"] = "JobMultipartRequest"
     multipart["description"] = ("The multipart/form-data body of POST /v1/jobs: `image` is a file part; "
-                                "the other fields are form fields (numbers as text).")
+                                "the other fields are form fields (numbers as text); `webhook_events` may be "
+                                "repeated or comma-separated (`started,progress,completed`).")
     multipart["properties"] = {
         **multipart["properties"],
         "image": {"type": "string", "format": "binary", "description": "The input image file."},

@@ -34,6 +34,15 @@ class ApiSettings(ClusterSettings):
     allow_http_urls: bool = False
     url_fetch_timeout_s: float = Field(default=15.0, gt=0)
 
+    # GET /v1/jobs/{id}/events (Server-Sent Events)
+    sse_progress_interval_s: float = Field(default=0.2, ge=0)  # at most one progress event per interval
+    sse_keepalive_s: float = Field(default=15.0, gt=0)  # ": ping" comment when nothing else was sent
+    sse_retry_ms: int = Field(default=3000, ge=0)  # the reconnect delay the stream tells clients
+    sse_max_duration_s: float = Field(default=3600.0, gt=0)  # a stream then ends; clients reconnect
+
+    # GET /metrics reads queue depth from the job store; a scrape waits at most this long for it
+    metrics_store_timeout_s: float = Field(default=2.0, gt=0)
+
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -1,7 +1,8 @@
 """In-process fakes for tests of the API (and of anything that drives it).
 
-``fake_services()`` gives in-memory job and object stores and an enqueue that
-only records job ids, so a TestClient can run the whole submit path offline.
+``fake_services()`` gives in-memory job and object stores, an enqueue and a
+notify that only record their calls, and an in-memory event bus (publisher and
+SSE source in one), so a TestClient can run every route offline.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from pydantic import SecretStr
 
 from api.deps import Services
+from api.events import InMemoryEventBus
 from api.settings import ApiSettings
 from broker.store import InMemoryJobStore
 from storage.store import InMemoryObjectStore
@@ -26,23 +28,41 @@ def make_settings(**overrides: object) -> ApiSettings:
 
 
 class RecordingQueue:
-    """An enqueue function that appends job ids to ``queued``; ``down = True`` makes it raise."""
+    """An enqueue function that appends ``(job_id, priority)`` to ``queued``; ``down = True`` makes it raise."""
 
     def __init__(self) -> None:
-        self.queued: list[str] = []
+        self.queued: list[tuple[str, str]] = []
         self.down = False
 
-    def __call__(self, job_id: str) -> None:
+    def __call__(self, job_id: str, priority: str) -> None:
         if self.down:
             raise ConnectionError("queue is down")
-        self.queued.append(job_id)
+        self.queued.append((job_id, priority))
+
+
+class RecordingNotify:
+    """A notify function that appends ``(job_id, event)`` to ``sent``; ``down = True`` makes it raise."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str]] = []
+        self.down = False
+
+    def __call__(self, job_id: str, event: str) -> None:
+        if self.down:
+            raise ConnectionError("queue is down")
+        self.sent.append((job_id, event))
 
 
 def fake_services(settings: ApiSettings | None = None) -> Services:
-    """Services over InMemoryJobStore, InMemoryObjectStore and a RecordingQueue (redis=None)."""
+    """Services over InMemoryJobStore, InMemoryObjectStore, a RecordingQueue, a RecordingNotify
+    and one InMemoryEventBus as both publisher and event source (redis=None)."""
+    bus = InMemoryEventBus()
     return Services(
         settings=settings or make_settings(),
         store=InMemoryJobStore(),
         objects=InMemoryObjectStore(),
         enqueue=RecordingQueue(),
+        notify=RecordingNotify(),
+        publisher=bus,
+        events=bus,
     )

@@ -19,6 +19,7 @@ from broker import keys
 
 STATUS = "status"
 PROGRESS = "progress"
+PREVIEW = "preview"
 
 
 def make_event(kind: str, job_id: str, data: Mapping[str, Any]) -> dict[str, Any]:

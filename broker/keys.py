@@ -76,5 +76,9 @@ def input_object(tenant: str, job_id: str, index: int, ext: str) -> str:
     return f"tenants/{tenant}/jobs/{job_id}/inputs/{index}.{ext}"
 
 
+def preview_object(tenant: str, job_id: str, step: int) -> str:
+    return f"tenants/{tenant}/jobs/{job_id}/previews/{step}.jpeg"
+
+
 def output_object(tenant: str, job_id: str, index: int, ext: str) -> str:
     return f"tenants/{tenant}/jobs/{job_id}/outputs/{index}.{ext}"

@@ -101,7 +101,8 @@ def test_json_submit_stores_the_input_records_the_job_and_queues_it_once(client_
     assert job.params.seed == view["params"]["seed"]
     assert job.input_keys == [f"tenants/acme/jobs/{job_id}/inputs/0.png"]
     assert objects_of(services).objects[job.input_keys[0]] == (png, "image/png")
-    assert queue_of(services).queued == [job_id]
+    assert queue_of(services).queued == [(job_id, "normal")]
+    assert view["queue_position"] == 0
     JobOut.model_validate(view)  # the documented response model matches what is returned
 
 
@@ -311,7 +312,7 @@ def test_unknown_routes_and_methods_use_the_error_shape(client_services: Any) ->
     assert_error(client.get("/v2/nothing", headers=ACME), 404, "not_found")
     response = client.delete("/v1/jobs", headers=ACME)
     assert_error(response, 405, "method_not_allowed")
-    assert response.headers["allow"] == "POST"
+    assert response.headers["allow"] == "GET, POST"  # every route at the path, not just the first
 
 
 def test_health_is_always_ok_and_readiness_reports_the_failing_dependency(client_services: Any) -> None:

@@ -1,0 +1,159 @@
+"""Prometheus metrics of the API process, served unauthenticated at ``GET /metrics``.
+
+``/metrics`` is meant for the cluster network (a Prometheus scraper or a
+ServiceMonitor); keep it off the public ingress. It reveals counts only: no
+job ids, tenants or prompts.
+
+Each app has its own :class:`prometheus_client.CollectorRegistry`, so apps built
+by tests never share counters. Families:
+
+- ``editfarm_http_requests_total{route,method,status}``: ``route`` is the route
+  template (``/v1/jobs/{job_id}``), never the raw path; unmatched paths are
+  ``route="unmatched"``.
+- ``editfarm_http_request_duration_seconds{route,method}``: latency histogram
+  (event streams are left out: their duration is how long a client watched).
+- ``editfarm_jobs_total{status="submitted"|"canceled"}``: counted by the API.
+- ``editfarm_queue_depth{priority}`` and ``editfarm_jobs_running``: read from the
+  job store at scrape time; left out of a scrape when the store does not answer
+  within ``metrics_store_timeout_s`` (``editfarm_job_store_up`` is then 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.schema import PRIORITY_ORDER
+from broker.store import JobStore
+
+logger = logging.getLogger("editfarm.api")
+
+UNMATCHED = "unmatched"
+
+
+class StoreCollector(Collector):
+    """Queue depth per priority and running jobs, read from the job store at each scrape.
+
+    The reads run on a helper thread given ``timeout_s``: a Redis client that
+    retries a dead server with backoff must not hold a scrape past Prometheus'
+    own timeout. While an earlier read is still stuck, scrapes skip the store.
+    """
+
+    def __init__(self, store: Callable[[], JobStore], timeout_s: float = 2.0) -> None:
+        self._store = store
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._reader: threading.Thread | None = None
+
+    def _read(self, result: dict[str, Any]) -> None:
+        try:
+            store = self._store()
+            result["depths"] = [(p.value, store.queued_count(p)) for p in PRIORITY_ORDER]
+            result["running"] = store.running_count()
+        except Exception as exc:  # noqa: BLE001 - a scrape must not fail because Redis is down
+            result["error"] = type(exc).__name__
+
+    def _read_store(self) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        with self._lock:
+            if self._reader is not None and self._reader.is_alive():
+                return {"error": "an earlier read is still waiting"}
+            reader = self._reader = threading.Thread(target=self._read, args=(result,),
+                                                     name="metrics-store-read", daemon=True)
+            reader.start()
+        reader.join(self._timeout_s)
+        if reader.is_alive():
+            return {"error": f"no answer within {self._timeout_s}s"}
+        return result
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("editfarm_job_store_up", "1 if the job store answered this scrape, else 0")
+        result = self._read_store()
+        if "error" in result:
+            logger.warning("metrics: job store unavailable: %s", result["error"])
+            up.add_metric([], 0)
+            yield up
+            return
+        depths, running = result["depths"], result["running"]
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily("editfarm_queue_depth", "Jobs queued, per priority", labels=["priority"])
+        for priority, count in depths:
+            depth.add_metric([priority], count)
+        yield depth
+        yield GaugeMetricFamily("editfarm_jobs_running", "Jobs running now", value=running)
+
+
+class ApiMetrics:
+    """The metrics of one app, in their own registry."""
+
+    def __init__(self, store: Callable[[], JobStore], store_timeout_s: float = 2.0) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.http_requests = Counter(
+            "editfarm_http_requests", "HTTP requests answered, by route template, method and status",
+            ["route", "method", "status"], registry=self.registry,
+        )
+        self.http_latency = Histogram(
+            "editfarm_http_request_duration_seconds", "Time to answer an HTTP request (event streams excluded)",
+            ["route", "method"], registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
+        self.jobs = Counter("editfarm_jobs", "Jobs submitted and canceled through the API", ["status"],
+                            registry=self.registry)
+        for status in ("submitted", "canceled"):
+            self.jobs.labels(status=status)  # present (at 0) before the first job
+        self.registry.register(StoreCollector(store, store_timeout_s))
+
+    def job_submitted(self) -> None:
+        self.jobs.labels(status="submitted").inc()
+
+    def job_canceled(self) -> None:
+        self.jobs.labels(status="canceled").inc()
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's path template, or ``unmatched`` (raw paths would explode label cardinality)."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else UNMATCHED
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request and observes its latency, by route template."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+        streaming = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal status, streaming
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                for name, value in message.get("headers", ()):
+                    if name.lower() == b"content-type" and value.startswith(b"text/event-stream"):
+                        streaming = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        finally:
+            route, method = route_template(scope), str(scope.get("method", ""))
+            self.metrics.http_requests.labels(route=route, method=method, status=str(status)).inc()
+            if not streaming:
+                self.metrics.http_latency.labels(route=route, method=method).observe(time.perf_counter() - start)
