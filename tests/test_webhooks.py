@@ -87,7 +87,7 @@ def test_message_id_for_is_stable_and_distinct_per_event():
 
 
 @pytest.mark.parametrize(("job_id", "event"),
-                         [("job:1", "job.failed"), ("job_1", "job.started"), ("", "job.failed")])
+                         [("job:1", "job.failed"), ("job_1", "job.exploded"), ("", "job.failed")])
 def test_message_id_for_rejects_unknown_events_and_unsafe_job_ids(job_id, event):
     with pytest.raises(ValueError):
         wh.message_id_for(job_id, event)

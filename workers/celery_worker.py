@@ -8,10 +8,14 @@ from __future__ import annotations
 import logging
 import os
 
+# diffusers checks CUDA when imported; this makes that check not initialise CUDA, so a
+# prefork parent that imports it by accident does not break its forked children.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutting_down
 
-from workers import services
-from workers.tasks import register
+from workers import services  # noqa: E402 - after the CUDA-check setting above
+from workers.tasks import register  # noqa: E402
 
 app = services.celery_app()
 register(app)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
+from typing import Annotated
+
 from pydantic import field_validator
+from pydantic_settings import NoDecode
 
 from broker.settings import ClusterSettings
 
@@ -34,7 +38,8 @@ class WorkerSettings(ClusterSettings):
     reaper_interval_s: float = 2.0
 
     webhook_timeout_s: float = 15.0
-    webhook_retry_schedule_s: list[float] = [0, 5, 300, 1800, 7200, 18000, 36000]
+    # delays before each attempt (s); "0,5,300" or a JSON list in the environment
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = [0, 5, 300, 1800, 7200, 18000, 36000]
     webhook_allow_private: bool = False
     webhook_allow_http: bool = False
 
@@ -42,8 +47,11 @@ class WorkerSettings(ClusterSettings):
     @classmethod
     def _split_schedule(cls, value: object) -> object:
         # accept "0,5,300" from the environment as well as a JSON list
-        if isinstance(value, str) and not value.strip().startswith("["):
-            return [float(v) for v in value.split(",") if v.strip()]
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [float(v) for v in text.split(",") if v.strip()]
         return value
 
     def process_name(self) -> str:

@@ -159,10 +159,23 @@
       const response = await fetch(apiUrl("openapi.json"), { cache: "no-store" });
       const doc = await response.json();
       const schemas = (doc.components && doc.components.schemas) || {};
-      const ops = schemas.Operation && schemas.Operation.enum;
-      if (Array.isArray(ops) && ops.length) state.operations = ops;
-      const request = schemas.JobRequest;
-      if (request && request.properties) state.requestFields = new Set(Object.keys(request.properties));
+      const resolve = (s) => (s && s.$ref ? schemas[s.$ref.split("/").pop()] : s) || {};
+      // operations: the Operation enum, or every `operation` enum/const of the request schemas
+      const ops = new Set((schemas.Operation && schemas.Operation.enum) || []);
+      // fields: JobRequest's properties, or those of every variant when it is a oneOf/anyOf union
+      const request = resolve(schemas.JobRequest);
+      const variants = [request, ...[...(request.oneOf || []), ...(request.anyOf || [])].map(resolve)];
+      const fields = new Set();
+      for (const variant of variants) {
+        for (const [name, prop] of Object.entries(variant.properties || {})) {
+          fields.add(name);
+          if (name !== "operation") continue;
+          const p = resolve(prop);
+          for (const value of [...(p.enum || []), ...(p.const !== undefined ? [p.const] : [])]) ops.add(value);
+        }
+      }
+      if (ops.size) state.operations = [...ops];
+      if (fields.size) state.requestFields = fields;
     } catch (_) {
       state.operations = ["edit"];
       state.requestFields = null;
@@ -319,15 +332,16 @@
       state.image = { dataUrl, name: file.name, type: file.type, size: file.size,
         width: img.naturalWidth, height: img.naturalHeight };
       $("stage").style.setProperty("--aspect", String(img.naturalWidth / img.naturalHeight));
-      for (const canvas of [$("mask-canvas"), $("box-canvas")]) {
-        canvas.width = img.naturalWidth;
-        canvas.height = img.naturalHeight;
-      }
+      // the mask is painted at the image's own size (it is sent as an image of that size); boxes are
+      // drawn at screen resolution (see drawBoxes)
+      const mask = $("mask-canvas");
+      mask.width = img.naturalWidth;
+      mask.height = img.naturalHeight;
       state.boxes = [];
       state.maskPainted = false;
-      drawBoxes();
       $("drop-zone").hidden = true;
       $("editor").hidden = false;
+      drawBoxes();
       $("image-info").textContent =
         `${file.name} · ${img.naturalWidth}×${img.naturalHeight} · ${formatBytes(file.size)}`;
       $("form-error").hidden = true;
@@ -360,10 +374,16 @@
 
   function drawBoxes() {
     const canvas = $("box-canvas");
+    const rect = canvas.getBoundingClientRect();
+    const scale = window.devicePixelRatio || 1;
+    const [width, height] = [Math.round(rect.width * scale), Math.round(rect.height * scale)];
+    if (width > 0 && (canvas.width !== width || canvas.height !== height)) {
+      canvas.width = width;
+      canvas.height = height;
+    }
     const ctx = canvas.getContext("2d");
     ctx.clearRect(0, 0, canvas.width, canvas.height);
-    const scale = canvas.width / Math.max(1, canvas.getBoundingClientRect().width || canvas.width);
-    const line = Math.max(1, 2 * scale);
+    const line = 2 * scale;
     const all = state.boxes.map((b) => ({ box: b, pending: false }));
     if (drag) all.push({ box: [drag.x0, drag.y0, drag.x1, drag.y1], pending: true });
     all.forEach(({ box, pending }, index) => {
@@ -1010,7 +1030,8 @@
     canvas.addEventListener("pointermove", onPointerMove);
     canvas.addEventListener("pointerup", onPointerUp);
     canvas.addEventListener("pointercancel", onPointerUp);
-    window.addEventListener("resize", () => drawBoxes());
+    if (window.ResizeObserver) new ResizeObserver(() => drawBoxes()).observe($("stage"));
+    else window.addEventListener("resize", () => drawBoxes());
 
     $("seed-random").addEventListener("click", () => {
       const values = new Uint32Array(1);

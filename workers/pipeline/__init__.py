@@ -7,20 +7,44 @@ test model builder) imports diffusers at module level; import it explicitly wher
 
 from __future__ import annotations
 
-from .base import OPERATIONS, Renderer, RenderInterrupted, RenderRequest, StepCallback
+import os
+
+from .base import (
+    OPERATIONS,
+    InvalidRequest,
+    MoveSpec,
+    OutpaintSpec,
+    Renderer,
+    RenderInterrupted,
+    RenderRequest,
+    StepCallback,
+    UpscaleSpec,
+)
+
+# `import diffusers` calls torch.cuda.is_available(); by default that CUDA probe makes every
+# forked child fail with "Cannot re-initialize CUDA in forked subprocess" (seen on an H200 with
+# torch 2.11). The NVML-based probe does not poison fork. Set here, before anything can import
+# diffusers, so a stray import in the Celery prefork parent cannot break the render children;
+# setdefault keeps an explicit operator choice.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 __all__ = [
     "OPERATIONS",
+    "InvalidRequest",
+    "MoveSpec",
+    "OutpaintSpec",
     "RenderInterrupted",
     "RenderRequest",
     "Renderer",
     "StepCallback",
+    "UpscaleSpec",
     "load_renderer",
 ]
 
 
 def load_renderer(model: str, device: str, dtype: str | None = None) -> Renderer:
-    """Load ``model`` (local folder or hub id of a QwenImageEditPipeline) onto ``device``.
+    """Load ``model`` (local folder or hub id of a QwenImageEditPipeline) onto ``device``; the
+    renderer serves every operation in ``OPERATIONS`` from that one set of weights.
 
     ``dtype`` defaults to bf16 on CUDA and float32 elsewhere. Call this in the worker child
     process (after fork), never in the parent: it initialises the device.

@@ -1,6 +1,7 @@
-"""``Renderer`` backed by ``diffusers.QwenImageEditPipeline``.
+"""``Renderer`` backed by the diffusers Qwen-Image pipelines (edit, multi-image edit, text to
+image, inpaint, img2img), all sharing one loaded set of weights.
 
-Import-safe in a Celery prefork parent: this module imports torch only. ``import diffusers``
+Import-safe in a Celery prefork parent: this module imports torch (and numpy/PIL) only. ``import diffusers``
 calls ``torch.cuda.is_available()`` at import time (``diffusers.utils.torch_utils``), which
 initialises the CUDA driver and can break CUDA in forked children, so diffusers is imported
 inside ``DiffusersRenderer.load`` — i.e. in the worker child, after the fork.
@@ -8,12 +9,18 @@ inside ``DiffusersRenderer.load`` — i.e. in the worker child, after the fork.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from PIL import Image
 
+from workers import operations
+from workers.operations import Sampling
+
 from .base import Renderer, RenderInterrupted, RenderRequest, StepCallback
+from .lora import LoraCache
 
 __all__ = ["DiffusersRenderer", "resolve_dtype"]
 
@@ -56,7 +63,13 @@ def _dtype_kwarg() -> str:
 
 
 class DiffusersRenderer(Renderer):
-    """A ``QwenImageEditPipeline`` loaded once and kept on ``device``. Use ``load`` to build.
+    """One Qwen-Image model loaded once and kept on ``device``; every operation runs on it.
+
+    The loaded pipeline (``QwenImageEditPipeline``) is the base; the other pipelines
+    (multi-image edit, text-to-image, inpaint, img2img) are made from it with ``from_pipe`` on
+    first use and share its transformer, VAE, text encoder and tokenizer objects: one copy of
+    the weights per process. Each gets its own scheduler (no weights, but mutable state).
+    Use ``load`` to build.
 
     Attributes:
         device: torch device string, e.g. "cpu", "cuda", "cuda:1".
@@ -65,20 +78,25 @@ class DiffusersRenderer(Renderer):
         pipe: the underlying ``diffusers.QwenImageEditPipeline`` (typed ``Any``: importing
             diffusers for the annotation would defeat the lazy import, and mypy sees its
             lazily-exported classes as opaque anyway).
+        loras: the LoRA adapters loaded into the shared transformer.
     """
 
-    def __init__(self, pipe: Any, model: str, device: str, dtype: torch.dtype) -> None:
+    def __init__(self, pipe: Any, model: str, device: str, dtype: torch.dtype, lora_capacity: int = 8) -> None:
         self.pipe = pipe
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.loras = LoraCache(pipe, capacity=lora_capacity)
+        self._pipes: dict[str, Any] = {"edit": pipe}
 
     @classmethod
-    def load(cls, model: str, device: str = "cpu", dtype: str | None = None) -> DiffusersRenderer:
+    def load(cls, model: str, device: str = "cpu", dtype: str | None = None,
+             lora_capacity: int = 8) -> DiffusersRenderer:
         """Load the pipeline from ``model`` (a local folder or hub id) and move it to ``device``.
 
         ``dtype`` is a name as accepted by ``resolve_dtype``; default bf16 on CUDA, float32
         elsewhere. Takes seconds (tiny model) to minutes (real 20B weights, ~58 GB in bf16).
+        ``lora_capacity``: LoRA adapters kept loaded between jobs (see ``LoraCache``).
 
         Raises:
             ValueError: unknown ``dtype``.
@@ -96,36 +114,53 @@ class DiffusersRenderer(Renderer):
         pipe.to(device)
         # tqdm bars would interleave in worker logs; progress is reported through on_step.
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, model=model, device=device, dtype=torch_dtype)
+        return cls(pipe, model=model, device=device, dtype=torch_dtype, lora_capacity=lora_capacity)
 
-    def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
-        """Run one edit; returns ``request.num_images`` RGB images.
+    # -- the pipelines ---------------------------------------------------------------------------
 
-        Output size is chosen by the pipeline, not by the input: about 1 megapixel (1024*1024)
-        with the input's aspect ratio, sides multiples of 32 (a 64x64 input gives 1024x1024,
-        a 3:2 input 1248x832). Noise comes from a CPU generator seeded with ``request.seed``,
-        so on CPU the same request gives byte-identical images; on GPU the same seed gives the
-        same starting noise on every card, but kernels may differ in the last bits.
+    def pipeline(self, kind: str) -> Any:
+        """The pipeline for ``kind`` ("edit", "edit_plus", "generate", "inpaint", "img2img"),
+        made from the base pipeline on first use and cached. Shares every model object.
 
         Raises:
-            RenderInterrupted: ``on_step`` returned False (the VAE decode is skipped).
-            ValueError: unsupported ``request.operation`` or image count, or a 1-step request
-                to a scheduler with ``shift_terminal`` (see below).
+            ValueError: unknown ``kind``.
         """
-        if request.operation != "edit":
-            raise ValueError(f"{type(self).__name__} cannot do {request.operation!r}")
-        if len(request.images) != 1:
-            raise ValueError(f"an edit takes exactly one input image, got {len(request.images)}")
-        if request.steps < 2 and self.pipe.scheduler.config.get("shift_terminal"):
+        if kind in self._pipes:
+            return self._pipes[kind]
+        import diffusers
+
+        class_name = _PIPELINE_CLASSES.get(kind)
+        if class_name is None:
+            raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {sorted(_PIPELINE_CLASSES)}")
+        pipeline_class = getattr(diffusers, class_name)
+        scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
+        # from_pipe casts the new pipeline to its dtype argument, float32 if none is given: the
+        # shared modules would be cast in place (a bf16 model silently doubling in memory).
+        # diffusers also warns about that cast whenever a dtype is passed: silence it here.
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        try:
+            pipe = pipeline_class.from_pipe(self.pipe, scheduler=scheduler, **{_dtype_kwarg(): self.dtype})
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        pipe.set_progress_bar_config(disable=True)
+        self._pipes[kind] = pipe
+        return pipe
+
+    # -- the primitives (operations.Painter) -------------------------------------------------------
+
+    def _call(self, pipe: Any, sampling: Sampling, on_step: StepCallback | None, **kwargs: Any) -> list[Image.Image]:
+        """One pipeline call producing ``len(sampling.seeds)`` images; output ``k``'s noise comes
+        from a CPU generator seeded with ``sampling.seeds[k]``."""
+        if sampling.steps < 2 and pipe.scheduler.config.get("shift_terminal"):
             # The pipeline's sigmas for 1 step are [1.0]; stretching them to shift_terminal
             # (0.02 in the real Qwen-Image config) divides 0 by 0, and the image comes out NaN
             # (black) with only a RuntimeWarning. Refuse instead of returning garbage.
             raise ValueError("this model's scheduler needs at least 2 steps (shift_terminal is set)")
-        image = request.images[0]
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        negative_prompt = request.negative_prompt
-        if negative_prompt is None and request.true_cfg_scale > 1.0:
+        negative_prompt = sampling.negative_prompt
+        if negative_prompt is None and sampling.true_cfg_scale > 1.0:
             negative_prompt = _EMPTY_NEGATIVE_PROMPT
 
         def on_step_end(
@@ -140,21 +175,82 @@ class DiffusersRenderer(Renderer):
                 raise RenderInterrupted(step_index + 1, total)
             return callback_kwargs
 
-        output = self.pipe(
-            image=image,
-            prompt=request.prompt,
+        output = pipe(
+            prompt=sampling.prompt,
             negative_prompt=negative_prompt,
-            num_inference_steps=request.steps,
-            true_cfg_scale=request.true_cfg_scale,
-            num_images_per_prompt=request.num_images,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
+            num_inference_steps=sampling.steps,
+            true_cfg_scale=sampling.true_cfg_scale,
+            num_images_per_prompt=len(sampling.seeds),
+            generator=[torch.Generator("cpu").manual_seed(seed) for seed in sampling.seeds],
             output_type="pil",
             callback_on_step_end=on_step_end,
+            **kwargs,
         )
-        if getattr(self.pipe, "_interrupt", False):
+        if getattr(pipe, "_interrupt", False):
             # Only reachable if a future diffusers swallows callback exceptions.
-            raise RenderInterrupted(request.steps, request.steps)
-        return list(output.images)
+            raise RenderInterrupted(sampling.steps, sampling.steps)
+        return [image.convert("RGB") for image in output.images]
+
+    def edit(self, images: list[Image.Image], sampling: Sampling, size: tuple[int, int],
+             on_step: StepCallback | None) -> list[Image.Image]:
+        """Instruction edit rendered at ``size``: ``QwenImageEditPipeline`` for one image, the
+        multi-image ``QwenImageEditPlusPipeline`` when references follow ``images[0]``."""
+        rgb = [image if image.mode == "RGB" else image.convert("RGB") for image in images]
+        if len(rgb) == 1:
+            return self._call(self.pipeline("edit"), sampling, on_step, image=rgb[0], width=size[0], height=size[1])
+        return self._call(self.pipeline("edit_plus"), sampling, on_step, image=rgb, width=size[0], height=size[1])
+
+    def generate(self, sampling: Sampling, size: tuple[int, int],
+                 on_step: StepCallback | None) -> list[Image.Image]:
+        """Text to image (``QwenImagePipeline``) at ``size``."""
+        return self._call(self.pipeline("generate"), sampling, on_step, width=size[0], height=size[1])
+
+    def inpaint(self, image: Image.Image, mask: Image.Image, sampling: Sampling, strength: float,
+                on_step: StepCallback | None) -> list[Image.Image]:
+        """``QwenImageInpaintPipeline`` at ``image.size`` (multiples of 16); white = repaint."""
+        return self._call(self.pipeline("inpaint"), sampling, on_step, image=image.convert("RGB"),
+                          mask_image=mask.convert("L"), width=image.width, height=image.height, strength=strength)
+
+    def img2img(self, image: Image.Image, sampling: Sampling, strength: float,
+                on_step: StepCallback | None) -> list[Image.Image]:
+        """``QwenImageImg2ImgPipeline`` at ``image.size`` (multiples of 16)."""
+        return self._call(self.pipeline("img2img"), sampling, on_step, image=image.convert("RGB"),
+                          width=image.width, height=image.height, strength=strength)
+
+    @contextlib.contextmanager
+    def tiled_vae(self) -> Iterator[None]:
+        """Within the block the shared VAE encodes/decodes large images in tiles (if its class
+        supports ``enable_tiling``); its previous setting is restored on exit."""
+        vae = self.pipe.vae
+        if not hasattr(vae, "enable_tiling"):
+            yield
+            return
+        previous = getattr(vae, "use_tiling", False)
+        vae.enable_tiling()
+        try:
+            yield
+        finally:
+            vae.use_tiling = previous
+
+    # -- Renderer --------------------------------------------------------------------------------
+
+    def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+        """Run ``request`` (any of ``OPERATIONS``, see ``workers.operations`` for sizes, alpha and
+        progress) with its LoRAs applied for this request only.
+
+        Noise comes from CPU generators (output ``k``: ``seed + k``), so on CPU the same request
+        gives byte-identical images; on GPU the same seed gives the same starting noise on every
+        card, but kernels may differ in the last bits.
+
+        Raises:
+            RenderInterrupted: ``on_step`` returned False (the VAE decode is skipped).
+            InvalidRequest: e.g. an empty mask, or a LoRA file that does not fit the model.
+            ValueError: a 1-step request to a scheduler with ``shift_terminal`` (see ``_call``).
+        """
+        if request.steps < 2 and self.pipe.scheduler.config.get("shift_terminal"):
+            raise ValueError("this model's scheduler needs at least 2 steps (shift_terminal is set)")
+        with self.loras.applied(request.loras):
+            return operations.run(self, request, on_step)
 
     def healthcheck(self) -> None:
         """Multiply a 4x4 matrix on ``self.device``, check the result against the host, and
@@ -175,8 +271,11 @@ class DiffusersRenderer(Renderer):
             raise RuntimeError(f"transformer weights are on {weights_on}, expected {self.device}")
 
     def warmup(self) -> None:
-        """A 2-step edit (1 step is refused, see ``render``) of a 64x64 grey image without CFG;
-        the result is discarded. Still encodes/decodes at ~1 MP like any edit."""
+        """Make every pipeline (``from_pipe``: milliseconds, no weights copied), then a 2-step
+        edit (1 step is refused, see ``render``) of a 64x64 grey image without CFG; the result
+        is discarded. Still encodes/decodes at ~1 MP like any default-size edit."""
+        for kind in _PIPELINE_CLASSES:
+            self.pipeline(kind)
         self.render(
             RenderRequest(
                 operation="edit",
@@ -188,3 +287,12 @@ class DiffusersRenderer(Renderer):
                 images=[Image.new("RGB", (64, 64), (128, 128, 128))],
             )
         )
+
+
+_PIPELINE_CLASSES: dict[str, str] = {
+    "edit": "QwenImageEditPipeline",
+    "edit_plus": "QwenImageEditPlusPipeline",
+    "generate": "QwenImagePipeline",
+    "inpaint": "QwenImageInpaintPipeline",
+    "img2img": "QwenImageImg2ImgPipeline",
+}

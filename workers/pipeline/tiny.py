@@ -1,11 +1,20 @@
 """A tiny random-weight Qwen-Image-Edit pipeline built from the real classes.
 
+One saved folder serves every operation: the renderer loads it as a ``QwenImageEditPipeline``
+and makes the text-to-image, inpaint, img2img and multi-image edit pipelines from it with
+``from_pipe`` (they need a subset of the same components). ``write_tiny_lora`` writes a
+random LoRA for its transformer in the diffusers LoRA format.
+
 Used by tests, CI and local development: no hub download is possible (or wanted), yet the
 worker must exercise exactly the code path real weights take: ``save_pretrained`` here,
 ``QwenImageEditPipeline.from_pretrained`` in the worker. Every component is the genuine
 diffusers/transformers class with its dimensions shrunk; the geometry that the pipeline
 derives from configs (VAE scale factor 8, 2x2 latent packing, 14 px vision patches merged
-2x2, the M-RoPE layout) is the same as the real model's, so only quality differs.
+2x2, the M-RoPE layout) is the same as the real model's, so only quality differs. The whole
+folder is about 0.7 MB; a 2-step edit takes a few seconds on a 2-core CPU, most of it in the
+VAE, which the pipeline always runs at ~1 MP.
+
+Needs transformers >= 5 (``Qwen2Tokenizer(vocab=..., merges=...)``, ``rope_parameters``).
 
 Dimension constraints (violating one fails at the first forward pass, not at construction):
 
@@ -48,6 +57,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "build_tiny_transformer",
     "build_tiny_vae",
+    "write_tiny_lora",
 ]
 
 # The Qwen2.5-VL special tokens, in the real vocabulary's order (ids 151643..151664 there).
@@ -265,7 +275,7 @@ def build_tiny_edit_components(seed: int = 0) -> dict[str, Any]:
 def build_tiny_edit_model(out_dir: str | Path, seed: int = 0) -> Path:
     """Build the tiny edit pipeline and ``save_pretrained`` it into ``out_dir``.
 
-    The folder (a few MB) loads with ``QwenImageEditPipeline.from_pretrained(out_dir)`` like a
+    The folder (~0.7 MB) loads with ``QwenImageEditPipeline.from_pretrained(out_dir)`` like a
     real checkpoint and is deterministic for a given ``seed`` and library versions.
     Returns ``out_dir`` as a ``Path``. Raises ``OSError`` if it cannot be written.
     """
@@ -275,3 +285,37 @@ def build_tiny_edit_model(out_dir: str | Path, seed: int = 0) -> Path:
     pipe: Any = QwenImageEditPipeline(**build_tiny_edit_components(seed))
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# The attention projections of every MMDiT block (image and text streams), like real
+# Qwen-Image LoRAs target.
+TINY_LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj")
+
+
+def write_tiny_lora(out_dir: str | Path, seed: int = 0, rank: int = 4, name: str = "tiny-lora") -> Path:
+    """Write a random LoRA for the tiny transformer to ``out_dir/<name>.safetensors`` and
+    return its path.
+
+    Built the way a trained one is saved: PEFT's ``LoraConfig`` injected into a tiny
+    transformer with ``add_adapter`` (``init_lora_weights=False``: both A and B random, so the
+    adapter changes the output), its PEFT state dict saved with
+    ``QwenImagePipeline.save_lora_weights`` (diffusers' LoRA format, safetensors). The same
+    ``seed`` writes the same weights. Needs ``peft``.
+    """
+    from diffusers import QwenImagePipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer: Any = build_tiny_transformer()
+        transformer.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TINY_LORA_TARGETS), init_lora_weights=False)
+        )
+    layers = get_peft_model_state_dict(transformer)
+    QwenImagePipeline.save_lora_weights(
+        out, transformer_lora_layers=layers, weight_name=f"{name}.safetensors", safe_serialization=True
+    )
+    return out / f"{name}.safetensors"
