@@ -140,20 +140,40 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
     return data
 
 
-async def intake_image(source: str | bytes, settings: ApiSettings) -> InputImage:
+async def intake_image(source: str | bytes, settings: ApiSettings, param: str = "image",
+                       label: str | None = None) -> InputImage:
     """Resolve an image given as upload bytes, a data URL or an http(s) URL, and validate it.
+
+    ``param`` is what errors name (``image``, ``images``, ``mask``); ``label`` is how their
+    messages call it (default ``param``; e.g. ``"reference image 2"``).
 
     Raises ApiError (see :func:`inspect_image`, :func:`decode_data_url` and
     :func:`api.fetch.fetch_image_bytes`); a string that is neither a data URL
     nor a URL → 422 invalid_parameter.
     """
-    if isinstance(source, bytes):
-        data = source
-    elif source[:5].lower() == "data:":
-        data = decode_data_url(source, settings.max_image_bytes)
-    elif "://" in source:
-        data = await fetch_image_bytes(source, settings)
-    else:
-        raise ApiError(422, ErrorCode.INVALID_PARAMETER,
-                       "image must be a data: URL, an https:// URL or an uploaded file", param="image")
-    return await anyio.to_thread.run_sync(inspect_image, data, settings, limiter=DECODE_LIMITER)
+    try:
+        if isinstance(source, bytes):
+            data = source
+        elif source[:5].lower() == "data:":
+            data = decode_data_url(source, settings.max_image_bytes)
+        elif "://" in source:
+            data = await fetch_image_bytes(source, settings)
+        else:
+            raise ApiError(422, ErrorCode.INVALID_PARAMETER,
+                           "image must be a data: URL, an https:// URL or an uploaded file", param="image")
+        return await anyio.to_thread.run_sync(inspect_image, data, settings, limiter=DECODE_LIMITER)
+    except ApiError as exc:
+        if param != "image" and exc.param == "image":
+            raise _renamed(exc, param, label or param) from None
+        raise
+
+
+def _renamed(exc: ApiError, param: str, label: str) -> ApiError:
+    """``exc`` (raised about "image") about ``param`` instead, its message naming ``label``."""
+    message = exc.message
+    if message.startswith("image "):
+        message = f"{label} {message[len('image '):]}"
+    elif message.startswith("data is not"):
+        message = f"{label}: {message}"
+    message = message.replace("the image URL", f"the {label} URL")
+    return ApiError(exc.status_code, exc.code, message, param=param, headers=exc.headers)

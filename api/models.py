@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import models_json_schema
 
-from broker.schema import MAX_SEED, JobParams, Output, Progress
+from broker.schema import MAX_REFERENCE_IMAGES, MAX_SEED, JobParams, Output, Progress
 
 
 class SubmitParams(JobParams):
@@ -28,9 +28,20 @@ class SubmitParams(JobParams):
 class JobRequest(SubmitParams):
     """The JSON body of POST /v1/jobs."""
 
-    image: str = Field(
+    image: str | None = Field(
+        default=None,
         description="The input image: a `data:image/png;base64,...` URL or an `https://` URL "
-                    "(PNG, JPEG or WEBP).",
+                    "(PNG, JPEG or WEBP). Required for every operation but generate (which takes none).",
+    )
+    images: list[str] | None = Field(
+        default=None, max_length=MAX_REFERENCE_IMAGES,
+        description="edit only: up to 3 reference images (data: or https:// URLs); the multi-image edit "
+                    "pipeline then runs.",
+    )
+    mask: str | None = Field(
+        default=None,
+        description="inpaint: white = repaint (or give `boxes`); move: the object's silhouette inside "
+                    "`move.box`. A data: or https:// URL of an image exactly the size of `image`.",
     )
 
 
@@ -103,12 +114,25 @@ def component_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = dict(top.get("$defs", {}))
     multipart = dict(schemas["JobRequest"])
     multipart["title"] = "JobMultipartRequest"
-    multipart["description"] = ("The multipart/form-data body of POST /v1/jobs: `image` is a file part; "
-                                "the other fields are form fields (numbers as text); `webhook_events` may be "
-                                "repeated or comma-separated (`started,progress,completed`).")
-    multipart["properties"] = {
-        **multipart["properties"],
-        "image": {"type": "string", "format": "binary", "description": "The input image file."},
-    }
+    multipart["description"] = (
+        "The multipart/form-data body of POST /v1/jobs: `image`, `images` (repeated, up to 3) and `mask` "
+        "are file parts (or data:/https:// URLs as text fields); the other fields are form fields (numbers "
+        "as text); the structured fields (" + ", ".join(f"`{n}`" for n in MULTIPART_JSON_FIELDS) + ") are "
+        "JSON text; `webhook_events` may be repeated or comma-separated (`started,progress,completed`). "
+        "At most 5 files.")
+    binary = {"type": "string", "format": "binary"}
+    properties = dict(multipart["properties"])
+    for name in MULTIPART_JSON_FIELDS:
+        properties[name] = {"type": "string", "contentMediaType": "application/json",
+                            "description": f"`{name}` as JSON text, the same value as in a JSON body."}
+    properties["image"] = {**binary, "description": "The input image file (not for generate)."}
+    properties["images"] = {"type": "array", "items": binary, "maxItems": MAX_REFERENCE_IMAGES,
+                            "description": "edit only: reference image files (repeat the part)."}
+    properties["mask"] = {**binary, "description": "inpaint/move: the mask image file, the size of `image`."}
+    multipart["properties"] = properties
     schemas["JobMultipartRequest"] = multipart
     return schemas
+
+
+#: Fields that a multipart body carries as JSON text.
+MULTIPART_JSON_FIELDS = ("boxes", "outpaint", "move", "upscale", "loras")

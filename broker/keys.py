@@ -82,3 +82,7 @@ def preview_object(tenant: str, job_id: str, step: int) -> str:
 
 def output_object(tenant: str, job_id: str, index: int, ext: str) -> str:
     return f"tenants/{tenant}/jobs/{job_id}/outputs/{index}.{ext}"
+
+
+def mask_object(tenant: str, job_id: str, ext: str) -> str:
+    return f"tenants/{tenant}/jobs/{job_id}/inputs/mask.{ext}"

@@ -30,3 +30,10 @@ class ClusterSettings(BaseSettings):
 
     webhook_secret: SecretStr | None = None
     model: str = ""
+    # LoRA files (a job's `loras`) may come from s3://<s3_bucket>/... and, besides, from these
+    # buckets (comma-separated), read with the same credentials
+    lora_buckets: str = ""
+
+    def lora_bucket_list(self) -> list[str]:
+        """The buckets besides ``s3_bucket`` that LoRA uris may name."""
+        return [b.strip() for b in self.lora_buckets.split(",") if b.strip()]

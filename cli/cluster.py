@@ -13,6 +13,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class ClusterConfig:
     webhook_secret: str = ""              # empty → a random whsec_ secret
     extra_env: dict[str, str] = field(default_factory=dict)
     quiet: bool = True
+    redis_appendfsync: str = "everysec"   # "always": a SIGKILLed Redis loses no write (fault tests)
 
 
 class LocalCluster:
@@ -107,7 +109,8 @@ class LocalCluster:
         log_dir = self.workdir / "logs"
         log_dir.mkdir(exist_ok=True)
         if not self.redis_url:
-            self.redis = start_redis(workdir=self.workdir / "redis", log=log_dir / "redis.log")
+            self.redis = start_redis(workdir=self.workdir / "redis", log=log_dir / "redis.log",
+                                     appendfsync=self.config.redis_appendfsync)
             self.redis_url = f"redis://127.0.0.1:{self.redis.port}/0"
         self.s3 = start_s3(log=log_dir / "s3.log")
         import boto3
@@ -154,13 +157,14 @@ class LocalCluster:
         self._spawn("api", [sys.executable, "-m", "uvicorn", "--factory", "api.app:create_app",
                             "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning"])
 
-    def start_render_worker(self, index: int, extra_env: dict[str, str] | None = None) -> str:
+    def start_render_worker(self, index: int, extra_env: dict[str, str] | None = None,
+                            queues: tuple[str, ...] = RENDER_QUEUE_ORDER) -> str:
         name = f"render{index}"
         ready = self.workdir / "ready" / f"{name}.ready"
         ready.unlink(missing_ok=True)
         self.metrics_ports[name] = free_port()
         self._spawn(name, [sys.executable, "-m", "celery", "-A", "workers.celery_worker:app", "worker",
-                           "-Q", ",".join(RENDER_QUEUE_ORDER), "-P", "prefork", "-c", "1", "-n", f"{name}@local",
+                           "-Q", ",".join(queues), "-P", "prefork", "-c", "1", "-n", f"{name}@local",
                            "-E", "--without-gossip", "--without-mingle", "-l", "INFO"],
                     {"EDITFARM_WORKER_ROLE": "render", "EDITFARM_READY_FILE": str(ready),
                      "EDITFARM_HEARTBEAT_FILE": str(self.workdir / "ready" / f"{name}.heartbeat"),
@@ -193,6 +197,28 @@ class LocalCluster:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             return proc.wait()
+
+    def restart_redis(self, sig: int = signal.SIGTERM, down_s: float = 0.0) -> None:
+        """Stop the cluster's own Redis with ``sig`` (SIGKILL: a crash), stay down ``down_s`` seconds,
+        then start it again on the same port and folder: it reloads its append-only file."""
+        assert self.redis is not None, "the cluster was given an outside Redis"
+        old = self.redis
+        old.proc.send_signal(sig)
+        try:
+            old.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            old.proc.kill()
+            old.proc.wait()
+        if down_s > 0:
+            time.sleep(down_s)
+        self.redis = start_redis(port=old.port, workdir=old.workdir, log=self.workdir / "logs" / "redis.log",
+                                 appendfsync=self.config.redis_appendfsync)
+
+    def restart_api(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
+        """Stop the API with ``sig`` and start it again on the same port; waits until it is ready."""
+        self.stop_process("api", sig)
+        self.start_api()
+        wait_until(lambda: httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200, timeout_s, "API")
 
     def worker_child_pid(self, name: str) -> int:
         """PID of a render worker's pool child (the process holding the model), from its ready file."""

@@ -132,39 +132,10 @@ def demo(workdir: Path = Path(".editfarm/demo"), out: Path = Path("out")) -> Non
     raise typer.Exit(run_demo(workdir.resolve(), out.resolve()))
 
 
-@app.command()
-def submit(
-    image: Path = typer.Argument(..., exists=True, dir_okay=False),
-    prompt: str = typer.Option(..., "--prompt", "-p"),
-    api_url: str = typer.Option("http://127.0.0.1:8000", envvar="EDITFARM_API_URL"),
-    api_key: str = typer.Option(..., envvar="EDITFARM_API_KEY"),
-    seed: Optional[int] = None,
-    steps: int = 30,
-    true_cfg_scale: float = 4.0,
-    output_format: str = "png",
-    webhook: Optional[str] = None,
-    out: Path = Path("out"),
-) -> None:
-    """Submit an edit job, show a progress bar until it is done, save the output(s)."""
-    from cli.client import ApiError, JobsClient
-    from cli.progress import follow
+from cli.jobs import jobs_app, submit  # noqa: E402 - the job commands live in their own module
 
-    client = JobsClient(api_url, api_key)
-    try:
-        job = client.submit_file(image, {"operation": "edit", "prompt": prompt, "seed": seed, "steps": steps,
-                                         "true_cfg_scale": true_cfg_scale, "output_format": output_format,
-                                         "webhook": webhook})
-    except ApiError as exc:
-        typer.echo(f"rejected: {exc}", err=True)
-        raise typer.Exit(2) from None
-    typer.echo(f"job {job['id']} queued")
-    job = follow(client, job["id"])
-    if job["status"] != "succeeded":
-        typer.echo(f"job {job['status']}: {job.get('error')}", err=True)
-        raise typer.Exit(1)
-    for index, output in enumerate(job["outputs"]):
-        path = client.download(output["url"], out / f"{job['id']}-{index}.{output['key'].rsplit('.', 1)[-1]}")
-        typer.echo(f"saved {path}")
+app.command()(submit)
+app.add_typer(jobs_app, name="jobs")
 
 
 @model_app.command("tiny")

@@ -45,3 +45,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.pipeline.tiny import build_tiny_edit_model
 
     return build_tiny_edit_model(tmp_path_factory.mktemp("models") / "tiny-edit")
+
+
+@pytest.fixture(scope="session")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[object]:
+    """One ordinary local cluster (tiny model, the e2e tenants) shared by the modules that need nothing
+    special from it, so the suite starts it once."""
+    from cli.cluster import ClusterConfig, LocalCluster
+    from tests.e2e_support import API_KEYS
+
+    config = ClusterConfig(workdir=tmp_path_factory.mktemp("shared-cluster"), model=str(tiny_model),
+                           api_keys=API_KEYS)
+    with LocalCluster(config) as running:
+        yield running

@@ -8,6 +8,7 @@ S3 server over HTTP, and an HTTP webhook receiver.
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalCluster]:
-    config = ClusterConfig(workdir=tmp_path_factory.mktemp("cluster"), model=str(tiny_model), api_keys=API_KEYS)
-    with LocalCluster(config) as running:
-        yield running
+def cluster(shared_cluster: LocalCluster) -> LocalCluster:
+    """The session's ordinary cluster (tests/conftest.py)."""
+    return shared_cluster
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,7 @@ def test_bad_input_gets_a_documented_4xx_and_never_reaches_a_worker(
         cluster: LocalCluster, case: str, fields: dict[str, object], status: int, code: str) -> None:
     r = redis.Redis.from_url(cluster.redis_url)
     jobs_before = len(list(r.scan_iter("editfarm:job:*")))
+    tenant_jobs_before = r.zcard("editfarm:tenant:acme:jobs")
     body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "steps": 2, **fields}
     body = {k: v for k, v in body.items() if v is not None}
     response = httpx.post(f"{cluster.api_url}/v1/jobs", json=body, headers=auth(), timeout=30)
@@ -126,7 +127,13 @@ def test_bad_input_gets_a_documented_4xx_and_never_reaches_a_worker(
     assert response.json()["error"]["code"] == code
     assert response.json()["error"]["message"]
     assert len(list(r.scan_iter("editfarm:job:*"))) == jobs_before
-    assert sum(r.llen(q) for q in ("render.high", "render.normal", "render.low")) == 0
+    assert r.zcard("editfarm:tenant:acme:jobs") == tenant_jobs_before
+    # every message waiting in a render queue belongs to a stored job: nothing half-created was sent
+    for queue in ("render.high", "render.normal", "render.low"):
+        for raw in r.lrange(queue, 0, -1):
+            job_id = json.loads(json.loads(raw)["body"] and __import__("base64").b64decode(
+                json.loads(raw)["body"]))[0][0]
+            assert r.exists(f"editfarm:job:{job_id}")
 
 
 def test_requests_without_a_valid_key_are_401(cluster: LocalCluster) -> None:

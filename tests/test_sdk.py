@@ -39,10 +39,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalCluster]:
-    config = ClusterConfig(workdir=tmp_path_factory.mktemp("sdk-cluster"), model=str(tiny_model), api_keys=API_KEYS)
-    with LocalCluster(config) as running:
-        yield running
+def cluster(shared_cluster: LocalCluster) -> LocalCluster:
+    """The session's ordinary cluster (tests/conftest.py)."""
+    return shared_cluster
 
 
 @pytest.fixture(scope="module")

@@ -120,11 +120,9 @@ def _playwright() -> Any:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalCluster]:
-    _playwright()  # skip before starting a cluster for nothing
-    config = ClusterConfig(workdir=tmp_path_factory.mktemp("ui-cluster"), model=str(tiny_model), api_keys=API_KEYS)
-    with LocalCluster(config) as running:
-        yield running
+def cluster(shared_cluster: LocalCluster) -> LocalCluster:
+    """The session's ordinary cluster (tests/conftest.py)."""
+    return shared_cluster
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +212,7 @@ def test_a_user_logs_in_uploads_draws_a_box_submits_and_sees_the_result(
             # live progress, then the result image
             page.wait_for_function(
                 "() => { const i = document.querySelector('#outputs img');"
-                " return i && i.complete && i.naturalWidth > 0; }", timeout=120_000)
+                " return i && i.complete && i.naturalWidth > 0; }", timeout=300_000)
             assert page.inner_text("#status-badge") == "Done"
             assert page.inner_text("#status-text").startswith("Done")
             job_id = page.inner_text("#job-details").split("Job")[-1].strip()

@@ -17,14 +17,25 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Self
 
 from broker import events, keys
 from broker.events import EventPublisher
 from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, Progress, queue_deadline_at
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
-from workers.encode import UnreadableImage, decode_rgb, encode
-from workers.pipeline.base import RenderInterrupted, Renderer, RenderRequest
+from workers import operations
+from workers.encode import UnreadableImage, decode_image, decode_mask, encode_output
+from workers.loras import LoraResolver, LoraUnavailable
+from workers.pipeline.base import (
+    InvalidRequest,
+    MoveSpec,
+    OutpaintSpec,
+    Renderer,
+    RenderInterrupted,
+    RenderRequest,
+    UpscaleSpec,
+)
 
 log = logging.getLogger("editfarm.runner")
 
@@ -102,7 +113,7 @@ class _Lease:
             self.stop_reason = reason
         self.lost.set()
 
-    def __enter__(self) -> _Lease:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -115,7 +126,8 @@ class Runner:
     def __init__(self, store: JobStore, objects: ObjectStore, publisher: EventPublisher,
                  renderer: Renderer | None, notify: Notify, config: RunnerConfig,
                  requeue: Requeue | None = None, draining: DrainCheck | None = None,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+                 observe: Callable[[str, float], None] | None = None,
+                 loras: LoraResolver | None = None) -> None:
         self.store, self.objects, self.publisher = store, objects, publisher
         self.renderer, self.config = renderer, config
         self._notify = notify
@@ -123,12 +135,14 @@ class Runner:
         self.draining = draining or (lambda: False)
         # observe(metric, seconds): "queue_wait", "render", "upload"; and ("job", status) counts
         self.observe = observe or (lambda name, value: None)
+        # a job's LoRA uris → local files; built from the EDITFARM_ settings on first use if not given
+        self._loras = loras
 
     def notify(self, job: Job, event: str) -> None:
         if wants_event(job, event):
             try:
                 self._notify(job, event)
-            except Exception:  # noqa: BLE001 - a webhook must never fail the job; the outbox sweeper retries
+            except Exception:  # a webhook must never fail the job; the outbox sweeper retries
                 log.exception("could not queue webhook %s of job %s", event, job.id)
 
     # -- entry point -------------------------------------------------------------------------
@@ -158,15 +172,20 @@ class Runner:
     def _work(self, job: Job, lease: _Lease) -> JobStatus | None:
         assert self.renderer is not None, "a runner without a renderer can only expire jobs"
         try:
-            image = decode_rgb(self.objects.get(job.input_keys[0]))
+            request = self._request(job)
+            total = operations.planned_steps(request)
+            if total != job.params.steps:
+                self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
             began = time.monotonic()
-            images = self.renderer.render(self._request(job, image), self._progress(job, lease))
+            images = self.renderer.render(request, self._progress(job, lease))
             self.observe("render", time.monotonic() - began)
             began = time.monotonic()
             outputs = self._upload(job, images)
             self.observe("upload", time.monotonic() - began)
-        except (UnreadableImage, ObjectNotFound, IndexError) as exc:
+        except (UnreadableImage, ObjectNotFound, IndexError, LoraUnavailable) as exc:
             return self.failed(job, lease, ErrorCode.INPUT_UNREADABLE, str(exc))
+        except InvalidRequest as exc:  # the job's inputs cannot be rendered as asked: not the device's fault
+            return self.failed(job, lease, ErrorCode.INVALID_INPUT, str(exc)[:500])
         except RenderInterrupted:
             return self._interrupted(job, lease)
         except StorageUnavailable as exc:
@@ -174,7 +193,7 @@ class Runner:
             raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
         except Exception as exc:  # noqa: BLE001 - any render failure ends the job, never the worker
             return self._render_error(job, lease, exc)
-        return self.succeeded(job, lease, outputs)
+        return self.succeeded(job, lease, outputs, total)
 
     def _interrupted(self, job: Job, lease: _Lease) -> JobStatus | None:
         if lease.stop_reason == "timeout":
@@ -198,7 +217,7 @@ class Runner:
         try:
             if self.renderer is not None:
                 self.renderer.healthcheck()
-        except Exception as broken:  # noqa: BLE001
+        except Exception as broken:
             raise GpuBroken(f"device failed its health check after {type(exc).__name__}") from broken
         return status
 
@@ -236,8 +255,10 @@ class Runner:
             code=ErrorCode.QUEUE_DEADLINE.value,
             message=f"not started within queue_deadline_s={job.params.queue_deadline_s:g}"))
 
-    def succeeded(self, job: Job, lease: _Lease, outputs: list[Output]) -> JobStatus | None:
-        total = job.params.steps
+    def succeeded(self, job: Job, lease: _Lease, outputs: list[Output],
+                  total: int | None = None) -> JobStatus | None:
+        """running → succeeded; ``total``: the job's denoising steps (``operations.planned_steps``)."""
+        total = job.params.steps if total is None else total
         return self._terminal(job, JobStatus.SUCCEEDED, lease.expect(), outputs=outputs,
                               progress=Progress(step=total, total=total))
 
@@ -285,11 +306,35 @@ class Runner:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _request(self, job: Job, image: object) -> RenderRequest:
+    @property
+    def loras(self) -> LoraResolver:
+        if self._loras is None:
+            self._loras = LoraResolver.from_settings(self.objects)
+        return self._loras
+
+    def _request(self, job: Job) -> RenderRequest:
+        """The job's RenderRequest, its inputs fetched and decoded and its LoRAs on local disk.
+
+        Raises UnreadableImage / ObjectNotFound / LoraUnavailable (input_unreadable),
+        InvalidRequest (fields the renderer refuses), StorageUnavailable.
+        """
         p = job.params
-        return RenderRequest(operation=p.operation.value, prompt=p.prompt, negative_prompt=p.negative_prompt,
-                             steps=p.steps, true_cfg_scale=p.true_cfg_scale, seed=p.seed,
-                             images=[image])  # type: ignore[list-item]
+        images = [decode_image(self.objects.get(key)) for key in job.input_keys]
+        mask = decode_mask(self.objects.get(job.mask_key)) if job.mask_key else None
+        loras = [(self.loras.resolve(lora.uri), lora.scale) for lora in p.loras]
+        try:
+            return RenderRequest(
+                operation=p.operation.value, prompt=p.prompt or "", negative_prompt=p.negative_prompt,
+                steps=p.steps, true_cfg_scale=p.true_cfg_scale, seed=p.seed, images=images,
+                num_images=p.num_images, width=p.width, height=p.height, strength=p.strength, mask=mask,
+                boxes=[(b[0], b[1], b[2], b[3]) for b in p.boxes],
+                outpaint=OutpaintSpec(**p.outpaint.model_dump()) if p.outpaint else None,
+                move=MoveSpec(**{**p.move.model_dump(), "box": tuple(p.move.box)}) if p.move else None,
+                upscale=UpscaleSpec(**p.upscale.model_dump()) if p.upscale else None,
+                loras=loras,
+            )
+        except ValueError as exc:  # the API validates the same rules; a job that slipped past fails cleanly
+            raise InvalidRequest(str(exc)) from None
 
     def _progress(self, job: Job, lease: _Lease) -> Callable[[int, int], bool]:
         started = time.monotonic()
@@ -316,10 +361,12 @@ class Runner:
         return on_step
 
     def _upload(self, job: Job, images: list) -> list[Output]:  # type: ignore[type-arg]
-        fmt = job.params.output_format
+        """Encode each image (format, quality, DPI of the job) and store it as output ``index``."""
+        p = job.params
+        fmt = p.output_format
         outputs = []
         for index, image in enumerate(images):
-            data = encode(image, fmt)
+            data = encode_output(image, fmt, p.output_quality, p.dpi)
             key = keys.output_object(job.tenant, job.id, index, fmt.value)
             stored = self.objects.put(key, data, fmt.content_type)
             outputs.append(Output(key=key, content_type=fmt.content_type, width=image.width,

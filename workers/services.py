@@ -110,6 +110,11 @@ _renderer: Renderer | None = None
 def renderer() -> Renderer:
     """The process's one model, loaded on first use (from_pretrained of EDITFARM_MODEL)."""
     global _renderer
+    if _renderer is None and settings().renderer == "standin":
+        from workers.standin import StandinRenderer
+
+        log.warning("RENDER STAND-IN selected (EDITFARM_RENDERER=standin): no model, tests/benchmarks only")
+        _renderer = StandinRenderer(settings().standin_render_s)
     if _renderer is None:
         from workers.pipeline import load_renderer
 

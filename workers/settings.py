@@ -14,6 +14,9 @@ from broker.settings import ClusterSettings
 
 
 class WorkerSettings(ClusterSettings):
+    # "diffusers" (the model) or "standin" (no model; tests and benchmarks only, see workers/standin.py)
+    renderer: str = "diffusers"
+    standin_render_s: float = 0.0
     # "cpu", "cuda" or "auto" (cuda when available; only ever evaluated in the child process).
     device: str = "auto"
     # Name of this worker process in leases and logs; Celery's node name is used when empty.

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Annotated, Any, NoReturn
 
 import redis
@@ -30,12 +31,24 @@ from api.auth import TenantDep
 from api.deps import Services, ServicesDep
 from api.errors import ApiError, ErrorResponse, from_validation_errors
 from api.fetch import check_url_policy
-from api.images import intake_image
+from api.images import InputImage, intake_image
 from api.metrics import ApiMetrics
-from api.models import CancelRequest, JobList, JobOut, SubmitParams
+from api.models import MULTIPART_JSON_FIELDS, CancelRequest, JobList, JobOut, SubmitParams
+from api.settings import ApiSettings
 from api.sse import EventStreamResponse, JobEventStream
 from broker import events, keys
-from broker.schema import ErrorCode, Job, JobParams, JobStatus, new_job_id, random_seed
+from broker.schema import (
+    MAX_CANVAS_SIDE,
+    MAX_REFERENCE_IMAGES,
+    ErrorCode,
+    Job,
+    JobParams,
+    JobStatus,
+    Operation,
+    lora_location,
+    new_job_id,
+    random_seed,
+)
 from broker.views import job_view
 from storage.store import StorageUnavailable
 
@@ -45,9 +58,15 @@ router = APIRouter(tags=["jobs"])
 # A job store backed by Redis fails with RedisError (or a bare socket error).
 STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 # Multipart fields that may be left empty: an empty form field means "not given".
-_OPTIONAL_FORM_FIELDS = {"seed", "steps", "true_cfg_scale", "priority", "timeout_s", "queue_deadline_s"}
+_OPTIONAL_FORM_FIELDS = {"seed", "steps", "true_cfg_scale", "priority", "timeout_s", "queue_deadline_s",
+                         "prompt", "width", "height", "strength", "num_images", "output_quality", "dpi",
+                         *MULTIPART_JSON_FIELDS}
 # Multipart fields that are lists: repeated fields and/or comma-separated values.
 _LIST_FORM_FIELDS = {"webhook_events"}
+# Image fields: file parts in multipart (or data:/https:// URLs as text), URLs in JSON.
+_IMAGE_FIELDS = ("image", "images", "mask")
+# image + references + mask
+_MAX_FILES = 2 + MAX_REFERENCE_IMAGES
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text} for status, text in {
         400: "invalid_json / invalid_request", 401: "unauthorized", 404: "not_found",
@@ -113,7 +132,16 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _parse_json(request: Request, limit: int) -> tuple[dict[str, Any], str | bytes | None]:
+@dataclass
+class Sources:
+    """Where a job's images come from: upload bytes, or a data:/https:// URL each."""
+
+    image: str | bytes | None = None
+    references: list[str | bytes] = field(default_factory=list)
+    mask: str | bytes | None = None
+
+
+async def _parse_json(request: Request, limit: int) -> tuple[dict[str, Any], Sources]:
     raw = b"".join([chunk async for chunk in _capped_stream(request, limit)])
     try:
         body = json.loads(raw, parse_constant=_reject_constant)  # NaN/Infinity are not JSON
@@ -121,46 +149,76 @@ async def _parse_json(request: Request, limit: int) -> tuple[dict[str, Any], str
         raise ApiError(400, ErrorCode.INVALID_JSON, "request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, ErrorCode.INVALID_REQUEST, "request body must be a JSON object")
-    image = body.pop("image", None)
-    if image is not None and not isinstance(image, str):
-        raise ApiError(422, ErrorCode.INVALID_PARAMETER, "image must be a string (data: or https:// URL)",
-                       param="image")
-    return body, image
+    sources = Sources()
+    for name in ("image", "mask"):
+        value = body.pop(name, None)
+        if value is not None and not isinstance(value, str):
+            raise ApiError(422, ErrorCode.INVALID_PARAMETER,
+                           f"{name} must be a string (data: or https:// URL)", param=name)
+        setattr(sources, name, value)
+    references = body.pop("images", None)
+    if references is not None:
+        if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+            raise ApiError(422, ErrorCode.INVALID_PARAMETER,
+                           "images must be a list of strings (data: or https:// URLs)", param="images")
+        sources.references = list(references)
+    return body, sources
 
 
-async def _parse_multipart(request: Request, limit: int) -> tuple[dict[str, Any], str | bytes | None]:
+async def _parse_multipart(request: Request, limit: int) -> tuple[dict[str, Any], Sources]:
     parser = MultiPartParser(request.headers, _capped_stream(request, limit),
-                             max_files=1, max_fields=32, max_part_size=limit)
+                             max_files=_MAX_FILES, max_fields=48, max_part_size=limit)
     try:
         form: FormData = await parser.parse()
     except MultiPartException as exc:
         raise ApiError(400, ErrorCode.INVALID_REQUEST, f"malformed multipart body: {exc.message}") from None
     try:
         fields: dict[str, Any] = {}
-        image: str | bytes | None = None
+        sources = Sources()
+        seen: set[str] = set()
         lists: dict[str, list[str]] = {}
         for name, value in form.multi_items():
-            if name in fields or (name == "image" and image is not None):
-                raise ApiError(422, ErrorCode.INVALID_PARAMETER, f"{name} is given more than once", param=name)
+            if name in fields or (name in ("image", "mask") and name in seen):
+                raise _invalid(name, f"{name} is given more than once")
+            seen.add(name)
             if isinstance(value, UploadFile):
-                if name != "image":
+                if name not in _IMAGE_FIELDS:
                     raise ApiError(422, ErrorCode.INVALID_PARAMETER, f"{name} must not be a file", param=name)
-                image = await value.read()
-            elif name == "image":
-                image = value
+                data: str | bytes = await value.read()
+            else:
+                data = value
+            if name == "images":
+                sources.references.append(data)
+            elif name in ("image", "mask"):
+                setattr(sources, name, data)
+            elif not isinstance(value, str):  # pragma: no cover - every other UploadFile was refused above
+                continue
             elif name in _LIST_FORM_FIELDS:
                 # `webhook_events=started,completed` or one field per value (or both)
                 lists.setdefault(name, []).extend(v.strip() for v in value.split(",") if v.strip())
-            elif not (value == "" and name in _OPTIONAL_FORM_FIELDS):
+            elif value == "" and name in _OPTIONAL_FORM_FIELDS:
+                continue
+            elif name in MULTIPART_JSON_FIELDS:
+                fields[name] = _json_field(name, value)
+            else:
                 fields[name] = value
         fields.update({name: values for name, values in lists.items() if values})
-        return fields, image
+        return fields, sources
     finally:
         await form.close()
 
 
-async def _parse_body(request: Request, services: Services) -> tuple[dict[str, Any], str | bytes | None]:
-    """(fields other than image, image source) from a JSON or multipart body.
+def _json_field(name: str, text: str) -> Any:
+    """A structured multipart field (``boxes``, ``outpaint``, ...) sent as JSON text."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError:
+        raise ApiError(422, ErrorCode.INVALID_PARAMETER, f"{name} must be JSON text in a multipart body",
+                       param=name) from None
+
+
+async def _parse_body(request: Request, services: Services) -> tuple[dict[str, Any], Sources]:
+    """(fields other than the images, the image sources) from a JSON or multipart body.
 
     Raises ApiError 413 (Content-Length or bytes read > max_body_bytes), 415, 400, 422.
     """
@@ -182,11 +240,114 @@ def _validate_params(fields: dict[str, Any]) -> JobParams:
     try:
         submitted = SubmitParams.model_validate(fields)
     except ValidationError as exc:
-        raise from_validation_errors(exc.errors()) from None
+        raise _params_error(exc) from None
     data = submitted.model_dump()
     if data["seed"] is None:
         data["seed"] = random_seed()
     return JobParams.model_validate(data)
+
+
+def _params_error(exc: ValidationError) -> ApiError:
+    """The ApiError of a params ValidationError: a field that does not fit the operation
+    (``job_params``, see :func:`broker.schema.operation_problem`) carries its own code and param."""
+    for error in exc.errors():
+        if error.get("type") == "job_params":
+            ctx = error.get("ctx") or {}
+            return ApiError(422, str(ctx.get("code", ErrorCode.INVALID_PARAMETER.value)),
+                            str(ctx.get("message", error.get("msg", "invalid"))), param=ctx.get("param"))
+    return from_validation_errors(exc.errors())
+
+
+def _invalid(param: str, message: str) -> ApiError:
+    return ApiError(422, ErrorCode.INVALID_PARAMETER, message, param=param)
+
+
+def _check_sources(params: JobParams, sources: Sources) -> None:
+    """Which images the operation takes (before any is fetched or decoded). Raises ApiError 422."""
+    op = params.operation
+    if not op.takes_image:
+        if sources.image is not None:
+            raise _invalid("image", f"{op.value} takes no input image")
+    elif sources.image is None:
+        raise ApiError(422, ErrorCode.MISSING_IMAGE, "image is required", param="image")
+    if sources.references:
+        if op is not Operation.EDIT:
+            raise _invalid("images", f"reference images (images) apply to edit only, not {op.value}")
+        if len(sources.references) > MAX_REFERENCE_IMAGES:
+            raise _invalid("images", f"at most {MAX_REFERENCE_IMAGES} reference images, "
+                                     f"got {len(sources.references)}")
+    if sources.mask is not None and not op.takes_mask:
+        raise _invalid("mask", f"a mask applies to inpaint and move, not {op.value}")
+    if op is Operation.INPAINT and sources.mask is None and not params.boxes:
+        raise ApiError(422, ErrorCode.MISSING_FIELD, "inpaint needs a mask or boxes", param="mask")
+
+
+def _check_loras(params: JobParams, settings: ApiSettings) -> None:
+    """Each LoRA uri against the bucket allow-list and the URL policy (blocking: resolves DNS)."""
+    buckets = {settings.s3_bucket, *settings.lora_bucket_list()}
+    for index, lora in enumerate(params.loras):
+        scheme, where, _ = lora_location(lora.uri)
+        if scheme == "s3":
+            if where not in buckets:
+                raise ApiError(422, ErrorCode.URL_NOT_ALLOWED,
+                               f"LoRA {index + 1}: bucket {where!r} is not allowed; use the cluster's bucket "
+                               f"{settings.s3_bucket!r}", param="loras")
+        else:
+            check_url_policy(lora.uri, settings, "loras")
+
+
+def _check_images(params: JobParams, image: InputImage | None, mask: InputImage | None) -> None:
+    """What needs the image's size (from its header): the mask's size, the outpainted canvas."""
+    if image is None:
+        return
+    size = (image.width, image.height)
+    if mask is not None and (mask.width, mask.height) != size:
+        raise _invalid("mask", f"the mask is {mask.width}x{mask.height} px; it must match the image "
+                               f"({image.width}x{image.height} px)")
+    spec = params.outpaint
+    if params.operation is Operation.OUTPAINT and spec is not None:
+        canvas = spec.canvas(size)
+        if canvas[0] < size[0] or canvas[1] < size[1]:
+            raise _invalid("outpaint", f"the outpaint target {canvas[0]}x{canvas[1]} is smaller than the "
+                                       f"image ({size[0]}x{size[1]})")
+        if canvas == size:
+            raise _invalid("outpaint", "the outpaint target is the image's own size: nothing to add")
+        if max(canvas) > MAX_CANVAS_SIDE:
+            raise _invalid("outpaint", f"the outpainted canvas {canvas[0]}x{canvas[1]} exceeds "
+                                       f"{MAX_CANVAS_SIDE} px per side")
+
+
+@dataclass
+class _Intake:
+    image: InputImage | None
+    references: list[InputImage]
+    mask: InputImage | None
+
+
+async def _intake(sources: Sources, settings: ApiSettings) -> _Intake:
+    """Fetch/decode and validate every image of the job (the same checks for each)."""
+    image = await intake_image(sources.image, settings) if sources.image is not None else None
+    references = []
+    for index, source in enumerate(sources.references):
+        references.append(await intake_image(source, settings, param="images",
+                                             label=f"reference image {index + 1}"))
+    mask = await intake_image(sources.mask, settings, param="mask") if sources.mask is not None else None
+    return _Intake(image, references, mask)
+
+
+def _store_inputs(services: Services, tenant: str, job_id: str,
+                  intake: _Intake) -> tuple[list[str], str | None]:
+    """Put the job's images into the object store (blocking); (input keys, mask key)."""
+    input_keys = []
+    for index, image in enumerate([*([intake.image] if intake.image else []), *intake.references]):
+        key = keys.input_object(tenant, job_id, index, image.ext)
+        services.objects.put(key, image.data, image.content_type)
+        input_keys.append(key)
+    mask_key = None
+    if intake.mask is not None:
+        mask_key = keys.mask_object(tenant, job_id, intake.mask.ext)
+        services.objects.put(mask_key, intake.mask.data, intake.mask.content_type)
+    return input_keys, mask_key
 
 
 def _fail_unqueued(services: Services, job_id: str) -> None:
@@ -201,33 +362,34 @@ def _fail_unqueued(services: Services, job_id: str) -> None:
 
 
 @router.post(
-    "/v1/jobs", status_code=202, summary="Submit an image-edit job",
+    "/v1/jobs", status_code=202, summary="Submit a job (edit, generate, inpaint, outpaint, move, upscale)",
     response_model=None, responses={202: {"model": JobOut, "description": "Accepted; queued."}, **_ERRORS},
     openapi_extra=_SUBMIT_BODY,
 )
 async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep) -> JSONResponse:
-    """Accept a job: validate everything, store the input image, record the job, queue it.
+    """Accept a job: validate everything, store its input images, record the job, queue it.
 
     Returns 202 with the job (status ``queued``) and a ``Location`` header.
     Nothing is stored or queued unless every check passes.
     """
     settings = services.settings
-    fields, source = await _parse_body(request, services)
+    fields, sources = await _parse_body(request, services)
     params = _validate_params(fields)
-    if source is None:
-        raise ApiError(422, ErrorCode.MISSING_IMAGE, "image is required", param="image")
+    _check_sources(params, sources)
     if params.webhook is not None:
         await run_in_threadpool(check_url_policy, params.webhook, settings, "webhook")
-    image = await intake_image(source, settings)
+    if params.loras:
+        await run_in_threadpool(_check_loras, params, settings)
+    intake = await _intake(sources, settings)
+    _check_images(params, intake.image, intake.mask)
 
     job_id = new_job_id()
-    key = keys.input_object(tenant, job_id, 0, image.ext)
     try:
-        await run_in_threadpool(services.objects.put, key, image.data, image.content_type)
+        input_keys, mask_key = await run_in_threadpool(_store_inputs, services, tenant, job_id, intake)
     except StorageUnavailable:
-        logger.warning("object store unavailable storing input of %s", job_id)
+        logger.warning("object store unavailable storing the inputs of %s", job_id)
         raise _unavailable("the object store") from None
-    job = Job(id=job_id, tenant=tenant, params=params, input_keys=[key])
+    job = Job(id=job_id, tenant=tenant, params=params, input_keys=input_keys, mask_key=mask_key)
     try:
         await run_in_threadpool(services.store.create, job)
     except STORE_ERRORS as exc:
@@ -245,7 +407,8 @@ async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep)
     except STORE_ERRORS:  # the job is accepted; its position is only a hint
         position = None
     view = _view(job, _base_url(request, services), services, position)
-    logger.info("accepted %s for tenant %s (%dx%d %s)", job_id, tenant, image.width, image.height, image.ext)
+    logger.info("accepted %s %s for tenant %s (%d input image(s)%s)", params.operation.value, job_id, tenant,
+                len(input_keys), ", a mask" if mask_key else "")
     return JSONResponse(view, status_code=202,
                         headers={"Location": view["urls"]["self"], "Cache-Control": "no-store"})
 

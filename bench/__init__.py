@@ -1,0 +1,1 @@
+"""editfarm benchmarks: one command per benchmark (``python -m bench.<name>``), see bench/README.md."""

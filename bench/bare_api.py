@@ -1,0 +1,127 @@
+"""The bare endpoint that ``bench.submit`` compares ``POST /v1/jobs`` against.
+
+``uvicorn --factory bench.bare_api:create_app``: one route, ``POST /v1/jobs``, that reads the
+body and does only the Redis writes a submission makes (see ``bench/README.md``): the job
+record through the job store's own create script (same Lua, same keys: job hash, tenant
+list, queue index), and the Celery message (``LPUSH`` of a real message made by
+``broker.celery_app.enqueue_render`` at startup, plus the ``task-sent`` event that the API's
+Celery app publishes), with ``redis.asyncio``. No auth, no validation, no image.
+
+``EDITFARM_BENCH_BARE_OPERATION`` (``edit``/``generate``) sets the operation of the job record.
+``EDITFARM_BENCH_BARE_S3=true`` adds the API's object-store put of the input image (the 1x1
+PNG, through the same ``S3ObjectStore`` in a thread), for a fair comparison with edit
+submissions. ``EDITFARM_BENCH_BARE_SYNC=true`` makes the Redis calls with the blocking client
+in a thread, as the API does (shows what the thread hops cost).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.settings import ApiSettings
+from broker import keys
+from broker.celery_app import RENDER_QUEUES, RENDER_TASK, make_celery
+from broker.schema import Job, JobParams, dump_fields, new_job_id
+from broker.store import _CREATE_SCRIPT, _INDEX_KEYS, _encode
+
+TENANT = "bench"
+TEMPLATE_QUEUE = "editfarm:bench:template"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def _message_template(redis_url: str) -> tuple[bytes, str | None, bytes | None]:
+    """(the LPUSHed message, the event channel, the event payload) of one real ``send_task``."""
+    client = redis.Redis.from_url(redis_url)
+    pubsub = client.pubsub()
+    pubsub.psubscribe("*")
+    pubsub.get_message(timeout=1)
+    app = make_celery(redis_url)
+    app.send_task(RENDER_TASK, args=["job_" + "0" * 24], queue=TEMPLATE_QUEUE)
+    message = client.lpop(TEMPLATE_QUEUE)
+    channel, event = None, None
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        got = pubsub.get_message(timeout=0.2)
+        if got and got["type"] == "pmessage":
+            channel, event = got["channel"].decode(), got["data"]
+            break
+    pubsub.close()
+    app.close()
+    client.close()
+    assert message is not None, "could not capture a Celery message"
+    return message, channel, event
+
+
+def create_app() -> FastAPI:
+    settings = ApiSettings()
+    message, event_channel, event = _message_template(settings.redis_url)
+    with_s3, sync = _flag("EDITFARM_BENCH_BARE_S3"), _flag("EDITFARM_BENCH_BARE_SYNC")
+    operation = os.environ.get("EDITFARM_BENCH_BARE_OPERATION", "edit")
+    params = JobParams(operation=operation, prompt="make the sky purple", seed=7, steps=2)
+    template = Job(id="job_" + "0" * 24, tenant=TENANT, params=params, input_keys=[])
+    fields = dump_fields(template)
+    queue = RENDER_QUEUES["normal"]
+    png = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010802000000907753de0000000c49444154"
+                        "789c6368686800000304018136a4b40000000049454e44ae426082")
+    objects = None
+    if with_s3:
+        from storage.store import S3ObjectStore
+
+        objects = S3ObjectStore(settings.s3_config())
+    aio = aioredis.Redis.from_url(settings.redis_url, max_connections=256)
+    blocking = redis.Redis.from_url(settings.redis_url)
+    create_async = aio.register_script(_CREATE_SCRIPT)
+    create_sync = blocking.register_script(_CREATE_SCRIPT)
+
+    def record(job_id: str) -> tuple[list[str], list[Any]]:
+        now = time.time()
+        row = {**fields, "id": job_id, "created_at": now,
+               "input_keys": [keys.input_object(TENANT, job_id, 0, "png")] if with_s3 else []}
+        flat: list[Any] = [job_id, repr(now)]
+        for name, value in row.items():
+            flat += [name, _encode(value)]
+        return [keys.job(job_id), *_INDEX_KEYS, keys.tenant_jobs(TENANT)], flat
+
+    def writes_sync(job_id: str) -> None:
+        key_list, args = record(job_id)
+        create_sync(keys=key_list, args=args)
+        blocking.lpush(queue, message)
+        if event_channel:
+            blocking.publish(event_channel, event)
+
+    app = FastAPI()
+
+    @app.post("/v1/jobs", status_code=202)
+    async def submit(request: Request) -> JSONResponse:
+        await request.body()
+        job_id = new_job_id()
+        if objects is not None:
+            await run_in_threadpool(objects.put, keys.input_object(TENANT, job_id, 0, "png"), png, "image/png")
+        if sync:
+            await run_in_threadpool(writes_sync, job_id)
+        else:
+            key_list, args = record(job_id)
+            await create_async(keys=key_list, args=args)
+            await aio.lpush(queue, message)
+            if event_channel:
+                await aio.publish(event_channel, event)
+        return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
+
+    @app.get("/readyz")
+    async def ready() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.state.template = json.loads(message)
+    return app

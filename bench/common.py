@@ -1,0 +1,345 @@
+"""Shared pieces of the benchmarks: statistics, reports, a stand-in cluster, a webhook receiver.
+
+Every benchmark prints its figures and writes one JSON report (``--out``, default
+``bench/results/<name>.json``). Benchmarks are not tests: nothing here asserts a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+import platform
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+if str(ROOT) not in sys.path:  # `python bench/<name>.py` as well as `python -m bench.<name>`
+    sys.path.insert(0, str(ROOT))
+
+
+# -- statistics ------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear interpolation between closest ranks."""
+    if not values:
+        return float("nan")
+    data = sorted(values)
+    if len(data) == 1:
+        return float(data[0])
+    rank = (len(data) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return float(data[low] + (data[high] - data[low]) * (rank - low))
+
+
+def summary(values: Iterable[float], scale: float = 1.0, digits: int = 3) -> dict[str, float | int]:
+    """n, p50, p90, p99, min, max, mean of ``values`` times ``scale`` (e.g. 1000 for s → ms)."""
+    data = [v * scale for v in values]
+    if not data:
+        return {"n": 0}
+    return {"n": len(data), "p50": round(percentile(data, 50), digits), "p90": round(percentile(data, 90), digits),
+            "p99": round(percentile(data, 99), digits), "min": round(min(data), digits),
+            "max": round(max(data), digits), "mean": round(sum(data) / len(data), digits)}
+
+
+def median(values: Iterable[float]) -> float:
+    return percentile(list(values), 50)
+
+
+def ratio(a: float, b: float, digits: int = 3) -> float | None:
+    return round(a / b, digits) if b else None
+
+
+# -- reports ---------------------------------------------------------------------------------------
+
+
+def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=(doc or "").split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a short run that only proves the benchmark works")
+    p.add_argument("--out", default=str(RESULTS / f"{name}.json"), help="where the JSON report goes")
+    p.add_argument("--workdir", default="", help="scratch folder (default: a temporary one)")
+    return p
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": platform.python_version(),
+                            "machine": platform.machine(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def write_report(name: str, report: dict[str, Any], out: str, quick: bool, command: str) -> dict[str, Any]:
+    """Print ``report`` as JSON and write it to ``out`` (with the benchmark name, command and machine)."""
+    full = {"benchmark": name, "quick": quick, "command": command, "measured_at": time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": environment(), **report}
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(full, indent=2, default=str) + "\n")
+    print(json.dumps(full, indent=2, default=str))
+    print(f"# written to {path}", file=sys.stderr)
+    return full
+
+
+def command_line() -> str:
+    module = Path(sys.argv[0]).stem
+    return " ".join([f"python -m bench.{module}", *sys.argv[1:]])
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def workdir(arg: str, name: str) -> Path:
+    if arg:
+        path = Path(arg)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    return Path(tempfile.mkdtemp(prefix=f"editfarm-bench-{name}-"))
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+
+
+def png(size: tuple[int, int] = (1, 1), noise: bool = False, seed: int = 0) -> bytes:
+    """A PNG: 1x1 grey (the smallest valid input) or ``size`` of noise (encodes like a photo or worse)."""
+    from PIL import Image
+
+    if noise:
+        import numpy as np
+
+        pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+    else:
+        image = Image.new("RGB", size, (128, 128, 128))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def has_generate() -> bool:
+    """Whether this tree's job schema has the text-to-image operation (no input image)."""
+    from broker.schema import Operation
+
+    return hasattr(Operation, "GENERATE")
+
+
+def job_body(operation: str = "auto", steps: int = 2, seed: int | None = None, webhook: str | None = None,
+             image: bytes | None = None, **extra: Any) -> dict[str, Any]:
+    """A valid POST /v1/jobs body: ``generate`` when the schema has it (``auto``), else an edit of
+    ``image`` (default: the smallest valid PNG)."""
+    if operation == "auto":
+        operation = "generate" if has_generate() and image is None else "edit"
+    body: dict[str, Any] = {"operation": operation, "prompt": "make the sky purple", "steps": steps, **extra}
+    if operation != "generate":
+        body["image"] = data_url(image if image is not None else png())
+    if seed is not None:
+        body["seed"] = seed
+    if webhook:
+        body["webhook"] = webhook
+    return body
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    import psutil
+
+    return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+
+
+def tree_pids(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        parent = psutil.Process(pid)
+        return [pid, *(c.pid for c in parent.children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """SIGTERM the process group we started (start_new_session=True), SIGKILL after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+class BenchCluster:
+    """A LocalCluster whose render workers run the stand-in; ``timed=True`` uses the bench-only
+    :class:`bench.timed_standin.TimedStandinRenderer`, which logs each render's start/end."""
+
+    def __init__(self, workdir: Path, render_workers: int = 1, render_s: float = 0.0, timed: bool = False,
+                 output_side: int = 0, model: str = "standin", extra_env: dict[str, str] | None = None,
+                 webhook_worker: bool = True) -> None:
+        from cli.cluster import ClusterConfig, LocalCluster
+
+        self.render_log = workdir / "render-intervals"
+        env = {"EDITFARM_LEASE_S": "60", "EDITFARM_HEARTBEAT_INTERVAL_S": "10", **(extra_env or {})}
+        if model == "standin":
+            env.update({"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(render_s)})
+        if timed:
+            self.render_log.mkdir(parents=True, exist_ok=True)
+            env.update({"EDITFARM_BENCH_RENDER_LOG": str(self.render_log),
+                        "EDITFARM_BENCH_OUTPUT_SIDE": str(output_side)})
+        config = ClusterConfig(workdir=workdir, model=model, render_workers=render_workers, extra_env=env)
+        timed_app = timed
+        with_webhooks = webhook_worker
+
+        class _Cluster(LocalCluster):
+            def start_render_worker(self, index: int, extra_env: dict[str, str] | None = None) -> str:
+                if not timed_app:
+                    return super().start_render_worker(index, extra_env)
+                # LocalCluster's command line, with the bench app instead of workers.celery_worker
+                from broker.celery_app import RENDER_QUEUE_ORDER
+                from cli.localservices import free_port
+
+                name = f"render{index}"
+                ready = self.workdir / "ready" / f"{name}.ready"
+                ready.unlink(missing_ok=True)
+                self.metrics_ports[name] = free_port()
+                self._spawn(name, [sys.executable, "-m", "celery", "-A", "bench.timed_worker:app", "worker",
+                                   "-Q", ",".join(RENDER_QUEUE_ORDER), "-P", "prefork", "-c", "1", "-n",
+                                   f"{name}@local", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"],
+                            {"EDITFARM_WORKER_ROLE": "render", "EDITFARM_READY_FILE": str(ready),
+                             "EDITFARM_HEARTBEAT_FILE": str(self.workdir / "ready" / f"{name}.heartbeat"),
+                             "EDITFARM_METRICS_PORT": str(self.metrics_ports[name]), **(extra_env or {})})
+                return name
+
+            def start_webhook_worker(self) -> None:
+                if with_webhooks:
+                    super().start_webhook_worker()
+
+        self.cluster = _Cluster(config)
+
+    def __enter__(self) -> BenchCluster:
+        self.cluster.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cluster.stop()
+
+    def render_intervals(self) -> list[dict[str, Any]]:
+        """Render start/end (epoch s) as logged by the timed stand-in, sorted by start."""
+        rows = []
+        for path in self.render_log.glob("*.jsonl"):
+            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return sorted(rows, key=lambda r: r["start"])
+
+
+# -- webhooks --------------------------------------------------------------------------------------
+
+
+class TimedReceiver:
+    """An HTTP server on 127.0.0.1 recording (perf_counter at arrival, job id, event type) per POST."""
+
+    def __init__(self) -> None:
+        self.received: queue.Queue[tuple[float, float, str, str]] = queue.Queue()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                arrived, epoch = time.perf_counter(), time.time()
+                try:
+                    payload = json.loads(body)
+                    receiver.received.put((arrived, epoch, payload["data"]["id"], payload["type"]))
+                except (ValueError, KeyError):
+                    pass
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/hooks/bench"
+
+    def __enter__(self) -> TimedReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait_for(self, job_id: str, timeout_s: float = 30) -> tuple[float, float]:
+        """(perf_counter, epoch) at which ``job_id``'s terminal webhook arrived (others are skipped)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no webhook for {job_id} within {timeout_s} s")
+            arrived, epoch, got, kind = self.received.get(timeout=left)
+            if got == job_id and kind in ("job.succeeded", "job.failed", "job.canceled"):
+                return arrived, epoch
+
+
+def wait_jobs_done(redis_url: str, job_ids: Sequence[str], timeout_s: float) -> dict[str, dict[str, Any]]:
+    """Poll the job records until every job is terminal; returns id → {status, created_at, started_at, finished_at}."""
+    import redis
+
+    from broker import keys
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout_s
+    fields = ("status", "created_at", "started_at", "finished_at", "worker")
+    done: dict[str, dict[str, Any]] = {}
+    pending = list(job_ids)
+    while pending and time.monotonic() < deadline:
+        pipe = client.pipeline(transaction=False)
+        for job_id in pending:
+            pipe.hmget(keys.job(job_id), fields)
+        for job_id, values in zip(pending, pipe.execute()):
+            row = {k: (json.loads(v) if v is not None else None) for k, v in zip(fields, values)}
+            if row["status"] in ("succeeded", "failed", "canceled"):
+                done[job_id] = row
+        pending = [j for j in pending if j not in done]
+        if pending:
+            time.sleep(0.05)
+    client.close()
+    if pending:
+        raise TimeoutError(f"{len(pending)} of {len(job_ids)} jobs not finished within {timeout_s} s")
+    return done

@@ -1,0 +1,366 @@
+"""Submission throughput: ``POST /v1/jobs`` against a bare endpoint doing the same Redis writes.
+
+    python -m bench.submit            # full run (~6 min on 2 cores)
+    python -m bench.submit --quick    # one short round (smoke)
+
+Starts Redis (AOF, like the local cluster) and the S3 server (moto) once; then, for each
+server setting, starts the API (``uvicorn --factory api.app:create_app``) or the bare
+endpoint (``bench.bare_api``) alone on a fresh database, warms it up for 1 s, and loads it
+from a separate process (``wrk`` when installed, else ``bench.loadgen``) for ``--seconds``
+with ``--connections`` keep-alive connections. Rounds are interleaved (api, bare, api, bare,
+... per setting, ``--rounds`` times) so drift hits both alike; the report gives medians
+over rounds, the ratio api/bare per setting, CPU per job of the app, Redis and S3 server
+processes, and the app processes' peak RSS under load.
+
+The body is a ``generate`` job when ``broker.schema.Operation`` has it (no input image),
+else an ``edit`` of the smallest valid PNG (1x1), in which case the API also puts that
+image into S3 per request and the ``bare+s3`` variant does the same put.
+
+Settings compared at 1 process: uvicorn's h11 + asyncio with the access log, the same
+without it (``--no-access-log``), and httptools + uvloop without it (when installed); then
+the fastest at ``--workers`` 2 and 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (  # noqa: E402
+    command_line,
+    job_body,
+    log,
+    median,
+    parser,
+    ratio,
+    stop_group,
+    tree_pids,
+    workdir,
+    write_report,
+)
+
+API_KEY = "ef_bench_key_0123456789abcdef"
+APPS = {"api": "api.app:create_app", "bare": "bench.bare_api:create_app"}
+
+
+def have(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+def server_settings() -> list[dict[str, Any]]:
+    rows = [{"name": "h11+asyncio", "args": ["--loop", "asyncio", "--http", "h11"]},
+            {"name": "h11+asyncio,no-access-log", "args": ["--loop", "asyncio", "--http", "h11", "--no-access-log"]}]
+    if have("uvloop") and have("httptools"):
+        rows.append({"name": "httptools+uvloop,no-access-log",
+                     "args": ["--loop", "uvloop", "--http", "httptools", "--no-access-log"]})
+    return rows
+
+
+class Services:
+    def __init__(self, root: Path) -> None:
+        from cli.localservices import start_redis, start_s3
+
+        self.redis = start_redis(workdir=root / "redis", log=root / "redis.log")
+        self.s3 = start_s3(log=root / "s3.log")
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.s3.url, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket="editfarm")
+        self.redis_url = f"redis://127.0.0.1:{self.redis.port}/0"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDITFARM_")}
+        env.update({"EDITFARM_REDIS_URL": self.redis_url, "EDITFARM_S3_ENDPOINT_URL": self.s3.url,
+                    "EDITFARM_S3_BUCKET": "editfarm", "EDITFARM_S3_ACCESS_KEY_ID": "test",
+                    "EDITFARM_S3_SECRET_ACCESS_KEY": "test", "EDITFARM_API_KEYS": f"bench:{API_KEY}",
+                    "EDITFARM_ALLOW_PRIVATE_URLS": "true", "EDITFARM_ALLOW_HTTP_URLS": "true"})
+        return env
+
+    def flush(self) -> None:
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        client.flushdb()
+        client.close()
+
+    def stop(self) -> None:
+        self.s3.stop()
+        self.redis.stop()
+
+
+def start_app(services: Services, app: str, args: list[str], workers: int, port: int, log_path: Path,
+              extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    import httpx
+
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", APPS[app], "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", *args]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
+    proc = subprocess.Popen(cmd, env={**services.env(), **extra_env}, stdout=open(log_path, "ab"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{app} exited: see {log_path}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                # with --workers every child must be up: wait until the count of children is reached
+                if workers == 1 or len(tree_pids(proc.pid)) >= workers + 1:
+                    time.sleep(0.3 if workers == 1 else 1.5)
+                    return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_group(proc)
+    raise TimeoutError(f"{app} not ready")
+
+
+WRK_SCRIPT = """wrk.method = "POST"
+wrk.body = io.open("{body}", "rb"):read()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {key}"
+"""
+
+
+def load(url: str, body_file: Path, seconds: float, connections: int, tool: str) -> dict[str, Any]:
+    """Run the load generator in its own process; returns requests/s, statuses and latency (ms)."""
+    if tool == "wrk":
+        script = body_file.with_suffix(".lua")
+        script.write_text(WRK_SCRIPT.format(body=body_file, key=API_KEY))
+        seconds = max(1, round(seconds))  # wrk takes whole seconds
+        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+                              url], capture_output=True, text=True, timeout=seconds + 60).stdout
+        if "Requests/sec" not in out:
+            raise RuntimeError(f"wrk failed: {out}")
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+        errors = re.search(r"Socket errors: (.*)", out)
+        lat = {}
+        for q in ("50", "90", "99"):
+            m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+            if m:
+                lat[f"p{q}"] = round(float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)], 2)
+        return {"loadgen": "wrk -t1", "connections": connections, "duration_s": seconds, "requests": total,
+                "requests_per_s": rps, "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+                "socket_errors": errors.group(1) if errors else None, "latency_ms": lat}
+    out = subprocess.run([sys.executable, "-m", "bench.loadgen", "--url", url, "--body-file", str(body_file),
+                          "--header", "Content-Type: application/json", "--header", f"Authorization: Bearer {API_KEY}",
+                          "--connections", str(connections), "--duration", str(seconds), "--warmup", "0"],
+                         capture_output=True, text=True, timeout=seconds + 60, cwd=Path(__file__).parent.parent)
+    result: dict[str, Any] = json.loads(out.stdout)
+    statuses = result.get("statuses", {})
+    result["non_2xx"] = sum(v for k, v in statuses.items() if not k.startswith("2"))
+    return result
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class RssSampler:
+    """Peak summed RSS (MB) of a process tree, sampled every 0.2 s in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak_total, self.peak_each = pid, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(0.2):
+            each = []
+            for pid in tree_pids(self.pid):
+                try:
+                    each.append(psutil.Process(pid).memory_info().rss / 2**20)
+                except psutil.NoSuchProcess:
+                    pass
+            if each:
+                self.peak_total = max(self.peak_total, sum(each))
+                self.peak_each = max(self.peak_each, max(each))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def probe_body(services: Services, root: Path) -> dict[str, Any]:
+    """``generate`` if this API accepts it (no input image), else an edit of the 1x1 PNG."""
+    import httpx
+
+    from cli.localservices import free_port
+
+    port = free_port()
+    proc = start_app(services, "api", [], 1, port, root / "probe.log", {})
+    try:
+        for operation in ("generate", "edit"):
+            body = job_body(operation, steps=2)
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/jobs", json=body,
+                                headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+            if answer.status_code == 202:
+                return body
+            log(f"{operation} submission answered {answer.status_code}: {answer.text[:200]}")
+    finally:
+        stop_group(proc)
+    raise RuntimeError("the API accepted neither a generate nor an edit job")
+
+
+def one_run(services: Services, root: Path, app: str, variant: str, setting: dict[str, Any], workers: int,
+            body_file: Path, seconds: float, connections: int, tool: str) -> dict[str, Any]:
+    from cli.localservices import free_port
+
+    services.flush()
+    extra = {"EDITFARM_BENCH_BARE_S3": "true" if variant == "bare+s3" else "",
+             "EDITFARM_BENCH_BARE_OPERATION": json.loads(body_file.read_text())["operation"],
+             "EDITFARM_BENCH_BARE_SYNC": "true" if variant == "bare-sync" else ""}
+    port = free_port()
+    proc = start_app(services, app, setting["args"], workers, port, root / f"{variant}.log", extra)
+    url = f"http://127.0.0.1:{port}/v1/jobs"
+    try:
+        warm = load(url, body_file, 1, connections, tool)
+        if warm["requests"] == 0 or warm["non_2xx"]:
+            raise RuntimeError(f"{variant} answered no 2xx during warm-up: {warm}; see {root}")
+        app_pids = tree_pids(proc.pid)
+        others = {"redis": [services.redis.proc.pid], "s3": tree_pids(services.s3.proc.pid)}
+        before = {"app": cpu_seconds(app_pids), **{k: cpu_seconds(v) for k, v in others.items()}}
+        with RssSampler(proc.pid) as rss:
+            result = load(url, body_file, seconds, connections, tool)
+        after = {"app": cpu_seconds(app_pids), **{k: cpu_seconds(v) for k, v in others.items()}}
+    finally:
+        stop_group(proc)
+    done = max(1, result["requests"])
+    result.update(variant=variant, setting=setting["name"], workers=workers,
+                  cpu_ms_per_job={k: round((after[k] - before[k]) * 1000 / done, 3) for k in after},
+                  rss_mb_peak={"total": round(rss.peak_total, 1), "largest_process": round(rss.peak_each, 1)})
+    log(f"{variant:10s} {setting['name']:32s} x{workers}: {result['requests_per_s']:8.1f} req/s "
+        f"p50 {result['latency_ms'].get('p50')} ms, non-2xx {result['non_2xx']}, "
+        f"cpu/job {result['cpu_ms_per_job']}")
+    return result
+
+
+def main() -> int:
+    p = parser("submit", __doc__)
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--workers", default="2,3", help="API processes to try with the fastest setting")
+    p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    args = p.parse_args()
+    if args.quick:
+        args.seconds, args.rounds, args.workers = 1.5, 1, ""
+    tool = args.loadgen if args.loadgen != "auto" else ("wrk" if shutil.which("wrk") else "python")
+    root = workdir(args.workdir, "submit")
+    services = Services(root)
+    body = job_body(steps=2) if args.quick else probe_body(services, root)
+    body_file = root / "body.json"
+    body_file.write_text(json.dumps(body))
+    operation = body["operation"]
+    variants = ["api", "bare"] + (["bare+s3"] if operation == "edit" else [])
+    if not args.quick:
+        variants.append("bare-sync")
+    settings = server_settings()
+    if args.quick:
+        settings = settings[-1:]
+    log(f"operation={operation}, loadgen={tool}, settings={[s['name'] for s in settings]}, variants={variants}")
+    runs: list[dict[str, Any]] = []
+    try:
+        for _ in range(args.rounds):
+            for setting in settings:
+                for variant in variants:
+                    if variant == "bare-sync" and setting is not settings[-1]:
+                        continue
+                    app = "api" if variant == "api" else "bare"
+                    runs.append(one_run(services, root, app, variant, setting, 1, body_file, args.seconds,
+                                        args.connections, tool))
+            best = settings[-1]
+            for workers in [int(w) for w in args.workers.split(",") if w]:
+                for variant in ("api", "bare+s3" if operation == "edit" else "bare"):
+                    app = "api" if variant == "api" else "bare"
+                    runs.append(one_run(services, root, app, variant, best, workers, body_file, args.seconds,
+                                        args.connections, tool))
+    finally:
+        services.stop()
+
+    # medians over rounds, per (variant, setting, workers)
+    groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["variant"], run["setting"], run["workers"]), []).append(run)
+    table = []
+    for (variant, setting, workers), rows in groups.items():
+        table.append({"variant": variant, "setting": setting, "workers": workers, "rounds": len(rows),
+                      "jobs_per_s": round(median(r["requests_per_s"] for r in rows), 1),
+                      "p50_ms": median(r["latency_ms"].get("p50", float("nan")) for r in rows),
+                      "p99_ms": median(r["latency_ms"].get("p99", float("nan")) for r in rows),
+                      "non_2xx": sum(r["non_2xx"] for r in rows),
+                      "app_cpu_ms_per_job": round(median(r["cpu_ms_per_job"]["app"] for r in rows), 3),
+                      "redis_cpu_ms_per_job": round(median(r["cpu_ms_per_job"]["redis"] for r in rows), 3),
+                      "s3_cpu_ms_per_job": round(median(r["cpu_ms_per_job"]["s3"] for r in rows), 3),
+                      "rss_mb_peak_total": max(r["rss_mb_peak"]["total"] for r in rows),
+                      "rss_mb_peak_largest_process": max(r["rss_mb_peak"]["largest_process"] for r in rows)})
+
+    def rate(variant: str, setting: str, workers: int) -> float | None:
+        for row in table:
+            if (row["variant"], row["setting"], row["workers"]) == (variant, setting, workers):
+                return float(row["jobs_per_s"])
+        return None
+
+    fair = "bare+s3" if operation == "edit" else "bare"
+    ratios = {}
+    for setting in settings:
+        api_rate = rate("api", setting["name"], 1)
+        ratios[setting["name"]] = {v: ratio(api_rate or 0, rate(v, setting["name"], 1) or 0)
+                                   for v in variants if v != "api" and rate(v, setting["name"], 1)}
+    api_rows = [r for r in table if r["variant"] == "api"]
+    best_api = max(api_rows, key=lambda r: r["jobs_per_s"])
+    best_single = max((r for r in api_rows if r["workers"] == 1), key=lambda r: r["jobs_per_s"])
+    fair_single = rate(fair, best_single["setting"], 1) or 0
+    report = {
+        "operation": operation, "loadgen": tool, "connections": args.connections, "seconds": args.seconds,
+        "rounds": args.rounds, "fair_baseline": fair,
+        "results": sorted(table, key=lambda r: (r["workers"], r["setting"], r["variant"])),
+        "ratio_api_over_bare_1_process": ratios,
+        "headline": {
+            "api_jobs_per_s_1_process": best_single["jobs_per_s"], "setting": best_single["setting"],
+            "bare_jobs_per_s_1_process": fair_single,
+            "ratio_api_over_bare_1_process": ratio(best_single["jobs_per_s"], fair_single),
+            "api_jobs_per_s_best": best_api["jobs_per_s"], "api_processes_best": best_api["workers"],
+            "api_rss_mb_peak_per_process": max(r["rss_mb_peak_largest_process"] for r in api_rows),
+            "goal_ratio_0_8_met": (ratio(best_single["jobs_per_s"], fair_single) or 0) >= 0.8,
+            "goal_2000_jobs_per_s_met": best_api["jobs_per_s"] >= 2000,
+        },
+        "runs": runs,
+    }
+    write_report("submit", report, args.out, args.quick, command_line())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

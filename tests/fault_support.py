@@ -1,0 +1,300 @@
+"""Helpers for the fault tests (tests/test_faults.py): a webhook receiver that can fail on
+purpose, job submission and waiting, and the tally each scenario reports.
+
+A scenario's jobs are judged the same way everywhere (:func:`judge`):
+
+- survived: ``succeeded``, its output object is in the bucket with the recorded sha256 and
+  size, and exactly one terminal webhook was accepted for it;
+- lost: not ``succeeded`` (failed, canceled, never finished), or its object is missing, or no
+  terminal webhook arrived;
+- duplicated: more than one terminal webhook accepted for it (by delivery, or by distinct
+  ``webhook-id``).
+
+``attempts`` (how many times a job was started) is reported as a histogram: a job taken over
+after its worker was killed has ``attempts == 2`` by design, and that is not a duplicate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import boto3
+import httpx
+import redis
+
+from broker import keys
+from cli.cluster import ROOT, LocalCluster
+from cli.localservices import wait_until
+from tests.e2e_support import auth, data_url, png_bytes
+
+TERMINAL = ("succeeded", "failed", "canceled")
+TERMINAL_TYPES = ("job.succeeded", "job.failed", "job.canceled")
+REPORT_DIR = ROOT / "test-artifacts" / "faults"
+
+
+class FlakyReceiver:
+    """A webhook receiver on 127.0.0.1 whose answer is switchable.
+
+    ``mode``: ``"ok"`` answers 204; ``"error"`` answers 500; ``"hang"`` holds the request
+    ``hang_s`` seconds and then drops the connection without an answer (the sender times out).
+    ``requests`` records every POST as (headers, body, answered status or None); ``accepted``
+    receives (headers, body) of those answered 2xx, which is what a real receiver would act on.
+    """
+
+    def __init__(self, hang_s: float = 8.0) -> None:
+        self.mode = "ok"
+        self.hang_s = hang_s
+        self.requests: list[tuple[dict[str, str], bytes, int | None]] = []
+        self.accepted: queue.Queue[tuple[dict[str, str], bytes]] = queue.Queue()
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                mode = receiver.mode
+                if mode == "hang":
+                    with receiver._lock:
+                        receiver.requests.append((headers, body, None))
+                    time.sleep(receiver.hang_s)
+                    self.close_connection = True
+                    return
+                status = 204 if mode == "ok" else 500
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                with receiver._lock:
+                    receiver.requests.append((headers, body, status))
+                if status < 300:
+                    receiver.accepted.put((headers, body))
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hooks/editfarm"
+
+    def __enter__(self) -> FlakyReceiver:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class Deliveries:
+    """Accepted webhook deliveries of a :class:`FlakyReceiver`, grouped by job id."""
+
+    def __init__(self, receiver: FlakyReceiver) -> None:
+        self.receiver = receiver
+        self.by_job: dict[str, list[tuple[dict[str, str], bytes]]] = {}
+
+    def drain(self, wait_s: float = 0.0) -> None:
+        try:
+            while True:
+                headers, body = self.receiver.accepted.get(timeout=wait_s) if wait_s else \
+                    self.receiver.accepted.get_nowait()
+                self.by_job.setdefault(json.loads(body)["data"]["id"], []).append((headers, body))
+                wait_s = 0.0
+        except queue.Empty:
+            pass
+
+    def terminal(self, job_id: str) -> list[tuple[dict[str, str], bytes]]:
+        return [(h, b) for h, b in self.by_job.get(job_id, []) if json.loads(b)["type"] in TERMINAL_TYPES]
+
+    def wait_terminal(self, job_ids: list[str], timeout_s: float = 60, settle_s: float = 1.5) -> None:
+        """Until every job has a terminal delivery, then ``settle_s`` more for any duplicate."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(not self.terminal(j) for j in job_ids):
+            self.drain(0.1)
+        end = time.monotonic() + settle_s
+        while time.monotonic() < end:
+            self.drain(0.1)
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+
+def submit(cluster: LocalCluster, steps: int = 4, seed: int = 1, **fields: Any) -> str:
+    body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "seed": seed, "steps": steps,
+            **fields}
+    response = httpx.post(f"{cluster.api_url}/v1/jobs", json=body, headers=auth(), timeout=60)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def get(cluster: LocalCluster, job_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{cluster.api_url}/v1/jobs/{job_id}", headers=auth(), timeout=30)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def job_fields(cluster: LocalCluster, job_ids: list[str], *names: str) -> dict[str, dict[str, Any]]:
+    """Fields of the job records read straight from Redis (cheap for many jobs)."""
+    client = redis.Redis.from_url(cluster.redis_url)
+    try:
+        pipe = client.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(keys.job(job_id), names)
+        rows = pipe.execute()
+    finally:
+        client.close()
+    return {j: {n: (json.loads(v) if v is not None else None) for n, v in zip(names, row)}
+            for j, row in zip(job_ids, rows)}
+
+
+def wait_running(cluster: LocalCluster, job_ids: list[str], min_step: int = 1, timeout_s: float = 90) -> None:
+    """Until every job runs and has made ``min_step`` steps."""
+    def check() -> bool:
+        rows = job_fields(cluster, job_ids, "status", "progress").values()
+        return all(r["status"] == "running" and (r["progress"] or {}).get("step", 0) >= min_step for r in rows)
+    wait_until(check, timeout_s, f"jobs {job_ids} running", interval_s=0.05)
+
+
+def wait_n_running(cluster: LocalCluster, job_ids: list[str], n: int, min_step: int = 1,
+                   timeout_s: float = 90) -> list[str]:
+    """Until ``n`` of the jobs run with ``min_step`` steps made; returns those ids."""
+    box: dict[str, list[str]] = {}
+
+    def check() -> bool:
+        rows = job_fields(cluster, job_ids, "status", "progress")
+        box["ids"] = [j for j, r in rows.items()
+                      if r["status"] == "running" and (r["progress"] or {}).get("step", 0) >= min_step]
+        return len(box["ids"]) >= n
+    wait_until(check, timeout_s, f"{n} jobs running", interval_s=0.05)
+    return box["ids"][:n]
+
+
+def wait_all_terminal(cluster: LocalCluster, job_ids: list[str], timeout_s: float = 180) -> None:
+    """Until every job is terminal in the job store (polls Redis; the API is checked by :func:`judge`)."""
+    def check() -> bool:
+        return all(r["status"] in TERMINAL for r in job_fields(cluster, job_ids, "status").values())
+    try:
+        wait_until(check, timeout_s, "jobs terminal", interval_s=0.2)
+    except TimeoutError:
+        pass  # judge() counts the unfinished ones as lost
+
+
+def holder(cluster: LocalCluster, job_id: str) -> str:
+    """Name of the render worker (``render0``...) whose lease the job holds."""
+    worker = job_fields(cluster, [job_id], "worker")[job_id]["worker"] or ""
+    return str(worker).split("@", 1)[0]
+
+
+def wait_new_child(cluster: LocalCluster, name: str, old_pid: int, timeout_s: float = 120) -> int:
+    """Until the worker's pool child was replaced (a new pid in its ready file); returns it."""
+    box: dict[str, int] = {}
+
+    def check() -> bool:
+        proc = cluster.procs.get(name)
+        assert proc is not None and proc.poll() is None, f"{name} exited: see its log"
+        box["pid"] = cluster.worker_child_pid(name)
+        return box["pid"] != old_pid
+    wait_until(check, timeout_s, f"{name} new child", interval_s=0.1)
+    return box["pid"]
+
+
+def s3_client(cluster: LocalCluster) -> Any:
+    return boto3.client("s3", endpoint_url=cluster.s3_url, region_name="us-east-1", aws_access_key_id="test",
+                        aws_secret_access_key="test")
+
+
+# -- the tally -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    scenario: str
+    trials: int = 0
+    survived: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    attempts: Counter[int] = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
+    notes: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "trials": self.trials, "survived": self.survived, "lost": self.lost,
+                "duplicated": self.duplicated, "attempts": {str(k): v for k, v in sorted(self.attempts.items())},
+                "wall_s": round(time.monotonic() - self.started, 1), "problems": self.problems[:20],
+                **self.notes}
+
+    def line(self) -> str:
+        d = self.as_dict()
+        return (f"{self.scenario:<28} trials {self.trials:>4}  survived {self.survived:>4}  lost {self.lost:>3}  "
+                f"duplicated {self.duplicated:>3}  attempts {d['attempts']}  {d['wall_s']} s")
+
+    def write(self) -> Path:
+        REPORT_DIR.mkdir(parents=True, exist_ok=True)
+        path = REPORT_DIR / f"{self.scenario}.json"
+        path.write_text(json.dumps({**self.as_dict(), "trials_env": os.environ.get("EDITFARM_FAULT_TRIALS")},
+                                   indent=2) + "\n")
+        return path
+
+
+def judge(cluster: LocalCluster, tally: Tally, job_ids: list[str], deliveries: Deliveries | None,
+          expect_attempts: int | None = None) -> None:
+    """Add ``job_ids`` to ``tally`` as survived / lost / duplicated (see the module docstring).
+
+    Reads every job through the API (so GET works), checks each output object in the bucket,
+    and counts terminal webhooks. ``expect_attempts`` turns a different attempt count into a problem.
+    """
+    s3 = s3_client(cluster)
+    for job_id in job_ids:
+        tally.trials += 1
+        job = get(cluster, job_id)
+        tally.attempts[int(job.get("attempts") or 0)] += 1
+        problems: list[str] = []
+        if job["status"] != "succeeded":
+            problems.append(f"{job_id}: {job['status']} {job.get('error')}")
+        for output in job.get("outputs") or []:
+            try:
+                head = s3.head_object(Bucket="editfarm", Key=output["key"])
+            except Exception as exc:  # noqa: BLE001 - a missing object is what we look for
+                problems.append(f"{job_id}: output {output['key']} missing ({type(exc).__name__})")
+                continue
+            body = s3.get_object(Bucket="editfarm", Key=output["key"])["Body"].read()
+            if head["ContentLength"] != output["size_bytes"] or hashlib.sha256(body).hexdigest() != output["sha256"]:
+                problems.append(f"{job_id}: output {output['key']} differs from its record")
+        if job["status"] == "succeeded" and not job.get("outputs"):
+            problems.append(f"{job_id}: succeeded without outputs")
+        duplicated = False
+        if deliveries is not None:
+            terminal = deliveries.terminal(job_id)
+            ids = {h.get("webhook-id") for h, _ in terminal}
+            if not terminal:
+                problems.append(f"{job_id}: no terminal webhook")
+            elif len(terminal) > 1 or len(ids) > 1:
+                duplicated = True
+                tally.problems.append(f"{job_id}: {len(terminal)} terminal webhooks, ids {sorted(map(str, ids))}")
+        if expect_attempts is not None and job.get("attempts") != expect_attempts:
+            tally.problems.append(f"{job_id}: attempts {job.get('attempts')} (expected {expect_attempts})")
+        if problems:
+            tally.lost += 1
+            tally.problems += problems
+        elif duplicated:
+            tally.duplicated += 1
+        else:
+            tally.survived += 1
