@@ -1,7 +1,9 @@
 """API-key authentication: ``Authorization: Bearer <key>`` → tenant.
 
-Keys come from ``EDITFARM_API_KEYS`` (``tenant:key,tenant2:key2``). They are
-compared in constant time and never logged or put in an error message.
+Keys come from ``EDITFARM_API_KEYS`` (``tenant:key,tenant2:key2``, for bootstrapping
+and tests) and from the tenant store (``editfarm keys create``: only their SHA-256
+is stored). They are compared in constant time (the env ring) or looked up by digest,
+and never logged or put in an error message.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ import hmac
 import re
 from typing import Annotated
 
+import redis
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.errors import ApiError
 from broker.schema import ErrorCode
+from broker.tenants import KEY_PREFIX
 
 # Tenants name Redis keys and object-store prefixes, so keep them to a safe alphabet.
 TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -84,11 +89,19 @@ def get_api_keys(request: Request) -> ApiKeys:
 async def current_tenant(
     api_keys: Annotated[ApiKeys, Depends(get_api_keys)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    request: Request,
 ) -> str:
-    """The tenant of the request's API key. Raises ApiError 401 unauthorized."""
+    """The tenant of the request's API key. Raises ApiError 401 unauthorized (503 if the key store
+    is unreachable)."""
     if credentials is None or not credentials.credentials:
         raise _unauthorized("missing API key; send 'Authorization: Bearer <key>'")
     tenant = api_keys.tenant_for(credentials.credentials)
+    if tenant is None and credentials.credentials.startswith(KEY_PREFIX):
+        tenants = request.app.state.services.tenants
+        try:
+            tenant = await run_in_threadpool(tenants.tenant_for_key, credentials.credentials)
+        except (redis.exceptions.RedisError, OSError):
+            raise ApiError(503, ErrorCode.UNAVAILABLE, "the key store is unavailable; retry later") from None
     if tenant is None:
         raise _unauthorized("invalid API key")
     return tenant

@@ -19,6 +19,7 @@ from api.events import EventSource, RedisEventSource
 from api.settings import ApiSettings
 from broker.celery_app import enqueue_notify, enqueue_render, make_celery
 from broker.events import EventPublisher, RedisEventPublisher
+from broker.tenants import InMemoryTenantStore, RedisTenantStore, TenantStore
 from broker.store import JobStore, RedisJobStore
 from storage.store import ObjectStore, S3ObjectStore
 
@@ -44,6 +45,8 @@ class Services:
     events: EventSource
     redis: redis.Redis | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
+    # API keys created with `editfarm keys create` (hashed in Redis), besides EDITFARM_API_KEYS
+    tenants: TenantStore = field(default_factory=InMemoryTenantStore)
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> Services:
@@ -66,6 +69,7 @@ class Services:
             events=RedisEventSource(settings.redis_url),
             redis=client,
             closers=[client.close, celery.close],
+            tenants=RedisTenantStore(client),
         )
 
 

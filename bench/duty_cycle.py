@@ -1,6 +1,6 @@
 """GPU duty cycle: one worker, a saturated queue, a render stand-in that holds the "device" for T.
 
-    python -m bench.duty_cycle                 # T = 0.5 s (24 jobs) and 2 s (12 jobs), ~1.5 min
+    python -m bench.duty_cycle                 # T = 0.5 s (24 jobs) and 2 s (12 jobs), ~3 min
     python -m bench.duty_cycle --quick
 
 One render worker runs the bench-only timed stand-in (``bench.timed_standin``): it sleeps T
@@ -8,6 +8,11 @@ per job (spread over the steps, with the real step callbacks) and logs the exact
 end of each render; it returns a 1024x1024 image of noise, so the worker's PNG encode and
 upload cost what a real output costs (noise is the worst case for PNG). Each job is an edit
 of a 1024x1024 PNG (noise, ~3 MB), so the worker downloads and decodes a real-size input.
+
+``--runner current,pipelined`` (the default) runs each T twice, side by side: the worker as
+it is, and the prototype of the proposed runner change (``bench/pipelined.py``: encode +
+upload + terminal transition on a background thread, next job's input prefetched from the
+``editfarm:queued:<priority>`` sets while the current one renders).
 
 All jobs are submitted at once (the queue never runs dry), then:
 
@@ -43,12 +48,13 @@ from bench.common import (  # noqa: E402
 )
 
 
-def run_one(root: Path, render_s: float, jobs: int, side: int) -> dict[str, Any]:
+def run_one(root: Path, render_s: float, jobs: int, side: int, runner: str) -> dict[str, Any]:
     import httpx
 
     image = data_url(png((side, side), noise=True))
-    bench = BenchCluster(root / f"T{render_s:g}", render_workers=1, render_s=render_s, timed=True,
-                         output_side=side, webhook_worker=False)
+    extra = {"EDITFARM_BENCH_RUNNER": runner}
+    bench = BenchCluster(root / f"{runner}-T{render_s:g}", render_workers=1, render_s=render_s, timed=True,
+                         output_side=side, webhook_worker=False, extra_env=extra)
     with bench:
         cluster = bench.cluster
         client = httpx.Client(base_url=cluster.api_url, headers={"Authorization": f"Bearer {cluster.api_key()}"},
@@ -80,12 +86,12 @@ def run_one(root: Path, render_s: float, jobs: int, side: int) -> dict[str, Any]
     statuses: dict[str, int] = {}
     for rec in records.values():
         statuses[rec["status"]] = statuses.get(rec["status"], 0) + 1
-    result = {"render_s": render_s, "jobs": jobs, "statuses": statuses, "renders_logged": len(renders),
+    result = {"runner": runner, "render_s": render_s, "jobs": jobs, "statuses": statuses, "renders_logged": len(renders),
               "submit_all_s": round(submit_s, 2), "queue_saturated": submit_s < render_s * (jobs - 1),
               "duty_cycle": round(rendering / wall, 5), "wall_s": round(wall, 3), "rendering_s": round(rendering, 3),
               "gap_ms": summary(gaps, 1000), "pre_render_ms": summary(pre, 1000),
               "post_render_ms": summary(post, 1000)}
-    log(f"T={render_s:g}s: duty {result['duty_cycle']:.4f}, gap p50 {result['gap_ms'].get('p50')} ms "
+    log(f"{runner} T={render_s:g}s: duty {result['duty_cycle']:.4f}, gap p50 {result['gap_ms'].get('p50')} ms "
         f"p99 {result['gap_ms'].get('p99')} ms")
     return result
 
@@ -95,17 +101,25 @@ def main() -> int:
     p.add_argument("--render-s", default="0.5,2", help="stand-in render times (s)")
     p.add_argument("--jobs", default="24,12", help="jobs per render time")
     p.add_argument("--side", type=int, default=1024, help="input and output side (px)")
+    p.add_argument("--runner", default="",
+                   help="current: the worker as it is; pipelined: the prototype of the proposed change "
+                        "(bench/pipelined.py: finish in the background, prefetch the next input); "
+                        "default current,pipelined (--quick: current)")
     args = p.parse_args()
     if args.quick:
         args.render_s, args.jobs, args.side = "0.2", "3", 256
+    args.runner = args.runner or ("current" if args.quick else "current,pipelined")
     root = workdir(args.workdir, "duty_cycle")
     render_times = [float(x) for x in args.render_s.split(",")]
     counts = [int(x) for x in args.jobs.split(",")]
     counts += [counts[-1]] * (len(render_times) - len(counts))
-    results = [run_one(root, t, n, args.side) for t, n in zip(render_times, counts)]
-    at_2s = next((r for r in results if r["render_s"] == 2.0), None)
-    report = {"side_px": args.side, "results": results,
-              "goals": {"duty_ge_0_995_at_2s": None if at_2s is None else at_2s["duty_cycle"] >= 0.995}}
+    results = [run_one(root, t, n, args.side, runner) for t, n in zip(render_times, counts)
+               for runner in args.runner.split(",")]
+    goals = {}
+    for runner in args.runner.split(","):
+        at_2s = next((r for r in results if r["render_s"] == 2.0 and r["runner"] == runner), None)
+        goals[f"duty_ge_0_995_at_2s[{runner}]"] = None if at_2s is None else at_2s["duty_cycle"] >= 0.995
+    report = {"side_px": args.side, "results": results, "goals": goals}
     write_report("duty_cycle", report, args.out, args.quick, command_line())
     return 0
 

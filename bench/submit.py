@@ -5,7 +5,7 @@
 
 Starts Redis (AOF, like the local cluster) and the S3 server (moto) once; then, for each
 server setting, starts the API (``uvicorn --factory api.app:create_app``) or the bare
-endpoint (``bench.bare_api``) alone on a fresh database, warms it up for 1 s, and loads it
+endpoint (``bench.bare_api``) alone on a fresh database, warms it up for 2 s, and loads it
 from a separate process (``wrk`` when installed, else ``bench.loadgen``) for ``--seconds``
 with ``--connections`` keep-alive connections. Rounds are interleaved (api, bare, api, bare,
 ... per setting, ``--rounds`` times) so drift hits both alike; the report gives medians
@@ -15,6 +15,11 @@ processes, and the app processes' peak RSS under load.
 The body is a ``generate`` job when ``broker.schema.Operation`` has it (no input image),
 else an ``edit`` of the smallest valid PNG (1x1), in which case the API also puts that
 image into S3 per request and the ``bare+s3`` variant does the same put.
+
+Variants: ``api`` (the real ``POST /v1/jobs``), ``bare`` (``bench.bare_api``: only the same
+Redis writes, async), ``bare-sync`` (the same writes with the blocking client in a thread, as
+the API makes them), ``bare+s3`` (edit only: plus the input's S3 put), and ``api-proposed``
+(``bench.lean_api``: the real app with the proposed fast path, a prototype; not in --quick).
 
 Settings compared at 1 process: uvicorn's h11 + asyncio with the access log, the same
 without it (``--no-access-log``), and httptools + uvloop without it (when installed); then
@@ -50,7 +55,10 @@ from bench.common import (  # noqa: E402
 )
 
 API_KEY = "ef_bench_key_0123456789abcdef"
-APPS = {"api": "api.app:create_app", "bare": "bench.bare_api:create_app"}
+APPS = {"api": "api.app:create_app", "bare": "bench.bare_api:create_app", "lean": "bench.lean_api:create_app"}
+# variant → (app, path)
+VARIANTS = {"api": ("api", "/v1/jobs"), "api-proposed": ("lean", "/v1/jobs-lean"), "bare": ("bare", "/v1/jobs"),
+            "bare+s3": ("bare", "/v1/jobs"), "bare-sync": ("bare", "/v1/jobs")}
 
 
 def have(module: str) -> bool:
@@ -233,21 +241,27 @@ def probe_body(services: Services, root: Path) -> dict[str, Any]:
     raise RuntimeError("the API accepted neither a generate nor an edit job")
 
 
-def one_run(services: Services, root: Path, app: str, variant: str, setting: dict[str, Any], workers: int,
+def one_run(services: Services, root: Path, variant: str, setting: dict[str, Any], workers: int,
             body_file: Path, seconds: float, connections: int, tool: str) -> dict[str, Any]:
     from cli.localservices import free_port
 
+    app, path = VARIANTS[variant]
     services.flush()
     extra = {"EDITFARM_BENCH_BARE_S3": "true" if variant == "bare+s3" else "",
              "EDITFARM_BENCH_BARE_OPERATION": json.loads(body_file.read_text())["operation"],
              "EDITFARM_BENCH_BARE_SYNC": "true" if variant == "bare-sync" else ""}
     port = free_port()
     proc = start_app(services, app, setting["args"], workers, port, root / f"{variant}.log", extra)
-    url = f"http://127.0.0.1:{port}/v1/jobs"
+    url = f"http://127.0.0.1:{port}{path}"
     try:
-        warm = load(url, body_file, 1, connections, tool)
-        if warm["requests"] == 0 or warm["non_2xx"]:
-            raise RuntimeError(f"{variant} answered no 2xx during warm-up: {warm}; see {root}")
+        for _ in range(5):  # first requests of each process build clients; --workers N starts N of them
+            warm = load(url, body_file, 2, connections, tool)
+            if warm["non_2xx"]:
+                raise RuntimeError(f"{variant} answered non-2xx during warm-up: {warm}; see {root}")
+            if warm["requests"] > 0:
+                break
+        else:
+            raise RuntimeError(f"{variant} answered nothing during warm-up; see {root}")
         app_pids = tree_pids(proc.pid)
         others = {"redis": [services.redis.proc.pid], "s3": tree_pids(services.s3.proc.pid)}
         before = {"app": cpu_seconds(app_pids), **{k: cpu_seconds(v) for k, v in others.items()}}
@@ -285,7 +299,7 @@ def main() -> int:
     operation = body["operation"]
     variants = ["api", "bare"] + (["bare+s3"] if operation == "edit" else [])
     if not args.quick:
-        variants.append("bare-sync")
+        variants += ["bare-sync", "api-proposed"]
     settings = server_settings()
     if args.quick:
         settings = settings[-1:]
@@ -295,17 +309,16 @@ def main() -> int:
         for _ in range(args.rounds):
             for setting in settings:
                 for variant in variants:
-                    if variant == "bare-sync" and setting is not settings[-1]:
+                    if variant in ("bare-sync", "api-proposed") and setting is not settings[-1]:
                         continue
-                    app = "api" if variant == "api" else "bare"
-                    runs.append(one_run(services, root, app, variant, setting, 1, body_file, args.seconds,
+                    runs.append(one_run(services, root, variant, setting, 1, body_file, args.seconds,
                                         args.connections, tool))
             best = settings[-1]
             for workers in [int(w) for w in args.workers.split(",") if w]:
-                for variant in ("api", "bare+s3" if operation == "edit" else "bare"):
-                    app = "api" if variant == "api" else "bare"
-                    runs.append(one_run(services, root, app, variant, best, workers, body_file, args.seconds,
-                                        args.connections, tool))
+                for variant in ("api", "bare+s3" if operation == "edit" else "bare", "api-proposed"):
+                    if variant in variants:
+                        runs.append(one_run(services, root, variant, best, workers, body_file, args.seconds,
+                                            args.connections, tool))
     finally:
         services.stop()
 
@@ -339,6 +352,7 @@ def main() -> int:
         ratios[setting["name"]] = {v: ratio(api_rate or 0, rate(v, setting["name"], 1) or 0)
                                    for v in variants if v != "api" and rate(v, setting["name"], 1)}
     api_rows = [r for r in table if r["variant"] == "api"]
+    proposed_rows = [r for r in table if r["variant"] == "api-proposed"]
     best_api = max(api_rows, key=lambda r: r["jobs_per_s"])
     best_single = max((r for r in api_rows if r["workers"] == 1), key=lambda r: r["jobs_per_s"])
     fair_single = rate(fair, best_single["setting"], 1) or 0
@@ -355,6 +369,16 @@ def main() -> int:
             "api_rss_mb_peak_per_process": max(r["rss_mb_peak_largest_process"] for r in api_rows),
             "goal_ratio_0_8_met": (ratio(best_single["jobs_per_s"], fair_single) or 0) >= 0.8,
             "goal_2000_jobs_per_s_met": best_api["jobs_per_s"] >= 2000,
+        },
+        "proposed": None if not proposed_rows else {
+            "setting": settings[-1]["name"],
+            "api_proposed_jobs_per_s_1_process": rate("api-proposed", settings[-1]["name"], 1),
+            "ratio_api_proposed_over_bare_1_process": ratio(rate("api-proposed", settings[-1]["name"], 1) or 0,
+                                                             rate(fair, settings[-1]["name"], 1) or 0),
+            "ratio_api_proposed_over_api_1_process": ratio(rate("api-proposed", settings[-1]["name"], 1) or 0,
+                                                            rate("api", settings[-1]["name"], 1) or 0),
+            "api_proposed_jobs_per_s_best": max(r["jobs_per_s"] for r in proposed_rows),
+            "api_proposed_processes_best": max(proposed_rows, key=lambda r: r["jobs_per_s"])["workers"],
         },
         "runs": runs,
     }

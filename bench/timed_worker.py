@@ -4,7 +4,8 @@ Exactly ``workers.celery_worker`` (same tasks, signals, runner, services), excep
 process's renderer is set to :class:`bench.timed_standin.TimedStandinRenderer` before the
 prefork pool forks (it holds no device and no connections, so it may be inherited). Needs
 ``EDITFARM_BENCH_RENDER_LOG`` (a folder); ``EDITFARM_STANDIN_RENDER_S`` and
-``EDITFARM_BENCH_OUTPUT_SIDE`` are optional.
+``EDITFARM_BENCH_OUTPUT_SIDE`` are optional. ``EDITFARM_BENCH_RUNNER=pipelined`` swaps in the
+prototype of the proposed runner change (``bench.pipelined``).
 """
 
 from __future__ import annotations
@@ -21,3 +22,22 @@ services._renderer = TimedStandinRenderer(  # noqa: SLF001 - the one seam a benc
     os.environ["EDITFARM_BENCH_RENDER_LOG"],
     int(os.environ.get("EDITFARM_BENCH_OUTPUT_SIDE", "0") or 0),
 )
+
+if os.environ.get("EDITFARM_BENCH_RUNNER") == "pipelined":
+    # the prototype of the proposed runner change (bench/pipelined.py): same Runner, its class swapped
+    from celery.signals import worker_process_shutdown
+
+    from bench import pipelined
+
+    _make_runner = services.runner
+
+    def _pipelined_runner():  # type: ignore[no-untyped-def]
+        runner = _make_runner()
+        runner.__class__ = pipelined.PipelinedRunner
+        return runner
+
+    services.runner = _pipelined_runner  # type: ignore[assignment]
+
+    @worker_process_shutdown.connect
+    def _finish_last_job(**_: object) -> None:
+        pipelined.state()[0].wait()

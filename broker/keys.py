@@ -64,6 +64,40 @@ def webhook_lock(message_id: str) -> str:
     return f"{PREFIX}webhook:{message_id}:lock"
 
 
+def api_key(digest: str) -> str:
+    """String (JSON ApiKeyInfo) of an API key, by the SHA-256 hex of the key."""
+    return f"{PREFIX}apikey:{digest}"
+
+
+API_KEY_IDS = f"{PREFIX}apikeys"
+"""Hash key_id → digest, to list and revoke keys by id."""
+
+
+def tenant_webhook_secrets(tenant: str) -> str:
+    """String (JSON list) of a tenant's webhook signing secrets, newest first."""
+    return f"{PREFIX}tenant:{tenant}:webhook_secrets"
+
+
+def rate_window(tenant: str, window: int) -> str:
+    """Counter of a tenant's submissions in one fixed rate-limit window."""
+    return f"{PREFIX}tenant:{tenant}:rate:{window}"
+
+
+def tenant_active(tenant: str) -> str:
+    """Set of a tenant's queued and running job ids (the in-flight cap)."""
+    return f"{PREFIX}tenant:{tenant}:active"
+
+
+def job_webhooks(job_id: str) -> str:
+    """Set of the webhook message ids a job produced (its delivery log)."""
+    return f"{PREFIX}job:{job_id}:webhooks"
+
+
+def idempotency(tenant: str, key: str) -> str:
+    """String "<body sha256> <job id>" remembered for 24 h per tenant and Idempotency-Key."""
+    return f"{PREFIX}tenant:{tenant}:idem:{key}"
+
+
 def worker_heartbeat(worker_name: str) -> str:
     """String with the last heartbeat (epoch s) of a worker process."""
     return f"{PREFIX}worker:{worker_name}:heartbeat"

@@ -67,6 +67,10 @@ class JobStore(abc.ABC):
         """Jobs running now."""
 
     @abc.abstractmethod
+    def tenant_active_count(self, tenant: str) -> int:
+        """A tenant's jobs queued or running now (the in-flight cap)."""
+
+    @abc.abstractmethod
     def lapsed_leases(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
         """Running jobs whose lease ended before ``now`` (epoch s), as (job id, lease_until)."""
 
@@ -143,6 +147,7 @@ def _decode_job(raw: Mapping[Any, Any]) -> Job:
 # inflight list that KEDA counts. KEYS[1] is the job hash, KEYS[2..7] the
 # indexes in _INDEX_KEYS order, ARGV[1] the job id.
 _REINDEX = """
+local ARGV_PREFIX = '""" + keys.PREFIX + """'
 local function reindex(id)
   local status = redis.call('HGET', KEYS[1], 'status')
   for i = 2, 4 do redis.call('ZREM', KEYS[i], id) end
@@ -161,6 +166,13 @@ local function reindex(id)
   else
     redis.call('ZREM', KEYS[5], id)
     redis.call('LREM', KEYS[6], 0, id)
+  end
+  -- the tenant's in-flight set (derived from the hash, so not in KEYS: single-node Redis only)
+  local active = ARGV_PREFIX .. 'tenant:' .. cjson.decode(redis.call('HGET', KEYS[1], 'tenant')) .. ':active'
+  if status == '"queued"' or status == '"running"' then
+    redis.call('SADD', active, id)
+  else
+    redis.call('SREM', active, id)
   end
 end
 """
@@ -282,6 +294,9 @@ class RedisJobStore(JobStore):
     def running_count(self) -> int:
         return int(self.redis.llen(keys.INFLIGHT))
 
+    def tenant_active_count(self, tenant: str) -> int:
+        return int(self.redis.scard(keys.tenant_active(tenant)))
+
     def lapsed_leases(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
         rows: list[Any] = list(self.redis.zrangebyscore(keys.RUNNING, "-inf", f"({now!r}", start=0, num=limit,
                                                          withscores=True))
@@ -347,6 +362,9 @@ class InMemoryJobStore(JobStore):
 
     def running_count(self) -> int:
         return sum(1 for j in self._all() if j.status is JobStatus.RUNNING)
+
+    def tenant_active_count(self, tenant: str) -> int:
+        return sum(1 for j in self._all() if j.tenant == tenant and not j.status.is_terminal)
 
     def lapsed_leases(self, now: float, limit: int = 100) -> list[tuple[str, float]]:
         rows = [(j.id, j.lease_until or 0.0) for j in self._all() if j.status is JobStatus.RUNNING]

@@ -135,3 +135,19 @@ def test_create_app_builds_real_services_from_settings_without_connecting() -> N
     assert services.redis is not None and services.settings is settings
     client = TestClient(app)
     assert client.get("/healthz").status_code == 200  # liveness touches no dependency
+
+
+def test_a_key_created_in_the_tenant_store_authenticates_until_revoked() -> None:
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+    from api.testing import fake_services, make_settings
+
+    services = fake_services(make_settings())
+    info, key = services.tenants.create_key("initech")
+    with TestClient(create_app(services=services)) as client:
+        listed = client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+        assert listed.status_code == 200
+        services.tenants.revoke(info.key_id)
+        refused = client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"

@@ -154,3 +154,15 @@ def test_queued_jobs_past_their_deadline_are_found(store: JobStore) -> None:
     assert store.overdue_queued(now=16.0) == [soon.id]
     store.transition(soon.id, JobStatus.CANCELED)
     assert store.overdue_queued(now=16.0) == []
+
+
+def test_a_tenants_in_flight_count_follows_its_jobs(store: JobStore) -> None:
+    a, b, other = make_job("acme"), make_job("acme"), make_job("globex")
+    for job in (a, b, other):
+        store.create(job)
+    assert store.tenant_active_count("acme") == 2
+    store.transition(a.id, JobStatus.RUNNING)
+    assert store.tenant_active_count("acme") == 2
+    store.transition(a.id, JobStatus.SUCCEEDED)
+    store.transition(b.id, JobStatus.CANCELED)
+    assert store.tenant_active_count("acme") == 0 and store.tenant_active_count("globex") == 1

@@ -38,9 +38,12 @@ class WebhookNotifier:
     """Creates a job's webhook message for an event and queues its delivery."""
 
     def __init__(self, outbox: BaseWebhookOutbox, presign: Presign, enqueue: Enqueue,
-                 config: WebhookConfig, client: httpx.Client, base_url: str = "") -> None:
+                 config: WebhookConfig, client: httpx.Client, base_url: str = "",
+                 link: Callable[[str, str], None] | None = None) -> None:
         self.outbox, self.presign, self.enqueue = outbox, presign, enqueue
         self.config, self.client, self.base_url = config, client, base_url
+        # link(job_id, message_id): remembers a job's messages for its delivery log
+        self.link = link or (lambda job_id, message_id: None)
 
     def __call__(self, job: Job, event: str) -> None:
         """Stored and retried for ``job.started`` and terminal events; best effort for ``job.progress``."""
@@ -56,6 +59,7 @@ class WebhookNotifier:
         body = build_body(event, job_view(job, self.presign, self.base_url), time.time())
         if not self.outbox.put(message_id, job.params.webhook, body, job.tenant):
             log.info("webhook %s already stored; queuing delivery again is harmless", message_id)
+        self.link(job.id, message_id)
         # delivery dedupes on the message's state, so a second enqueue never sends twice
         self.enqueue(message_id)
 

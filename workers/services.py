@@ -21,6 +21,7 @@ from broker.celery_app import enqueue_notify, enqueue_render, enqueue_webhook, m
 from broker.events import RedisEventPublisher
 from broker.schema import Job
 from broker.store import RedisJobStore
+from broker.tenants import RedisTenantStore
 from storage import S3Config, S3ObjectStore
 from workers import metrics
 from workers.notify import WebhookNotifier
@@ -76,9 +77,12 @@ def outbox() -> WebhookOutbox:
     return WebhookOutbox(redis_client())
 
 
-def webhook_config() -> WebhookConfig:
+def webhook_config(tenant: str | None = None) -> WebhookConfig:
+    """Delivery settings; a tenant with its own (rotated) secrets signs with those."""
     s = settings()
     secrets = [s.webhook_secret.get_secret_value()] if s.webhook_secret else []
+    if tenant:
+        secrets = RedisTenantStore(redis_client()).signing_secrets(tenant) or secrets
     return WebhookConfig(secrets=secrets, timeout_s=s.webhook_timeout_s,
                          max_attempts=len(s.webhook_retry_schedule_s),
                          retry_schedule_s=tuple(s.webhook_retry_schedule_s),
@@ -219,8 +223,14 @@ def notifier() -> WebhookNotifier:
     s = settings()
     objs = objects()
     app = celery_app()
+    def link(job_id: str, message_id: str) -> None:
+        pipe = redis_client().pipeline()
+        pipe.sadd(keys.job_webhooks(job_id), message_id)
+        pipe.expire(keys.job_webhooks(job_id), 7 * 24 * 3600)
+        pipe.execute()
     return WebhookNotifier(outbox(), lambda key: objs.presign_get(key, s.presign_expiry_s),
-                           lambda message_id: enqueue_webhook(app, message_id), webhook_config(), http_client())
+                           lambda message_id: enqueue_webhook(app, message_id), webhook_config(), http_client(),
+                           link=link)
 
 
 def reaper() -> Reaper:

@@ -31,8 +31,13 @@ def render(task: Task, job_id: str) -> None:
 
 
 def deliver_webhook(task: Task, message_id: str) -> None:
+    outbox = services.outbox()
+    message = outbox.get(message_id)
+    if message is None:
+        log.warning("webhook message %s is gone (expired?); dropping", message_id)
+        return
     try:
-        result = deliver_once(services.outbox(), message_id, services.webhook_config(), services.http_client())
+        result = deliver_once(outbox, message_id, services.webhook_config(message.tenant), services.http_client())
     except LookupError:
         log.warning("webhook message %s is gone (expired?); dropping", message_id)
         return

@@ -10,7 +10,7 @@ inside ``DiffusersRenderer.load`` — i.e. in the worker child, after the fork.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -62,6 +62,27 @@ def _dtype_kwarg() -> str:
     return "dtype"
 
 
+def latent_preview(latents: Any, width: int | None, height: int | None, max_side_px: int = 128) -> Image.Image | None:
+    """A rough RGB preview of packed Qwen-Image latents, without the VAE (milliseconds).
+
+    The latents are ``[batch, (h/16)*(w/16), channels*4]`` (2x2 packing over the VAE's 8x grid);
+    each token's 2x2 group is averaged and the first three latent channels are stretched to
+    0..255. Returns None when the shape does not match ``width``x``height``.
+    """
+    if latents is None or not width or not height or latents.ndim != 3:
+        return None
+    grid_h, grid_w = int(height) // 16, int(width) // 16
+    if latents.shape[1] != grid_h * grid_w or latents.shape[2] % 4:
+        return None
+    x = latents[0].detach().float().reshape(grid_h, grid_w, latents.shape[2] // 4, 4).mean(-1)[..., :3]
+    low = x.amin(dim=(0, 1), keepdim=True)
+    high = x.amax(dim=(0, 1), keepdim=True)
+    rgb = ((x - low) / (high - low + 1e-6) * 255).clamp(0, 255).to(torch.uint8).cpu().numpy()
+    image = Image.fromarray(rgb, "RGB")
+    scale = max_side_px / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
+
+
 class DiffusersRenderer(Renderer):
     """One Qwen-Image model loaded once and kept on ``device``; every operation runs on it.
 
@@ -88,6 +109,9 @@ class DiffusersRenderer(Renderer):
         self.dtype = dtype
         self.loras = LoraCache(pipe, capacity=lora_capacity)
         self._pipes: dict[str, Any] = {"edit": pipe}
+        # previews: every ``preview_every`` steps the sink gets (step, small RGB image); off when None
+        self.preview_sink: Callable[[int, Image.Image], None] | None = None
+        self.preview_every = 0
 
     @classmethod
     def load(cls, model: str, device: str = "cpu", dtype: str | None = None,
@@ -167,6 +191,11 @@ class DiffusersRenderer(Renderer):
             pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
         ) -> dict[str, Any]:
             total = pipe.num_timesteps
+            if self.preview_sink is not None and self.preview_every > 0 and step_index + 1 < total \
+                    and (step_index + 1) % self.preview_every == 0:
+                preview = latent_preview(callback_kwargs.get("latents"), kwargs.get("width"), kwargs.get("height"))
+                if preview is not None:
+                    self.preview_sink(step_index + 1, preview)
             if on_step is not None and not on_step(step_index + 1, total):
                 pipe._interrupt = True
                 # Raise here instead of letting the loop run out: after an interrupted loop the
