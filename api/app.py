@@ -20,7 +20,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.models import component_schemas
-from api.routers import health, jobs, monitoring, ui
+from api.routers import deliveries, health, jobs, monitoring, ui
 from api.settings import ApiSettings
 
 logger = logging.getLogger("editfarm.api")
@@ -33,6 +33,11 @@ Authenticate with `Authorization: Bearer <key>`. `POST /v1/jobs` takes JSON
 the job is rendered asynchronously, outputs land in the object store and are
 returned as presigned URLs; an optional signed webhook reports completion.
 Every error is `{"error": {"code", "message", "param"?}}`.
+
+Submissions are limited per tenant (429 `rate_limited` / `too_many_jobs`, with
+`Retry-After`); an `Idempotency-Key` header makes a submission safe to retry.
+`GET /v1/jobs/{id}/deliveries` shows a job's webhook attempts and
+`POST /v1/jobs/{id}/deliveries/redeliver` sends its webhook again.
 
 `GET /v1/jobs/{id}/events` streams a job's status and progress as Server-Sent
 Events. `GET /metrics` (Prometheus, no auth) is for the cluster network only.
@@ -86,6 +91,7 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(deliveries.router)
     app.include_router(monitoring.router)
     app.include_router(ui.router)
     _add_component_schemas(app)

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from broker.schema import ErrorCode

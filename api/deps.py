@@ -15,13 +15,20 @@ from typing import Annotated, Any
 import redis
 from fastapi import Depends, Request
 
+from api.delivery_log import DeliveryLog, InMemoryDeliveryLog, RedisDeliveryLog
 from api.events import EventSource, RedisEventSource
+from api.idempotency import IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore
+from api.limits import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
 from api.settings import ApiSettings
-from broker.celery_app import enqueue_notify, enqueue_render, make_celery
+from broker.celery_app import enqueue_notify, enqueue_render, enqueue_webhook, make_celery
 from broker.events import EventPublisher, RedisEventPublisher
-from broker.tenants import InMemoryTenantStore, RedisTenantStore, TenantStore
 from broker.store import JobStore, RedisJobStore
+from broker.tenants import InMemoryTenantStore, RedisTenantStore, TenantStore
 from storage.store import ObjectStore, S3ObjectStore
+
+
+def _no_redeliver(message_id: str) -> None:
+    raise RuntimeError("no webhook queue is configured")
 
 
 @dataclass
@@ -30,8 +37,11 @@ class Services:
 
     ``enqueue(job_id, priority)`` queues a stored job for rendering on its
     priority's queue and ``notify(job_id, event)`` asks a CPU worker to send
-    the job's webhook for ``event`` (e.g. ``"job.canceled"``); both raise if the
-    broker is unreachable. ``publisher`` sends a job's live events and
+    the job's webhook for ``event`` (e.g. ``"job.canceled"``); ``redeliver(message_id)``
+    queues one more delivery of a stored webhook message; all raise if the
+    broker is unreachable. ``limiter`` counts submissions per tenant,
+    ``idempotency`` remembers Idempotency-Keys and ``deliveries`` reads the
+    webhook outbox (a job's delivery log). ``publisher`` sends a job's live events and
     ``events`` subscribes to them (SSE). ``redis`` is only used by ``/readyz``;
     None skips that check. ``closers`` run at application shutdown.
     """
@@ -47,6 +57,10 @@ class Services:
     closers: list[Callable[[], Any]] = field(default_factory=list)
     # API keys created with `editfarm keys create` (hashed in Redis), besides EDITFARM_API_KEYS
     tenants: TenantStore = field(default_factory=InMemoryTenantStore)
+    redeliver: Callable[[str], None] = field(default=_no_redeliver)
+    limiter: RateLimiter = field(default_factory=InMemoryRateLimiter)
+    idempotency: IdempotencyStore = field(default_factory=InMemoryIdempotencyStore)
+    deliveries: DeliveryLog = field(default_factory=InMemoryDeliveryLog)
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> Services:
@@ -70,6 +84,10 @@ class Services:
             redis=client,
             closers=[client.close, celery.close],
             tenants=RedisTenantStore(client),
+            redeliver=functools.partial(enqueue_webhook, celery),
+            limiter=RedisRateLimiter(client),
+            idempotency=RedisIdempotencyStore(client),
+            deliveries=RedisDeliveryLog(client),
         )
 
 

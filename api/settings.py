@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
+from broker.schema import MAX_BOXES, MAX_REFERENCE_IMAGES
 from broker.settings import ClusterSettings
 from storage.store import S3Config
 
 MIB = 1024 * 1024
+MAX_PROMPT_CHARS = 4000  # the job schema's max_length of prompt and negative_prompt
 
 
 class ApiSettings(ClusterSettings):
@@ -27,6 +29,17 @@ class ApiSettings(ClusterSettings):
     # width*height, checked from the image header before any pixel is decoded
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     max_image_side_px: int = Field(default=8192, gt=0)
+    # prompt and negative_prompt, in characters (the job schema's hard cap is 4000)
+    max_prompt_chars: int = Field(default=MAX_PROMPT_CHARS, ge=1, le=MAX_PROMPT_CHARS)
+    # edit's reference images and inpaint's boxes (the job schema's hard caps are 3 and 16)
+    max_reference_images: int = Field(default=MAX_REFERENCE_IMAGES, ge=0, le=MAX_REFERENCE_IMAGES)
+    max_boxes: int = Field(default=MAX_BOXES, ge=0, le=MAX_BOXES)
+
+    # per tenant: POST /v1/jobs per minute (sliding window in Redis) and jobs queued or running; 0 = off
+    rate_limit_per_min: int = Field(default=600, ge=0)
+    max_jobs_in_flight: int = Field(default=1000, ge=0)
+    # how long POST /v1/jobs remembers an Idempotency-Key (per tenant)
+    idempotency_ttl_s: int = Field(default=24 * 3600, gt=0)
 
     # input-image URLs and webhooks: https to public addresses only, unless these are set
     # (local development and tests); cloud metadata addresses stay refused either way.

@@ -1,7 +1,8 @@
 """In-process fakes for tests of the API (and of anything that drives it).
 
-``fake_services()`` gives in-memory job and object stores, an enqueue and a
-notify that only record their calls, and an in-memory event bus (publisher and
+``fake_services()`` gives in-memory job and object stores, an enqueue, a
+notify and a redeliver that only record their calls, an in-memory rate limiter,
+idempotency store and delivery log, and an in-memory event bus (publisher and
 SSE source in one), so a TestClient can run every route offline.
 """
 
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 from pydantic import SecretStr
 
+from api.delivery_log import InMemoryDeliveryLog
 from api.deps import Services
 from api.events import InMemoryEventBus
+from api.idempotency import InMemoryIdempotencyStore
+from api.limits import InMemoryRateLimiter
 from api.settings import ApiSettings
 from broker.store import InMemoryJobStore
 from storage.store import InMemoryObjectStore
@@ -53,9 +57,23 @@ class RecordingNotify:
         self.sent.append((job_id, event))
 
 
+class RecordingRedeliver:
+    """A redeliver function that appends message ids to ``sent``; ``down = True`` makes it raise."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.down = False
+
+    def __call__(self, message_id: str) -> None:
+        if self.down:
+            raise ConnectionError("queue is down")
+        self.sent.append(message_id)
+
+
 def fake_services(settings: ApiSettings | None = None) -> Services:
-    """Services over InMemoryJobStore, InMemoryObjectStore, a RecordingQueue, a RecordingNotify
-    and one InMemoryEventBus as both publisher and event source (redis=None)."""
+    """Services over InMemoryJobStore, InMemoryObjectStore, a RecordingQueue, a RecordingNotify, a
+    RecordingRedeliver, in-memory rate limiter, idempotency store and delivery log, and one
+    InMemoryEventBus as both publisher and event source (redis=None)."""
     bus = InMemoryEventBus()
     return Services(
         settings=settings or make_settings(),
@@ -65,4 +83,8 @@ def fake_services(settings: ApiSettings | None = None) -> Services:
         notify=RecordingNotify(),
         publisher=bus,
         events=bus,
+        redeliver=RecordingRedeliver(),
+        limiter=InMemoryRateLimiter(),
+        idempotency=InMemoryIdempotencyStore(),
+        deliveries=InMemoryDeliveryLog(),
     )

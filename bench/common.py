@@ -205,17 +205,23 @@ class BenchCluster:
 
     def __init__(self, workdir: Path, render_workers: int = 1, render_s: float = 0.0, timed: bool = False,
                  output_side: int = 0, model: str = "standin", extra_env: dict[str, str] | None = None,
-                 webhook_worker: bool = True) -> None:
+                 webhook_worker: bool = True, api_app: str = "api.app:create_app",
+                 webhook_app: str = "workers.celery_worker:app") -> None:
         from cli.cluster import ClusterConfig, LocalCluster
 
         self.render_log = workdir / "render-intervals"
-        env = {"EDITFARM_LEASE_S": "60", "EDITFARM_HEARTBEAT_INTERVAL_S": "10", **(extra_env or {})}
+        # per-tenant submission limits: never refuse a benchmark's jobs, but still run the checks
+        env = {"EDITFARM_LEASE_S": "60", "EDITFARM_HEARTBEAT_INTERVAL_S": "10",
+               "EDITFARM_RATE_LIMIT_PER_MIN": "1000000000", "EDITFARM_MAX_JOBS_IN_FLIGHT": "1000000000",
+               **(extra_env or {})}
         if model == "standin":
             env.update({"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(render_s)})
         if timed:
             self.render_log.mkdir(parents=True, exist_ok=True)
             env.update({"EDITFARM_BENCH_RENDER_LOG": str(self.render_log),
                         "EDITFARM_BENCH_OUTPUT_SIDE": str(output_side)})
+        from cli.localservices import free_port
+
         config = ClusterConfig(workdir=workdir, model=model, render_workers=render_workers, extra_env=env)
         timed_app = timed
         with_webhooks = webhook_worker
@@ -241,8 +247,26 @@ class BenchCluster:
                 return name
 
             def start_webhook_worker(self) -> None:
-                if with_webhooks:
+                if not with_webhooks:
+                    return
+                if webhook_app == "workers.celery_worker:app":
                     super().start_webhook_worker()
+                    return
+                # LocalCluster's command line with the bench app
+                self.metrics_ports["webhooks"] = free_port()
+                self._spawn("webhooks", [sys.executable, "-m", "celery", "-A", webhook_app, "worker", "-Q", "webhooks",
+                                         "-P", "threads", "-c", "8", "-n", "webhooks@local", "-E", "--without-gossip",
+                                         "--without-mingle", "-l", "INFO"],
+                            {"EDITFARM_WORKER_ROLE": "webhooks",
+                             "EDITFARM_METRICS_PORT": str(self.metrics_ports["webhooks"]),
+                             "EDITFARM_HEARTBEAT_FILE": str(self.workdir / "ready" / "webhooks.heartbeat")})
+
+            def start_api(self) -> None:
+                if api_app == "api.app:create_app":
+                    super().start_api()
+                    return
+                self._spawn("api", [sys.executable, "-m", "uvicorn", "--factory", api_app, "--host", "127.0.0.1",
+                                    "--port", str(self.api_port), "--log-level", "warning"])
 
         self.cluster = _Cluster(config)
 
@@ -256,9 +280,16 @@ class BenchCluster:
     def render_intervals(self) -> list[dict[str, Any]]:
         """Render start/end (epoch s) as logged by the timed stand-in, sorted by start."""
         rows = []
-        for path in self.render_log.glob("*.jsonl"):
+        for path in self.render_log.glob("[0-9]*[0-9].jsonl"):
             rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         return sorted(rows, key=lambda r: r["start"])
+
+    def task_intervals(self) -> list[dict[str, Any]]:
+        """Each render task's entry/return (epoch s), logged by bench.pipelined's runners, sorted by entry."""
+        rows = []
+        for path in self.render_log.glob("*.tasks.jsonl"):
+            rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return sorted(rows, key=lambda r: r["entered"])
 
 
 # -- webhooks --------------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ All jobs are submitted at once (the queue never runs dry), then:
 * gap = next render's start − this render's end (p50, p99): everything the worker does
   between two renders (encode + upload of the last output, terminal transition, ack, next
   message, lease, download + decode of the next input);
+* the gap taken apart (``gap_parts_ms``) with each task's entry/return times (logged by
+  ``bench.pipelined``'s runners): render end → task returns, task returns → next task
+  entered (Celery's turnaround), next task entered → its render starts;
 * from the job records: pre-render (started_at → render start: lease, fetch, decode) and
   post-render (render end → finished_at: encode, upload, terminal transition).
 """
@@ -71,6 +74,7 @@ def run_one(root: Path, render_s: float, jobs: int, side: int, runner: str) -> d
         client.close()
         records = wait_jobs_done(cluster.redis_url, ids, timeout_s=jobs * (render_s + 5) + 60)
         intervals = bench.render_intervals()
+        tasks = bench.task_intervals()
     by_seed = {r["seed"]: r for r in intervals}
     renders = sorted(intervals, key=lambda r: r["start"])
     rendering = sum(r["end"] - r["start"] for r in renders)
@@ -83,6 +87,18 @@ def run_one(root: Path, render_s: float, jobs: int, side: int, runner: str) -> d
             continue
         pre.append(render["start"] - rec["started_at"])
         post.append(rec["finished_at"] - render["end"])
+    # the gap, taken apart with the tasks' entry/return times: render end → task returns (finish on
+    # the critical path), task returns → next task entered (Celery: ack, next message, hand to the
+    # pool child), next task entered → its render starts (lease, fetch, decode)
+    by_entry = sorted(tasks, key=lambda t: t["entered"])
+    until_return, turnaround, until_render = [], [], []
+    for a, b in zip(renders, renders[1:]):
+        done = next((t for t in by_entry if t["entered"] <= a["start"] <= t["returned"]), None)
+        nxt = next((t for t in by_entry if t["entered"] <= b["start"] <= t["returned"]), None)
+        if done and nxt:
+            until_return.append(done["returned"] - a["end"])
+            turnaround.append(nxt["entered"] - done["returned"])
+            until_render.append(b["start"] - nxt["entered"])
     statuses: dict[str, int] = {}
     for rec in records.values():
         statuses[rec["status"]] = statuses.get(rec["status"], 0) + 1
@@ -90,7 +106,10 @@ def run_one(root: Path, render_s: float, jobs: int, side: int, runner: str) -> d
               "submit_all_s": round(submit_s, 2), "queue_saturated": submit_s < render_s * (jobs - 1),
               "duty_cycle": round(rendering / wall, 5), "wall_s": round(wall, 3), "rendering_s": round(rendering, 3),
               "gap_ms": summary(gaps, 1000), "pre_render_ms": summary(pre, 1000),
-              "post_render_ms": summary(post, 1000)}
+              "post_render_ms": summary(post, 1000),
+              "gap_parts_ms": {"render_end_to_task_return": summary(until_return, 1000),
+                               "task_return_to_next_task": summary(turnaround, 1000),
+                               "next_task_to_render_start": summary(until_render, 1000)}}
     log(f"{runner} T={render_s:g}s: duty {result['duty_cycle']:.4f}, gap p50 {result['gap_ms'].get('p50')} ms "
         f"p99 {result['gap_ms'].get('p99')} ms")
     return result

@@ -3,11 +3,13 @@
     python -m bench.memory            # ~2 min
     python -m bench.memory --quick    # API and stand-in worker only
 
-* API: one API process (``uvicorn --factory api.app:create_app``, default settings) on Redis
+* API: one API process (``uvicorn --factory api.app:create_app``, h11 + asyncio, log level info:
+  how ``editfarm api`` runs today) on Redis
   and the S3 server; RSS idle, then the peak (sampled every 0.2 s) under ``--seconds`` of load
   from ``wrk``/``bench.loadgen``: generate submissions with 64 connections, and edits of a
   1024x1024 PNG (~3 MB of noise, 4 MB as a data URL: every request decodes a full image)
-  with 16 connections.
+  with 16 connections. Then the same with ``MALLOC_ARENA_MAX=2`` in the API's environment
+  (glibc keeps one malloc arena per thread by default; the thread pool makes many).
 * stand-in worker: the render worker's pool child (the process that would hold the model)
   with the stand-in, after edits of 1024x1024 inputs with 1024x1024 noise outputs: the
   worker's own footprint (Celery, clients, runner, image buffers), no torch at all.
@@ -46,15 +48,17 @@ from bench.common import (  # noqa: E402
 PROMPT = "make the sky purple"
 
 
-def api_memory(root: Path, seconds: float, tool: str) -> dict[str, Any]:
-    from bench.submit import RssSampler, Services, load, start_app
+def api_memory(root: Path, seconds: float, tool: str, extra_env: dict[str, str]) -> dict[str, Any]:
+    from bench.submit import RssSampler, Services, load, server_settings, start_app
     from cli.localservices import free_port
 
-    services = Services(root / "api")
-    result: dict[str, Any] = {"loadgen": tool, "seconds": seconds}
+    services = Services(root / ("api-" + "-".join(f"{k}={v}" for k, v in extra_env.items())))
+    result: dict[str, Any] = {"loadgen": tool, "seconds": seconds, "env": extra_env}
     try:
         port = free_port()
-        proc = start_app(services, "api", [], 1, port, root / "api.log", {})
+        setting = server_settings()[0]  # how `editfarm api` runs today
+        result["setting"] = setting["name"]
+        proc = start_app(services, "api", setting["args"], 1, port, root / "api.log", extra_env)
         try:
             url = f"http://127.0.0.1:{port}/v1/jobs"
             result["idle_mb"] = rss_mb(proc.pid)
@@ -69,7 +73,8 @@ def api_memory(root: Path, seconds: float, tool: str) -> dict[str, Any]:
                 result[name] = {"connections": connections, "jobs_per_s": run["requests_per_s"],
                                 "non_2xx": run["non_2xx"],
                                 "body_bytes": body_file.stat().st_size, "peak_mb": round(rss.peak_total, 1)}
-                log(f"API under {name} load: peak {rss.peak_total:.1f} MB at {run['requests_per_s']} jobs/s")
+                log(f"API {extra_env or ''} under {name} load: peak {rss.peak_total:.1f} MB "
+                    f"at {run['requests_per_s']} jobs/s")
             result["after_mb"] = rss_mb(proc.pid)
         finally:
             stop_group(proc)
@@ -172,7 +177,8 @@ def main() -> int:
 
     tool = "wrk" if shutil.which("wrk") else "python"
     root = workdir(args.workdir, "memory")
-    report: dict[str, Any] = {"api": api_memory(root, args.seconds, tool),
+    report: dict[str, Any] = {"api": api_memory(root, args.seconds, tool, {}),
+                              "api_malloc_arena_max_2": api_memory(root, args.seconds, tool, {"MALLOC_ARENA_MAX": "2"}),
                               "standin_worker": standin_worker_memory(root, 3 if args.quick else 10, args.side)}
     if args.quick:
         report["model_worker"] = {"skipped": "--quick"}

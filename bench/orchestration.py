@@ -1,6 +1,6 @@
 """Orchestration overhead: submit → signed webhook received, with a render stand-in that takes no time.
 
-    python -m bench.orchestration           # 200 jobs (~1 min)
+    python -m bench.orchestration           # 200 jobs per variant (~2 min)
     python -m bench.orchestration --quick
 
 A whole local cluster (Redis, S3 server, API, one render worker with the stand-in at
@@ -9,6 +9,12 @@ One job at a time: the clock starts before ``POST /v1/jobs`` and stops when the 
 terminal webhook arrives. Side by side, alternating one for one with the jobs, the
 baseline: a bare Celery ``apply_async(...).get()`` of a no-op task on the same Redis
 (``bench.noop_celery``, a prefork worker with one child and a Redis result backend).
+
+``--variants current,proposed`` (the default) runs two clusters side by side and alternates
+jobs between them: ``current`` is the code as it is; ``proposed`` runs the prototypes of the
+proposed changes: the submission fast path (``bench.lean_api``, ``POST /v1/jobs-lean``) and
+the first webhook attempt made by the notify task itself (``bench.fast_webhooks``). The
+top-level figures are those of the first variant; ``by_variant`` has each.
 
 The breakdown of each job comes from its record (``created_at``, ``started_at``,
 ``finished_at``, epoch seconds) and the receiver's clock: POST answered, queued → started,
@@ -54,78 +60,106 @@ def start_noop_worker(redis_url: str, log_path: Path) -> subprocess.Popen[bytes]
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def main() -> int:
-    p = parser("orchestration", __doc__)
-    p.add_argument("--jobs", type=int, default=200)
-    args = p.parse_args()
-    if args.quick:
-        args.jobs = 10
-    import httpx
+VARIANTS = {
+    # name: (API app, submit path, webhook worker app)
+    "current": ("api.app:create_app", "/v1/jobs", "workers.celery_worker:app"),
+    "proposed": ("bench.lean_api:create_app", "/v1/jobs-lean", "bench.fast_webhooks:app"),
+}
 
-    root = workdir(args.workdir, "orchestration")
-    bench = BenchCluster(root, render_workers=1, render_s=0.0)
-    with bench, TimedReceiver() as receiver:
-        cluster = bench.cluster
-        noop_proc = start_noop_worker(cluster.redis_url, root / "logs" / "noop.log")
-        try:
-            from bench.noop_celery import app as noop_app_template  # noqa: F401 - checks it imports
-            from celery import Celery
 
-            noop = Celery("bench-noop", broker=cluster.redis_url, backend=cluster.redis_url, set_as_current=False)
-            noop.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
-            noop.send_task("bench.noop", args=[0], queue="bench.noop").get(timeout=60)  # worker up
-            headers = {"Authorization": f"Bearer {cluster.api_key()}"}
-            client = httpx.Client(base_url=cluster.api_url, headers=headers, timeout=30)
-            warm = 2 if args.quick else 5
-            rows: list[dict[str, Any]] = []
-            baseline: list[float] = []
-            operation = job_body()["operation"]
-            log(f"{args.jobs} jobs ({operation}, steps=2, stand-in 0 s) alternating with {args.jobs} no-op tasks")
-            for index in range(warm + args.jobs):
-                began = time.perf_counter()
-                noop.send_task("bench.noop", args=[index], queue="bench.noop").get(timeout=30)
-                noop_s = time.perf_counter() - began
-
-                body = job_body(steps=2, seed=index, webhook=receiver.url)
-                began, began_epoch = time.perf_counter(), time.time()
-                answer = client.post("/v1/jobs", json=body)
-                posted = time.perf_counter()
-                if answer.status_code != 202:
-                    raise RuntimeError(f"submit answered {answer.status_code}: {answer.text[:300]}")
-                job_id = answer.json()["id"]
-                arrived, arrived_epoch = receiver.wait_for(job_id, timeout_s=30)
-                if index < warm:
-                    continue
-                baseline.append(noop_s)
-                rows.append({"id": job_id, "total_s": arrived - began, "post_s": posted - began,
-                             "began_epoch": began_epoch, "arrived_epoch": arrived_epoch})
-            client.close()
-            records = wait_jobs_done(cluster.redis_url, [r["id"] for r in rows], 30)
-        finally:
-            stop_group(noop_proc)
-    statuses = {}
+def breakdown(rows: list[dict[str, Any]], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for row in rows:
         rec = records[row["id"]]
-        statuses[rec["status"]] = statuses.get(rec["status"], 0) + 1
         row["queued_to_started_s"] = rec["started_at"] - rec["created_at"]
         row["started_to_finished_s"] = rec["finished_at"] - rec["started_at"]
         row["finished_to_webhook_s"] = row["arrived_epoch"] - rec["finished_at"]
-    total = summary([r["total_s"] for r in rows], 1000)
-    base = summary(baseline, 1000)
-    report = {
-        "jobs": len(rows), "operation": operation, "statuses": statuses,
-        "submit_to_webhook_ms": total,
-        "baseline_celery_apply_async_get_ms": base,
-        "ratio_p50": ratio(total["p50"], base["p50"]),
-        "ratio_p99": ratio(total["p99"], base["p99"]),
-        "breakdown_ms": {
-            "post_answered": summary([r["post_s"] for r in rows], 1000),
+    return {"post_answered": summary([r["post_s"] for r in rows], 1000),
             "queued_to_started": summary([r["queued_to_started_s"] for r in rows], 1000),
             "started_to_finished": summary([r["started_to_finished_s"] for r in rows], 1000),
-            "finished_to_webhook": summary([r["finished_to_webhook_s"] for r in rows], 1000),
-        },
-        "goals": {"p50_le_3x_baseline": (ratio(total["p50"], base["p50"]) or 99) <= 3.0,
-                  "p99_le_50_ms": total["p99"] <= 50.0},
+            "finished_to_webhook": summary([r["finished_to_webhook_s"] for r in rows], 1000)}
+
+
+def main() -> int:
+    p = parser("orchestration", __doc__)
+    p.add_argument("--jobs", type=int, default=200)
+    p.add_argument("--variants", default="", help="current (the code as it is) and/or proposed (the prototypes: "
+                                                   "bench.lean_api + bench.fast_webhooks); default both "
+                                                   "(--quick: current)")
+    args = p.parse_args()
+    if args.quick:
+        args.jobs = 10
+    variants = (args.variants or ("current" if args.quick else "current,proposed")).split(",")
+    import contextlib
+
+    import httpx
+    from celery import Celery
+
+    root = workdir(args.workdir, "orchestration")
+    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    records: dict[str, dict[str, Any]] = {}
+    baseline: list[float] = []
+    operation = job_body()["operation"]
+    with contextlib.ExitStack() as stack:
+        receiver = stack.enter_context(TimedReceiver())
+        clusters = {}
+        for variant in variants:
+            api_app, path, webhook_app = VARIANTS[variant]
+            clusters[variant] = stack.enter_context(BenchCluster(
+                root / variant, render_workers=1, render_s=0.0, api_app=api_app, webhook_app=webhook_app)).cluster
+        first = clusters[variants[0]]
+        noop_proc = start_noop_worker(first.redis_url, root / "noop.log")
+        stack.callback(stop_group, noop_proc)
+        noop = Celery("bench-noop", broker=first.redis_url, backend=first.redis_url, set_as_current=False)
+        noop.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+        noop.send_task("bench.noop", args=[0], queue="bench.noop").get(timeout=60)  # worker up
+        clients = {v: stack.enter_context(httpx.Client(base_url=c.api_url, timeout=30,
+                                                       headers={"Authorization": f"Bearer {c.api_key()}"}))
+                   for v, c in clusters.items()}
+        warm = 2 if args.quick else 5
+        log(f"{args.jobs} jobs per variant {variants} ({operation}, steps=2, stand-in 0 s), alternating with "
+            f"{args.jobs} no-op tasks")
+        for index in range(warm + args.jobs):
+            began = time.perf_counter()
+            noop.send_task("bench.noop", args=[index], queue="bench.noop").get(timeout=30)
+            noop_s = time.perf_counter() - began
+            if index >= warm:
+                baseline.append(noop_s)
+            for variant in variants:
+                body = job_body(steps=2, seed=index, webhook=receiver.url)
+                began = time.perf_counter()
+                answer = clients[variant].post(VARIANTS[variant][1], json=body)
+                posted = time.perf_counter()
+                if answer.status_code != 202:
+                    raise RuntimeError(f"{variant} submit answered {answer.status_code}: {answer.text[:300]}")
+                job_id = answer.json()["id"]
+                arrived, arrived_epoch = receiver.wait_for(job_id, timeout_s=30)
+                if index >= warm:
+                    rows[variant].append({"id": job_id, "total_s": arrived - began, "post_s": posted - began,
+                                          "arrived_epoch": arrived_epoch})
+        for variant, cluster in clusters.items():
+            records.update(wait_jobs_done(cluster.redis_url, [r["id"] for r in rows[variant]], 30))
+    base = summary(baseline, 1000)
+    results = {}
+    for variant in variants:
+        total = summary([r["total_s"] for r in rows[variant]], 1000)
+        statuses: dict[str, int] = {}
+        for row in rows[variant]:
+            status = records[row["id"]]["status"]
+            statuses[status] = statuses.get(status, 0) + 1
+        results[variant] = {"jobs": len(rows[variant]), "statuses": statuses, "submit_to_webhook_ms": total,
+                            "ratio_p50": ratio(total["p50"], base["p50"]), "ratio_p99": ratio(total["p99"], base["p99"]),
+                            "breakdown_ms": breakdown(rows[variant], records),
+                            "goals": {"p50_le_3x_baseline": (ratio(total["p50"], base["p50"]) or 99) <= 3.0,
+                                      "p99_le_50_ms": total["p99"] <= 50.0}}
+    current = results[variants[0]]
+    report = {
+        "operation": operation, "variants": variants,
+        "jobs": current["jobs"], "statuses": current["statuses"],
+        "submit_to_webhook_ms": current["submit_to_webhook_ms"],
+        "baseline_celery_apply_async_get_ms": base,
+        "ratio_p50": current["ratio_p50"], "ratio_p99": current["ratio_p99"],
+        "breakdown_ms": current["breakdown_ms"], "goals": current["goals"],
+        "by_variant": results,
     }
     write_report("orchestration", report, args.out, args.quick, command_line())
     return 0

@@ -15,7 +15,10 @@ input image, prompt, negative prompt, CFG, steps, seed and size). Reported, as m
 * ``worker_render_s``: the worker's own ``editfarm_render_seconds`` for the job (its
   Prometheus endpoint), i.e. the adapter around the pipeline call;
 * ``direct_s``: the pipeline call + PNG encode in this process;
-* ``ratio`` = worker_job_s / direct_s (goal ≤ 1.05), and whether both gave the same bytes.
+* ``ratio`` = worker_job_s / direct_s (goal ≤ 1.05), and whether both gave the same bytes;
+* CPU seconds (user + system) of the worker's processes for the job against those of this
+  process for the direct call: on a machine shared with other work, CPU time moves far less
+  than wall time, so ``ratio_cpu_worker_over_direct`` is the steadier comparison.
 
 The GPU rows of the README come from ``bench/gpu_real_size.py`` (H200, full-size model).
 """
@@ -132,13 +135,20 @@ def main() -> int:
 
         from broker import keys
 
+        import psutil
+
         store = redis.Redis.from_url(cluster.redis_url)
         metrics_port = cluster.metrics_ports["render0"]
+        worker_procs = [psutil.Process(cluster.worker_child_pid("render0")), psutil.Process(cluster.procs["render0"].pid)]
+
+        def worker_cpu() -> float:
+            return sum(t.user + t.system for t in (p.cpu_times() for p in worker_procs))
         rows = []
         warm = 0 if args.quick else 1
         for index in range(warm + args.rounds):  # the first `warm` rounds warm both paths up, not counted
             seed = 7 + index
             before = render_seconds(metrics_port)
+            cpu_before = worker_cpu()
             answer = client.post("/v1/jobs", json={**body, "seed": seed})
             if answer.status_code != 202:
                 raise RuntimeError(f"submit answered {answer.status_code}: {answer.text[:300]}")
@@ -146,12 +156,14 @@ def main() -> int:
             record = wait_jobs_done(cluster.redis_url, [job_id], timeout_s=600)[job_id]
             outputs = json.loads(store.hget(keys.job(job_id), "outputs") or b"[]")
             worker_render = render_seconds(metrics_port) - before
-            began = time.perf_counter()
+            worker_cpu_s = worker_cpu() - cpu_before
+            began, cpu_began = time.perf_counter(), time.process_time()
             png = direct(seed)
-            direct_s = time.perf_counter() - began
+            direct_s, direct_cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
             row = {"round": index, "status": record["status"],
                    "worker_job_s": record["finished_at"] - record["started_at"],
                    "worker_render_s": worker_render, "direct_s": direct_s,
+                   "worker_cpu_s": worker_cpu_s, "direct_cpu_s": direct_cpu_s,
                    "same_bytes": bool(outputs) and outputs[0]["sha256"] == hashlib.sha256(png).hexdigest()}
             log(f"round {index}: worker job {row['worker_job_s']:.3f} s (render {worker_render:.3f} s), "
                 f"direct {direct_s:.3f} s, same bytes {row['same_bytes']}")
@@ -170,6 +182,10 @@ def main() -> int:
         "direct_s": summary([r["direct_s"] for r in rows], 1, 4),
         "ratio_worker_job_over_direct": ratio(worker_job, direct_med),
         "ratio_worker_render_over_direct": ratio(median(r["worker_render_s"] for r in rows), direct_med),
+        "worker_cpu_s": summary([r["worker_cpu_s"] for r in rows], 1, 4),
+        "direct_cpu_s": summary([r["direct_cpu_s"] for r in rows], 1, 4),
+        "ratio_cpu_worker_over_direct": ratio(median(r["worker_cpu_s"] for r in rows),
+                                              median(r["direct_cpu_s"] for r in rows)),
         "same_bytes_every_round": all(r["same_bytes"] for r in rows),
         "goals": {"ratio_le_1_05": (ratio(worker_job, direct_med) or 99) <= 1.05},
         "rows": rows,

@@ -20,6 +20,7 @@ today, by subclassing it. ``bench.duty_cycle --runner pipelined`` selects it (th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -149,8 +150,34 @@ class _PrefetchedObjects:
         return getattr(self._objects, name)
 
 
+def _log_task(entered: float, job_id: str, kind: str) -> None:
+    """Append the task's entry and return times (epoch s) to $EDITFARM_BENCH_RENDER_LOG/<pid>.tasks.jsonl."""
+    folder = os.environ.get("EDITFARM_BENCH_RENDER_LOG")
+    if folder:
+        with open(os.path.join(folder, f"{os.getpid()}.tasks.jsonl"), "a") as f:
+            f.write(json.dumps({"job": job_id, "runner": kind, "entered": entered, "returned": time.time()}) + "\n")
+
+
+class TimedRunner(Runner):
+    """The runner as it is, with each task's entry and return times logged (bench instrumentation)."""
+
+    def run(self, job_id: str) -> JobStatus | None:
+        entered = time.time()
+        try:
+            return super().run(job_id)
+        finally:
+            _log_task(entered, job_id, "current")
+
+
 class PipelinedRunner(Runner):
     def run(self, job_id: str) -> JobStatus | None:
+        entered = time.time()
+        try:
+            return self._run(job_id)
+        finally:
+            _log_task(entered, job_id, "pipelined")
+
+    def _run(self, job_id: str) -> JobStatus | None:
         job = self.store.get(job_id)
         if job is None:
             return None

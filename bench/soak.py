@@ -231,10 +231,13 @@ def _job_rows(client: redis.Redis, job_ids: list[str], fields: tuple[str, ...]) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="editfarm-soak-"))
     tenant_key = "ef_soak_" + os.urandom(12).hex()
-    env = {"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(args.render_s)}
+    env = {"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(args.render_s),
+           # the soak measures loss and duplication, not the per-tenant limits: both off
+           "EDITFARM_RATE_LIMIT_PER_MIN": "0", "EDITFARM_MAX_JOBS_IN_FLIGHT": "0"}
     config = ClusterConfig(workdir=workdir, model="standin", render_workers=args.workers,
                            api_keys=f"soak:{tenant_key}", extra_env=env)
     headers = {"Authorization": f"Bearer {tenant_key}"}
+    run_id = os.urandom(4).hex()
     image = _png()
     _log(f"starting a cluster in {workdir} ({args.workers} stand-in render workers)")
     with LocalCluster(config) as cluster, Receiver() as receiver:
@@ -243,14 +246,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sampler.start()
         local = threading.local()
 
+        retried = Counter[str]()
+
         def post(seed: int) -> str | None:
+            """Submit like a careful client: one Idempotency-Key per job, retries on 429/503/network errors."""
             client = getattr(local, "client", None)
             if client is None:
                 client = local.client = httpx.Client(timeout=60)
             body = {"operation": "edit", "prompt": "soak", "image": image, "seed": seed, "steps": args.steps,
                     "webhook": receiver.url}
-            response = client.post(f"{cluster.api_url}/v1/jobs", json=body, headers=headers)
-            return str(response.json()["id"]) if response.status_code == 202 else None
+            for attempt in range(20):
+                try:
+                    response = client.post(f"{cluster.api_url}/v1/jobs", json=body,
+                                           headers={**headers, "Idempotency-Key": f"soak-{run_id}-{seed}"})
+                except httpx.HTTPError as exc:
+                    retried[type(exc).__name__] += 1
+                    time.sleep(min(5.0, 0.2 * 2 ** attempt))
+                    continue
+                if response.status_code == 202:
+                    return str(response.json()["id"])
+                if response.status_code not in (429, 503):
+                    _log(f"submission refused: {response.status_code} {response.text[:200]}")
+                    return None
+                retried[str(response.status_code)] += 1
+                time.sleep(min(5.0, float(response.headers.get("retry-after") or 0.2 * 2 ** attempt)))
+            return None
 
         def submit_all(count: int, offset: int) -> tuple[list[str], int]:
             with ThreadPoolExecutor(args.concurrency) as pool:
@@ -331,6 +351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                      "render_s": args.render_s, "steps": args.steps, "warmup": args.warmup},
         "submitted": len(accepted),
         "rejected": rejected,
+        "submit_retries": dict(retried),
         "succeeded": statuses.get("succeeded", 0),
         "statuses": dict(statuses),
         "lost": len(lost),

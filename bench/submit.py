@@ -21,9 +21,10 @@ Redis writes, async), ``bare-sync`` (the same writes with the blocking client in
 the API makes them), ``bare+s3`` (edit only: plus the input's S3 put), and ``api-proposed``
 (``bench.lean_api``: the real app with the proposed fast path, a prototype; not in --quick).
 
-Settings compared at 1 process: uvicorn's h11 + asyncio with the access log, the same
-without it (``--no-access-log``), and httptools + uvloop without it (when installed); then
-the fastest at ``--workers`` 2 and 3.
+Settings compared at 1 process: uvicorn's h11 + asyncio with log level info and the access
+log (how ``editfarm api`` runs today: the project does not depend on uvloop/httptools), the
+same with ``--no-access-log --log-level warning``, and httptools + uvloop without the access
+log (when installed); then the last one at ``--workers`` 2 and 3.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ from bench.common import (  # noqa: E402
 )
 
 API_KEY = "ef_bench_key_0123456789abcdef"
+# per-tenant submission limits: high enough never to refuse a benchmark's jobs, non-zero so the
+# checks still run on every request as they do in production
+LIMITS_NEVER_REFUSE = {"EDITFARM_RATE_LIMIT_PER_MIN": "1000000000", "EDITFARM_MAX_JOBS_IN_FLIGHT": "1000000000"}
 APPS = {"api": "api.app:create_app", "bare": "bench.bare_api:create_app", "lean": "bench.lean_api:create_app"}
 # variant → (app, path)
 VARIANTS = {"api": ("api", "/v1/jobs"), "api-proposed": ("lean", "/v1/jobs-lean"), "bare": ("bare", "/v1/jobs"),
@@ -70,11 +74,14 @@ def have(module: str) -> bool:
 
 
 def server_settings() -> list[dict[str, Any]]:
-    rows = [{"name": "h11+asyncio", "args": ["--loop", "asyncio", "--http", "h11"]},
-            {"name": "h11+asyncio,no-access-log", "args": ["--loop", "asyncio", "--http", "h11", "--no-access-log"]}]
+    # the first is how `editfarm api` / `python -m api` run today without uvloop/httptools installed
+    # (the project does not depend on them): uvicorn's defaults, log level info, access log on
+    rows = [{"name": "h11+asyncio,access-log", "args": ["--loop", "asyncio", "--http", "h11", "--log-level", "info"]},
+            {"name": "h11+asyncio,no-access-log",
+             "args": ["--loop", "asyncio", "--http", "h11", "--no-access-log", "--log-level", "warning"]}]
     if have("uvloop") and have("httptools"):
         rows.append({"name": "httptools+uvloop,no-access-log",
-                     "args": ["--loop", "uvloop", "--http", "httptools", "--no-access-log"]})
+                     "args": ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]})
     return rows
 
 
@@ -95,7 +102,8 @@ class Services:
         env.update({"EDITFARM_REDIS_URL": self.redis_url, "EDITFARM_S3_ENDPOINT_URL": self.s3.url,
                     "EDITFARM_S3_BUCKET": "editfarm", "EDITFARM_S3_ACCESS_KEY_ID": "test",
                     "EDITFARM_S3_SECRET_ACCESS_KEY": "test", "EDITFARM_API_KEYS": f"bench:{API_KEY}",
-                    "EDITFARM_ALLOW_PRIVATE_URLS": "true", "EDITFARM_ALLOW_HTTP_URLS": "true"})
+                    "EDITFARM_ALLOW_PRIVATE_URLS": "true", "EDITFARM_ALLOW_HTTP_URLS": "true",
+                    **LIMITS_NEVER_REFUSE})
         return env
 
     def flush(self) -> None:
@@ -115,7 +123,7 @@ def start_app(services: Services, app: str, args: list[str], workers: int, port:
     import httpx
 
     cmd = [sys.executable, "-m", "uvicorn", "--factory", APPS[app], "--host", "127.0.0.1", "--port", str(port),
-           "--log-level", "warning", *args]
+           *args]
     if workers > 1:
         cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, env={**services.env(), **extra_env}, stdout=open(log_path, "ab"),

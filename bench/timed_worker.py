@@ -23,20 +23,22 @@ services._renderer = TimedStandinRenderer(  # noqa: SLF001 - the one seam a benc
     int(os.environ.get("EDITFARM_BENCH_OUTPUT_SIDE", "0") or 0),
 )
 
-if os.environ.get("EDITFARM_BENCH_RUNNER") == "pipelined":
-    # the prototype of the proposed runner change (bench/pipelined.py): same Runner, its class swapped
+if os.environ.get("EDITFARM_BENCH_RUNNER") in ("current", "pipelined"):
+    # current: the runner as it is, its tasks' entry/return times logged; pipelined: the prototype of
+    # the proposed runner change (bench/pipelined.py). Same Runner object, its class swapped.
     from celery.signals import worker_process_shutdown
 
     from bench import pipelined
 
     _make_runner = services.runner
+    _class = pipelined.PipelinedRunner if os.environ["EDITFARM_BENCH_RUNNER"] == "pipelined" else pipelined.TimedRunner
 
-    def _pipelined_runner():  # type: ignore[no-untyped-def]
+    def _bench_runner():  # type: ignore[no-untyped-def]
         runner = _make_runner()
-        runner.__class__ = pipelined.PipelinedRunner
+        runner.__class__ = _class
         return runner
 
-    services.runner = _pipelined_runner  # type: ignore[assignment]
+    services.runner = _bench_runner  # type: ignore[assignment]
 
     @worker_process_shutdown.connect
     def _finish_last_job(**_: object) -> None:

@@ -151,6 +151,12 @@ class ErrorCode(str, enum.Enum):
     NOT_FOUND = "not_found"
     JOB_FINISHED = "job_finished"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    RATE_LIMITED = "rate_limited"  # 429: too many submissions per minute
+    TOO_MANY_JOBS = "too_many_jobs"  # 429: too many jobs queued or running
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"  # 409: Idempotency-Key reused with another body
+    IDEMPOTENCY_IN_PROGRESS = "idempotency_in_progress"  # 409: the first request with the key still runs
+    JOB_NOT_FINISHED = "job_not_finished"  # 409: redelivery of a job that has not ended
+    NO_WEBHOOK = "no_webhook"  # 409: redelivery for a job without a (stored) webhook message
     # job failures
     INPUT_UNREADABLE = "input_unreadable"
     RENDER_FAILED = "render_failed"

@@ -137,8 +137,9 @@ class Deliveries:
 
 
 def submit(cluster: LocalCluster, steps: int = 4, seed: int = 1, **fields: Any) -> str:
-    body = {"operation": "edit", "prompt": "p", "image": data_url(png_bytes()), "seed": seed, "steps": steps,
-            **fields}
+    body = {"operation": "edit", "prompt": "p", "seed": seed, "steps": steps, **fields}
+    if body["operation"] != "generate":
+        body["image"] = data_url(png_bytes())
     response = httpx.post(f"{cluster.api_url}/v1/jobs", json=body, headers=auth(), timeout=60)
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
@@ -234,11 +235,12 @@ class Tally:
     problems: list[str] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "trials": self.trials, "survived": self.survived, "lost": self.lost,
                 "duplicated": self.duplicated, "attempts": {str(k): v for k, v in sorted(self.attempts.items())},
-                "wall_s": round(time.monotonic() - self.started, 1), "problems": self.problems[:20],
+                "wall_s": round((self.ended or time.monotonic()) - self.started, 1), "problems": self.problems[:20],
                 **self.notes}
 
     def line(self) -> str:
@@ -247,6 +249,7 @@ class Tally:
                 f"duplicated {self.duplicated:>3}  attempts {d['attempts']}  {d['wall_s']} s")
 
     def write(self) -> Path:
+        self.ended = self.ended or time.monotonic()
         REPORT_DIR.mkdir(parents=True, exist_ok=True)
         path = REPORT_DIR / f"{self.scenario}.json"
         path.write_text(json.dumps({**self.as_dict(), "trials_env": os.environ.get("EDITFARM_FAULT_TRIALS")},

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,8 @@ import pytest
 import redis
 from PIL import Image
 
-from cli.cluster import ClusterConfig, LocalCluster
-from tests.e2e_support import API_KEYS, auth, data_url, wait_terminal
+from cli.cluster import LocalCluster
+from tests.e2e_support import auth, data_url, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -57,12 +56,9 @@ MASK = left_half_mask()
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalCluster]:
-    workdir = tmp_path_factory.mktemp("ops-cluster")
-    config = ClusterConfig(workdir=workdir, model=str(tiny_model), api_keys=API_KEYS,
-                           extra_env={"EDITFARM_LORA_CACHE_DIR": str(workdir / "lora-cache")})
-    with LocalCluster(config) as running:
-        yield running
+def cluster(shared_cluster: LocalCluster) -> LocalCluster:
+    """The session's ordinary cluster (tests/conftest.py)."""
+    return shared_cluster
 
 
 def s3(cluster: LocalCluster) -> Any:

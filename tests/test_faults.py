@@ -54,7 +54,7 @@ pytestmark = pytest.mark.integration
 TRIALS = max(2, int(os.environ.get("EDITFARM_FAULT_TRIALS", "4")))
 RENDER_S = 2.0  # each stand-in job holds its worker this long (spread over its steps)
 STANDIN = ("render0", "render1")  # the stand-in workers: queues high + normal
-TINY = "render9"  # the tiny-model worker: queue low only, so only jobs sent there reach it
+TINY = ("render8", "render9")  # tiny-model workers: queue low only, so only jobs sent there reach them
 STANDIN_QUEUES = (RENDER_QUEUES["high"], RENDER_QUEUES["normal"])
 
 FAULT_ENV = {
@@ -78,15 +78,17 @@ class Faults:
         self.cluster, self.s3_proxy, self.receiver = cluster, s3_proxy, receiver
         self.deliveries = Deliveries(receiver)
         self.tiny_model = tiny_model
+        self.redis_restart_jobs: list[str] = []
 
     def start_standin(self, name: str) -> None:
         self.cluster.start_render_worker(int(name.removeprefix("render")),
                                          {"EDITFARM_S3_ENDPOINT_URL": self.s3_proxy.url}, queues=STANDIN_QUEUES)
 
-    def start_tiny(self) -> None:
-        self.cluster.start_render_worker(int(TINY.removeprefix("render")), {
-            "EDITFARM_S3_ENDPOINT_URL": self.s3_proxy.url, "EDITFARM_RENDERER": "diffusers",
-            "EDITFARM_MODEL": str(self.tiny_model)}, queues=(RENDER_QUEUES["low"],))
+    def start_tiny(self, name: str) -> None:
+        # straight to S3, not through the proxy: the S3 outage scenario is about the stand-in workers
+        self.cluster.start_render_worker(int(name.removeprefix("render")), {
+            "EDITFARM_RENDERER": "diffusers", "EDITFARM_MODEL": str(self.tiny_model)},
+            queues=(RENDER_QUEUES["low"],))
 
     def healthy(self) -> None:
         """Every fault is repaired: S3 reachable, receiver answering, stand-in workers ready."""
@@ -105,16 +107,20 @@ def faults(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
         assert cluster.s3 is not None
         with TcpProxy(cluster.s3.port) as s3_proxy:
             setup = Faults(cluster, s3_proxy, receiver, tiny_model)
-            setup.start_tiny()  # loads in the background while the stand-in scenarios run
+            for name in TINY:  # they load the model in the background while the stand-in scenarios run
+                setup.start_tiny(name)
             for name in STANDIN:
                 setup.start_standin(name)
             setup.healthy()
             yield setup
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    lines = ["", "fault scenarios (trials / survived / lost / duplicated):", *(t.line() for t in REPORTS)]
-    if reporter is not None:
-        for line in lines:
-            reporter.write_line(line)
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            reporter.write_line("fault scenarios (details in test-artifacts/faults/):")
+            for tally in REPORTS:
+                reporter.write_line("  " + tally.line())
 
 
 def finish(tally: Tally) -> None:
@@ -177,23 +183,6 @@ def test_sigkill_of_whole_worker_process_groups_ends_each_job_once(faults: Fault
     assert_all_survived(tally)
 
 
-def test_sigkill_of_the_tiny_model_child_mid_render_ends_the_job_once(faults: Faults) -> None:
-    """The same with the real tiny Qwen-Image-Edit pipeline (from_pretrained, denoising steps)."""
-    cluster, tally = faults.cluster, Tally("kill_child_tiny_model")
-    cluster.wait_worker_ready(TINY, timeout_s=300)
-    job_id = submit(cluster, steps=10, priority="low", webhook=faults.receiver.url)
-    wait_running(cluster, [job_id], min_step=2, timeout_s=120)
-    assert holder(cluster, job_id) == TINY
-    pid = cluster.worker_child_pid(TINY)
-    os.kill(pid, signal.SIGKILL)
-    wait_all_terminal(cluster, [job_id], timeout_s=300)
-    faults.deliveries.wait_terminal([job_id])
-    judge(cluster, tally, [job_id], faults.deliveries, expect_attempts=2)
-    tally.notes["renderer"] = "tiny Qwen-Image-Edit (random weights), 10 steps on CPU, killed at step 2"
-    cluster.stop_process(TINY, signal.SIGKILL)  # its CPU is needed by the scenarios that follow
-    assert_all_survived(tally)
-
-
 # -- storage unreachable ---------------------------------------------------------------------------
 
 
@@ -232,6 +221,32 @@ def test_s3_down_during_uploads_jobs_wait_and_retry_and_never_succeed_without_th
     tally.notes["uploads_failed"] = failed_uploads() - before
     judge(cluster, tally, jobs, faults.deliveries)
     assert_all_survived(tally)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "workers/runner.py Runner.started/handed_back: every S3 hand-back counts as an attempt, and the "
+    "worker_lost guard (attempts >= EDITFARM_MAX_ATTEMPTS) reads them as worker deaths, so a job that "
+    "waited out an S3 outage fails worker_lost when its worker then dies once (fix: see the fault report)"))
+def test_a_job_that_waited_out_an_s3_outage_survives_one_worker_death(faults: Faults) -> None:
+    cluster = faults.cluster
+    faults.healthy()
+    faults.s3_proxy.set_mode("refuse")
+    try:
+        job_id = submit(cluster, steps=8, webhook=faults.receiver.url)
+        # handed back while S3 is down: each delivery starts the job (attempts + 1), fails to read its
+        # input and hands it back; wait until that happened as often as EDITFARM_MAX_ATTEMPTS (3)
+        wait_until(lambda: (job_fields(cluster, [job_id], "attempts")[job_id]["attempts"] or 0) >= 3, 60,
+                   "hand-backs during the outage", interval_s=0.1)
+    finally:
+        faults.s3_proxy.set_mode("up")
+    wait_running(cluster, [job_id])
+    name = holder(cluster, job_id)
+    pid = cluster.worker_child_pid(name)
+    os.kill(pid, signal.SIGKILL)  # its worker dies once
+    wait_new_child(cluster, name, pid)
+    wait_all_terminal(cluster, [job_id])
+    final = get(cluster, job_id)
+    assert final["status"] == "succeeded", final["error"]
 
 
 # -- webhook receiver failing ----------------------------------------------------------------------
@@ -279,6 +294,65 @@ def test_a_failing_webhook_receiver_gets_exactly_one_accepted_signed_delivery(fa
     assert_all_survived(tally)
 
 
+# -- the real tiny model ---------------------------------------------------------------------------
+
+
+def test_sigkill_of_a_tiny_model_child_mid_render_ends_the_job_once(faults: Faults) -> None:
+    """The same with the real tiny Qwen-Image pipeline (from_pretrained, real denoising steps on CPU):
+    the child is killed mid-render and the other tiny-model worker takes the job over."""
+    cluster, tally = faults.cluster, Tally("kill_child_tiny_model")
+    for name in TINY:
+        cluster.wait_worker_ready(name, timeout_s=300)
+    # text-to-image at 64x64 keeps each step well under a second on a busy CPU
+    job_id = submit(cluster, operation="generate", width=64, height=64, steps=12, priority="low",
+                    webhook=faults.receiver.url)
+    wait_running(cluster, [job_id], min_step=2, timeout_s=120)
+    victim = holder(cluster, job_id)
+    assert victim in TINY
+    os.kill(cluster.worker_child_pid(victim), signal.SIGKILL)
+    at_kill = job_fields(cluster, [job_id], "status", "progress", "attempts")[job_id]
+    assert at_kill["status"] == "running" and at_kill["attempts"] == 1 and at_kill["progress"]["step"] < 12
+    wait_all_terminal(cluster, [job_id], timeout_s=300)
+    faults.deliveries.wait_terminal([job_id])
+    judge(cluster, tally, [job_id], faults.deliveries, expect_attempts=2)
+    tally.notes["renderer"] = "tiny Qwen-Image (random weights), generate 64x64, 12 steps on CPU, killed at step 2+"
+    for name in TINY:  # their CPU is better spent on what follows
+        cluster.stop_process(name, signal.SIGKILL)
+    assert_all_survived(tally)
+
+
+# -- a worker restarted under the same name ---------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "workers/services.py draining/start_drain: the drain deadline key (keys.worker_drain(<node name>)) "
+    "outlives the process and a worker restarted under the same name (gpu0@host) reads it as its own, so "
+    "once that deadline passes it hands back every job at its first step (fix: see the fault report)"))
+def test_a_worker_restarted_under_the_same_name_after_a_sigterm_still_renders(faults: Faults) -> None:
+    """SIGTERM (a deploy) and start again under the same Celery node name: the new process must work.
+
+    EDITFARM_DRAIN_TIMEOUT_S=1 stands in for the default 600 s, which the key outlives by an hour."""
+    cluster = faults.cluster
+    env = {"EDITFARM_S3_ENDPOINT_URL": faults.s3_proxy.url, "EDITFARM_DRAIN_TIMEOUT_S": "1"}
+    low = (RENDER_QUEUES["low"],)  # with the tiny-model workers gone, only this one takes low jobs
+    for tiny in TINY:
+        cluster.stop_process(tiny, signal.SIGKILL)
+    name = cluster.start_render_worker(7, env, queues=low)
+    try:
+        cluster.wait_worker_ready(name, timeout_s=120)
+        assert cluster.stop_process(name, signal.SIGTERM, timeout_s=60, group=False) == 0
+        cluster.start_render_worker(7, env, queues=low)
+        cluster.wait_worker_ready(name, timeout_s=120)
+        job_id = submit(cluster, steps=8, priority="low", webhook=faults.receiver.url)
+        # it succeeds, or it keeps being handed back ("worker shutting down") and started again
+        wait_until(lambda: job_fields(cluster, [job_id], "status")[job_id]["status"] == "succeeded" or (
+            job_fields(cluster, [job_id], "attempts")[job_id]["attempts"] or 0) >= 3, 90, "job", interval_s=0.1)
+        final = get(cluster, job_id)
+        assert final["status"] == "succeeded" and final["attempts"] == 1, (final["status"], final["attempts"])
+    finally:
+        cluster.stop_process(name, signal.SIGKILL)
+
+
 # -- API restarted ---------------------------------------------------------------------------------
 
 
@@ -300,14 +374,15 @@ def test_restarting_the_api_mid_flight_leaves_running_jobs_alone(faults: Faults)
 
 
 def test_redis_restarted_with_jobs_queued_and_running_every_accepted_job_ends_once(faults: Faults) -> None:
-    """Redis is SIGKILLed (appendfsync always) with 2 jobs running and the rest queued, down 2 s."""
+    """Redis is SIGKILLed (appendfsync always) with 2 jobs running and 4+ queued, and stays down 2 s."""
     cluster, tally = faults.cluster, Tally("redis_restart")
     faults.healthy()
-    jobs = [submit(cluster, steps=8, seed=i, webhook=faults.receiver.url) for i in range(max(8, TRIALS))]
+    jobs = [submit(cluster, steps=8, seed=i, webhook=faults.receiver.url) for i in range(max(6, TRIALS))]
     wait_n_running(cluster, jobs, 2)
     states = [r["status"] for r in job_fields(cluster, jobs, "status").values()]
     tally.notes["at_crash"] = {s: states.count(s) for s in set(states)}
     assert "queued" in states and "running" in states, states
+    faults.redis_restart_jobs = jobs
     cluster.restart_redis(signal.SIGKILL, down_s=2)
     client = redis.Redis.from_url(cluster.redis_url)
     assert all(client.exists(keys.job(j)) for j in jobs)  # the AOF kept every accepted job
@@ -319,6 +394,25 @@ def test_redis_restarted_with_jobs_queued_and_running_every_accepted_job_ends_on
     after = submit(cluster, steps=2, webhook=faults.receiver.url)
     wait_all_terminal(cluster, [after], timeout_s=120)
     assert get(cluster, after)["status"] == "succeeded"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "workers/runner.py Runner._progress/_work: a job-store (Redis) error raised in the progress callback "
+    "is judged a render failure and the runner writes failed/render_failed; the job survives a restart "
+    "only because that write fails too (fix: see the fault report)"))
+def test_a_redis_outage_during_a_render_is_never_judged_a_render_failure(faults: Faults) -> None:
+    """Reads the render workers' logs of the Redis restart scenario above."""
+    if not faults.redis_restart_jobs:
+        pytest.skip("the Redis restart scenario did not run")
+    judged = []
+    for name in STANDIN:
+        lines = faults.cluster.log(name).splitlines()
+        for i, line in enumerate(lines):
+            if "failed while rendering" in line and any(j in line for j in faults.redis_restart_jobs):
+                cause = "\n".join(lines[i:i + 120])
+                if "redis.exceptions" in cause:
+                    judged.append(line)
+    assert not judged, judged
 
 
 def test_get_after_everything_still_answers(faults: Faults) -> None:
@@ -336,14 +430,15 @@ def test_get_after_everything_still_answers(faults: Faults) -> None:
 def test_soak_short_run_loses_and_duplicates_nothing_and_memory_stays_bounded(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     jobs = int(os.environ.get("EDITFARM_SOAK_JOBS", "300"))
-    run = subprocess.run([sys.executable, "-m", "bench.soak", "--jobs", str(jobs), "--out", str(out),
-                          "--workdir", str(tmp_path / "cluster")], cwd=ROOT, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "bench.soak", "--jobs", str(jobs), "--warmup", "10",
+                          "--settle-s", "1", "--out", str(out), "--workdir", str(tmp_path / "cluster")], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = json.loads(out.read_text())
     tally = Tally("soak_short", trials=report["submitted"], survived=report["succeeded"], lost=report["lost"],
                   duplicated=report["duplicated"], notes={"throughput_jobs_per_s": report["throughput_jobs_per_s"],
                                                           "rss_mb": report["rss_mb"]})
+    tally.ended = tally.started + report["wall_s"]
     finish(tally)
     assert report["submitted"] == jobs and report["succeeded"] == jobs
     assert report["lost"] == 0 and report["duplicated"] == 0, report["problems"]

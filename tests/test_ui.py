@@ -178,7 +178,8 @@ def test_a_user_logs_in_uploads_draws_a_box_submits_and_sees_the_result(
             assert page.evaluate("sessionStorage.getItem('editfarm.apiKey')") == TENANTS["acme"]
             assert page.is_checked("#op-edit")
 
-            # upload, then draw a box from (20%, 25%) to (70%, 75%) of the image
+            # inpaint: upload, then draw a box from (20%, 25%) to (70%, 75%) of the image
+            page.click("label[for=op-inpaint]")
             page.set_input_files("#file-input", str(image_path))
             page.wait_for_selector("#editor:not([hidden])")
             assert "128×96" in page.inner_text("#image-info")
@@ -200,7 +201,7 @@ def test_a_user_logs_in_uploads_draws_a_box_submits_and_sees_the_result(
             with page.expect_request(lambda r: r.url.endswith("/v1/jobs") and r.method == "POST") as posted:
                 page.click("#submit-button")
             body = json.loads(posted.value.post_data or "{}")
-            assert body["operation"] == "edit" and body["prompt"] == "make the sky purple"
+            assert body["operation"] == "inpaint" and body["prompt"] == "make the sky purple"
             assert body["seed"] == 7 and body["steps"] == 2 and body["image"].startswith("data:image/png;base64,")
             if "boxes" in declared:  # sent once the server takes boxes; left out (with a notice) before
                 [box] = body["boxes"]

@@ -24,7 +24,6 @@ from broker.events import EventPublisher
 from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, Progress, queue_deadline_at
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
-from workers import operations
 from workers.encode import UnreadableImage, decode_image, decode_mask, encode_output
 from workers.loras import LoraResolver, LoraUnavailable
 from workers.pipeline.base import (
@@ -56,6 +55,14 @@ def wants_event(job: Job, event: str) -> bool:
     if event in ("job.started", "job.progress"):
         return event.removeprefix("job.") in {e.value for e in job.params.webhook_events}
     return True
+
+
+def _planned_steps(request: RenderRequest) -> int:
+    """The request's progress total (imported here: workers.operations needs numpy, which the slim
+    CPU image of webhook workers, importing this module, does not have)."""
+    from workers.operations import planned_steps
+
+    return planned_steps(request)
 
 
 class RetryLater(Exception):
@@ -173,7 +180,7 @@ class Runner:
         assert self.renderer is not None, "a runner without a renderer can only expire jobs"
         try:
             request = self._request(job)
-            total = operations.planned_steps(request)
+            total = _planned_steps(request)
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
             began = time.monotonic()

@@ -31,7 +31,9 @@ from api.auth import TenantDep
 from api.deps import Services, ServicesDep
 from api.errors import ApiError, ErrorResponse, from_validation_errors
 from api.fetch import check_url_policy
+from api.idempotency import IDEMPOTENCY_RESPONSES, IdempotencyDep
 from api.images import InputImage, intake_image
+from api.limits import LIMIT_RESPONSES, SUBMISSION_LIMITS, check_input_limits
 from api.metrics import ApiMetrics
 from api.models import MULTIPART_JSON_FIELDS, CancelRequest, JobList, JobOut, SubmitParams
 from api.settings import ApiSettings
@@ -363,10 +365,12 @@ def _fail_unqueued(services: Services, job_id: str) -> None:
 
 @router.post(
     "/v1/jobs", status_code=202, summary="Submit a job (edit, generate, inpaint, outpaint, move, upscale)",
-    response_model=None, responses={202: {"model": JobOut, "description": "Accepted; queued."}, **_ERRORS},
-    openapi_extra=_SUBMIT_BODY,
+    response_model=None, responses={202: {"model": JobOut, "description": "Accepted; queued."}, **_ERRORS,
+                                    **IDEMPOTENCY_RESPONSES, **LIMIT_RESPONSES},
+    openapi_extra=_SUBMIT_BODY, dependencies=[SUBMISSION_LIMITS],
 )
-async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep) -> JSONResponse:
+async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep,
+                     idempotency: IdempotencyDep) -> JSONResponse:
     """Accept a job: validate everything, store its input images, record the job, queue it.
 
     Returns 202 with the job (status ``queued``) and a ``Location`` header.
@@ -374,6 +378,11 @@ async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep)
     """
     settings = services.settings
     fields, sources = await _parse_body(request, services)
+    check_input_limits(fields, sources, settings)
+    replay = await idempotency.claim(fields, sources,
+                                     lambda job: _read_view(job, _base_url(request, services), services))
+    if replay is not None:
+        return replay
     params = _validate_params(fields)
     _check_sources(params, sources)
     if params.webhook is not None:
@@ -401,6 +410,7 @@ async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep)
         logger.warning("could not queue %s: %s", job_id, type(exc).__name__)
         await run_in_threadpool(_fail_unqueued, services, job_id)
         raise _unavailable("the job queue") from None
+    await idempotency.complete(job_id)
     _metrics(request).job_submitted()
     try:
         position = await run_in_threadpool(services.store.queue_position, job_id)
@@ -648,12 +658,17 @@ async def cancel_job(job_id: str, request: Request, tenant: TenantDep, services:
 _SSE_DOC = """Server-Sent Events. Frames: `status` (the full job view; first on connect, then after every
 status change), `progress` (`{"step","total"}`, throttled), `preview` (`{"step","key","url"}`), `done`
 (the final view; then the stream closes); `: ping` comments keep the connection alive."""
+# OpenAPI 3.1 reads the `schema` of text/event-stream as the schema of one event
+_SSE_EVENT_SCHEMA = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string", "description": "status | progress | preview | done"},
+    "data": {"type": "string", "contentMediaType": "application/json", "description": "JSON text"},
+    "id": {"type": "string"}, "retry": {"type": "integer"}}}
 
 
 @router.get(
     "/v1/jobs/{job_id}/events", summary="Watch a job (Server-Sent Events)", response_model=None,
     response_class=Response,
-    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}, "description": _SSE_DOC},
+    responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT_SCHEMA}}, "description": _SSE_DOC},
                **{k: v for k, v in _ERRORS.items() if k in (401, 404, 503)}},
 )
 async def job_events(job_id: str, request: Request, tenant: TenantDep, services: ServicesDep) -> Response:

@@ -17,8 +17,8 @@
   // What each operation needs from the form. Operations the server announces but this page does
   // not know get the defaults of DEFAULT_OP.
   const OPS = {
-    edit: { label: "Edit", image: true, prompt: true, tools: ["box"],
-      help: "Describe the change. Optionally draw boxes around the areas to change." },
+    edit: { label: "Edit", image: true, prompt: true, tools: [],
+      help: "Describe the change. To change only part of the picture, use Inpaint and draw a box." },
     inpaint: { label: "Inpaint", image: true, prompt: true, tools: ["box", "brush", "erase"], needsRegion: true,
       help: "Paint over the area to repaint (or draw boxes), then describe what should be there." },
     outpaint: { label: "Outpaint", image: true, prompt: false, tools: [],
@@ -562,8 +562,8 @@
       if (state.boxes.length !== 1) throw new UiError("Draw one box around the object to move.");
       body.move = {
         box: state.boxes[0],
-        dx: numberField("move-dx", { min: -1, max: 1, label: "Right" }) || 0,
-        dy: numberField("move-dy", { min: -1, max: 1, label: "Down" }) || 0,
+        dx: numberField("move-dx", { min: -4096, max: 4096, integer: true, label: "Right" }) || 0,
+        dy: numberField("move-dy", { min: -4096, max: 4096, integer: true, label: "Down" }) || 0,
         scale: numberField("move-scale", { min: 0.1, max: 10, label: "Scale" }) || 1,
       };
     }

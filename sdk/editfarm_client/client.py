@@ -263,7 +263,7 @@ class Client(_Common):
 
     def move(self, image: ImageInput, box: Box, *, dx: float, dy: float, scale: float | None = None,
              prompt: str | None = None, **options: Unpack[SubmitOptions]) -> Job:
-        """Move the object in ``box`` (relative ``[x0, y0, x1, y1]``) by ``dx``/``dy`` (relative), optionally
+        """Move the object in ``box`` (relative ``[x0, y0, x1, y1]``) by ``dx``/``dy`` (pixels), optionally
         rescaling it."""
         spec: dict[str, Any] = {"box": list(box), "dx": dx, "dy": dy}
         if scale is not None:

@@ -1,0 +1,208 @@
+"""Read (and re-arm) a job's webhook deliveries from the webhook workers' outbox.
+
+The API does not import ``workers``: this reader knows the outbox layout in Redis —
+``keys.job_webhooks(job_id)`` (set of message ids), ``keys.webhook_message(id)`` (hash: url, body,
+tenant, state, attempts, created_at, finished_at, status_code, error, next_attempt_at; times in
+epoch seconds) and ``keys.webhook_attempts(id)`` (list of JSON ``{attempt, at, status_code, error,
+duration_ms}``). :class:`InMemoryDeliveryLog` is its twin for fake services.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from broker import keys
+from broker.views import iso
+
+# the outbox's record lifetime (workers.webhooks.DEFAULT_TTL_S); a redelivery keeps the records that long
+OUTBOX_TTL_S = 7 * 24 * 3600
+TERMINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.canceled"})
+# what a redelivery writes: pending again, with a fresh attempt budget and no outcome
+_RESET_FIELDS = {"state": "pending", "attempts": "0", "finished_at": "", "status_code": "", "error": "",
+                 "next_attempt_at": ""}
+
+
+@dataclass
+class Delivery:
+    """One webhook message of a job and its attempts (the public view is :meth:`view`)."""
+
+    message_id: str
+    event: str
+    url: str
+    tenant: str
+    state: str
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    created_at: float | None = None
+    finished_at: float | None = None
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id, "event": self.event, "url": self.url, "state": self.state,
+            "attempts": [_attempt_view(a) for a in self.attempts],
+            "created_at": _iso(self.created_at), "finished_at": _iso(self.finished_at),
+        }
+
+
+def _iso(ts: float | None) -> str | None:
+    try:
+        return iso(ts)
+    except (OverflowError, ValueError, OSError):  # not a plausible epoch time
+        return None
+
+
+def _number(value: Any) -> float | None:
+    try:
+        number = float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _int(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None else None
+
+
+def _attempt_view(raw: dict[str, Any]) -> dict[str, Any]:
+    error = raw.get("error")
+    return {"attempt": _int(raw.get("attempt")), "at": _iso(_number(raw.get("at"))),
+            "status_code": _int(raw.get("status_code")), "error": str(error) if error else None,
+            "duration_ms": _int(raw.get("duration_ms"))}
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _event_of(message_id: str, body: Any) -> str:
+    """The message's event type, from its body (``{"type": ...}``), else from its id."""
+    try:
+        event = json.loads(body).get("type")
+        if isinstance(event, str):
+            return event
+    except (ValueError, TypeError, AttributeError):
+        pass
+    tail = message_id.rsplit("_job_", 1)
+    return f"job.{tail[1]}" if len(tail) == 2 else "unknown"
+
+
+def _parse(message_id: str, raw: dict[Any, Any], attempts: list[Any]) -> Delivery:
+    fields = {_text(k): v for k, v in raw.items()}
+    parsed = []
+    for item in attempts:
+        try:
+            value = json.loads(item)
+        except (ValueError, TypeError):
+            continue
+        if isinstance(value, dict):
+            parsed.append(value)
+    return Delivery(
+        message_id=message_id, event=_event_of(message_id, fields.get("body", b"")),
+        url=_text(fields.get("url", "")), tenant=_text(fields.get("tenant", "")),
+        state=_text(fields.get("state", "pending")), attempts=parsed,
+        created_at=_number(_text(fields.get("created_at", ""))),
+        finished_at=_number(_text(fields.get("finished_at", ""))),
+    )
+
+
+class DeliveryLog(abc.ABC):
+    """A job's webhook messages (blocking; raises the backend's errors)."""
+
+    @abc.abstractmethod
+    def message_ids(self, job_id: str) -> list[str]:
+        """Ids of the messages the job produced (any order)."""
+
+    @abc.abstractmethod
+    def get(self, message_id: str) -> Delivery | None:
+        """The message and its attempts; None if unknown or expired."""
+
+    @abc.abstractmethod
+    def reset(self, message_id: str) -> bool:
+        """Make the message pending again with a fresh attempt budget (``attempts`` 0, no outcome);
+        its attempt log is kept. False if it does not exist."""
+
+    def for_job(self, job_id: str, tenant: str) -> list[Delivery]:
+        """The job's messages that still exist and belong to ``tenant``, oldest first."""
+        found = [d for d in (self.get(m) for m in self.message_ids(job_id)) if d is not None and d.tenant == tenant]
+        return sorted(found, key=lambda d: (d.created_at or 0.0, d.message_id))
+
+
+# KEYS: message hash, attempts list. ARGV: ttl, then field/value pairs.
+_RESET = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
+return 1
+"""
+
+
+class RedisDeliveryLog(DeliveryLog):
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+        self._reset = client.register_script(_RESET)
+
+    def message_ids(self, job_id: str) -> list[str]:
+        return sorted(_text(m) for m in self.redis.smembers(keys.job_webhooks(job_id)))  # type: ignore[union-attr]
+
+    def get(self, message_id: str) -> Delivery | None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(keys.webhook_message(message_id))
+        pipe.lrange(keys.webhook_attempts(message_id), 0, -1)
+        raw, attempts = pipe.execute()
+        return _parse(message_id, raw, attempts) if raw else None
+
+    def reset(self, message_id: str) -> bool:
+        flat = [x for kv in _RESET_FIELDS.items() for x in kv]
+        done = self._reset(keys=[keys.webhook_message(message_id), keys.webhook_attempts(message_id)],
+                           args=[OUTBOX_TTL_S, *flat])
+        return bool(done)
+
+
+class InMemoryDeliveryLog(DeliveryLog):
+    """The same structures in process memory; tests fill them with :meth:`add` and :meth:`add_attempt`."""
+
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self.jobs: dict[str, set[str]] = {}
+        self.messages: dict[str, dict[str, str]] = {}
+        self.attempt_log: dict[str, list[str]] = {}
+
+    def add(self, job_id: str, message_id: str, url: str, body: bytes | str, tenant: str, *,
+            state: str = "pending", created_at: float = 0.0, finished_at: float | None = None) -> None:
+        with self._mu:
+            self.jobs.setdefault(job_id, set()).add(message_id)
+            self.messages[message_id] = {
+                "url": url, "body": _text(body), "tenant": tenant, "state": state, "attempts": "0",
+                "created_at": repr(created_at), "finished_at": "" if finished_at is None else repr(finished_at),
+                "status_code": "", "error": "", "next_attempt_at": ""}
+
+    def add_attempt(self, message_id: str, attempt: dict[str, Any]) -> None:
+        with self._mu:
+            self.attempt_log.setdefault(message_id, []).append(json.dumps(attempt))
+            fields = self.messages[message_id]
+            fields["attempts"] = str(int(fields["attempts"]) + 1)
+
+    def message_ids(self, job_id: str) -> list[str]:
+        with self._mu:
+            return sorted(self.jobs.get(job_id, ()))
+
+    def get(self, message_id: str) -> Delivery | None:
+        with self._mu:
+            raw = dict(self.messages.get(message_id) or {})
+            attempts = list(self.attempt_log.get(message_id, []))
+        return _parse(message_id, raw, attempts) if raw else None
+
+    def reset(self, message_id: str) -> bool:
+        with self._mu:
+            if message_id not in self.messages:
+                return False
+            self.messages[message_id].update(_RESET_FIELDS)
+            return True

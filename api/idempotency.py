@@ -1,0 +1,287 @@
+"""``Idempotency-Key`` on ``POST /v1/jobs``: a retried submission returns the job it already made.
+
+Per tenant and key (``keys.idempotency``) the store keeps ``"<request sha256> <job id>"`` for
+``EDITFARM_IDEMPOTENCY_TTL_S`` (24 h). The flow, race-safe across API replicas:
+
+1. after the body is parsed, ``SET NX`` a ``"<sha256> pending:<token>"`` marker (TTL
+   :data:`PENDING_TTL_S`, so a crashed request frees its key);
+2. the key exists with another body → 409 ``idempotency_conflict``; with this body and a job → 200
+   and that job as it is now (``Idempotent-Replayed: true``); still pending → wait up to
+   :data:`IN_PROGRESS_WAIT_S`, then 409 ``idempotency_in_progress`` (``Retry-After: 1``);
+3. once the job is stored *and queued* the marker becomes ``"<sha256> <job id>"``; any other end
+   of the request (a 4xx, a 503, an exception) deletes the marker, so a key never points at a job
+   that does not exist and the client may retry with the same key. A key whose job has expired
+   is free again.
+
+The request hash covers the parsed fields and every image source (file parts and data URLs by
+their SHA-256), not the raw bytes: a multipart body re-sent with a new boundary, or JSON with
+other whitespace or key order, is the same request. Only the compare-and-set writes need Lua.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, Any
+
+import anyio
+import redis
+from fastapi import Depends, Header, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import TenantDep
+from api.errors import ApiError, ErrorResponse
+from api.models import JobOut
+from broker import keys
+from broker.schema import ErrorCode, Job
+
+logger = logging.getLogger("editfarm.api")
+
+HEADER = "Idempotency-Key"
+MAX_KEY_LENGTH = 255
+# printable ASCII; no leading or trailing space (HTTP strips those anyway)
+KEY_PATTERN = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$"
+_KEY_RE = re.compile(KEY_PATTERN)
+PENDING_TTL_S = 300  # longer than any submission (image URL fetches, uploads)
+IN_PROGRESS_WAIT_S = 2.0
+_POLL_S = 0.05
+_PENDING = "pending:"
+STORE_ERRORS = (redis.exceptions.RedisError, OSError)
+
+
+# -- storage ----------------------------------------------------------------------------------------
+
+
+class IdempotencyStore(abc.ABC):
+    """Per (tenant, key) one string value with a TTL; blocking, raises the backend's errors."""
+
+    @abc.abstractmethod
+    def reserve(self, tenant: str, key: str, value: str, ttl_s: int) -> str | None:
+        """Store ``value`` if the key is free and return None; else return the stored value unchanged."""
+
+    @abc.abstractmethod
+    def swap(self, tenant: str, key: str, expected: str, value: str | None, ttl_s: int) -> bool:
+        """If the key holds ``expected``, replace it with ``value`` (None: delete it); else change nothing."""
+
+
+_RESERVE = """
+local current = redis.call('GET', KEYS[1])
+if current then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"""
+# ARGV: expected, new value ('' deletes), ttl
+_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
+return 1
+"""
+
+
+class RedisIdempotencyStore(IdempotencyStore):
+    def __init__(self, client: redis.Redis) -> None:
+        self._reserve = client.register_script(_RESERVE)
+        self._swap = client.register_script(_SWAP)
+
+    def reserve(self, tenant: str, key: str, value: str, ttl_s: int) -> str | None:
+        current = self._reserve(keys=[keys.idempotency(tenant, key)], args=[value, ttl_s])
+        if current is None:
+            return None
+        return current.decode() if isinstance(current, bytes) else str(current)
+
+    def swap(self, tenant: str, key: str, expected: str, value: str | None, ttl_s: int) -> bool:
+        return bool(self._swap(keys=[keys.idempotency(tenant, key)], args=[expected, value or "", ttl_s]))
+
+
+class InMemoryIdempotencyStore(IdempotencyStore):
+    """Process-local twin (unit tests, fake services); TTLs by wall clock."""
+
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self.values: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def _get(self, slot: tuple[str, str]) -> str | None:
+        entry = self.values.get(slot)
+        if entry is None:
+            return None
+        if entry[1] <= time.time():
+            del self.values[slot]
+            return None
+        return entry[0]
+
+    def reserve(self, tenant: str, key: str, value: str, ttl_s: int) -> str | None:
+        with self._mu:
+            current = self._get((tenant, key))
+            if current is None:
+                self.values[(tenant, key)] = (value, time.time() + ttl_s)
+            return current
+
+    def swap(self, tenant: str, key: str, expected: str, value: str | None, ttl_s: int) -> bool:
+        with self._mu:
+            if self._get((tenant, key)) != expected:
+                return False
+            if value is None:
+                del self.values[(tenant, key)]
+            else:
+                self.values[(tenant, key)] = (value, time.time() + ttl_s)
+            return True
+
+
+# -- the request hash -------------------------------------------------------------------------------
+
+
+def _canonical(value: Any, blobs: bool = False) -> Any:
+    """JSON-able form of a parsed body: bytes (and, for image sources, strings) by their SHA-256."""
+    if isinstance(value, bytes):
+        return {"bytes": hashlib.sha256(value).hexdigest()}
+    if isinstance(value, str) and blobs:
+        return {"text": hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _canonical(getattr(value, f.name), True) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _canonical(v, blobs) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v, blobs) for v in value]
+    return value
+
+
+def request_digest(fields: dict[str, Any], sources: Any) -> str:
+    """SHA-256 hex of the parsed submission: its fields and its image sources (a dataclass)."""
+    text = json.dumps({"fields": _canonical(fields), "sources": _canonical(sources, True)},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# -- the route's side -------------------------------------------------------------------------------
+
+
+def _unavailable() -> ApiError:
+    return ApiError(503, ErrorCode.UNAVAILABLE, "the idempotency store is unavailable; retry later")
+
+
+class IdempotencyScope:
+    """One submission's use of its Idempotency-Key (all no-ops without the header)."""
+
+    def __init__(self, services: Any, tenant: str, key: str | None) -> None:
+        self.services, self.tenant, self.key = services, tenant, key
+        self._held: str | None = None  # our pending marker while we own the key
+
+    async def claim(self, fields: dict[str, Any], sources: Any,
+                    render: Callable[[Job], dict[str, Any]]) -> JSONResponse | None:
+        """Own the key for this request (None: go on and create the job), or the response to return:
+        200 with the job an earlier identical request made (``render`` builds its view; blocking).
+
+        Raises ApiError 409 idempotency_conflict / idempotency_in_progress, 503.
+        """
+        if self.key is None:
+            return None
+        store: IdempotencyStore = self.services.idempotency
+        digest = request_digest(fields, sources)
+        pending = f"{digest} {_PENDING}{secrets.token_hex(8)}"
+        deadline = time.monotonic() + IN_PROGRESS_WAIT_S
+        try:
+            while True:
+                current = await run_in_threadpool(store.reserve, self.tenant, self.key, pending, PENDING_TTL_S)
+                if current is None:
+                    self._held = pending
+                    return None
+                stored_digest, _, ref = current.partition(" ")
+                if stored_digest != digest:
+                    raise ApiError(409, ErrorCode.IDEMPOTENCY_CONFLICT,
+                                   f"this {HEADER} was used with a different request body; use a new key "
+                                   "for a new request", param=HEADER)
+                if ref.startswith(_PENDING):
+                    if time.monotonic() < deadline:
+                        await anyio.sleep(_POLL_S)
+                        continue
+                    raise ApiError(409, ErrorCode.IDEMPOTENCY_IN_PROGRESS,
+                                   f"a request with this {HEADER} is still being processed; retry shortly",
+                                   param=HEADER, headers={"Retry-After": "1"})
+                job = await run_in_threadpool(self.services.store.get_for_tenant, ref, self.tenant)
+                if job is None:  # its job expired: the key is free again
+                    if await run_in_threadpool(store.swap, self.tenant, self.key, current, pending,
+                                               PENDING_TTL_S):
+                        self._held = pending
+                        return None
+                    continue
+                view = await run_in_threadpool(render, job)
+                logger.info("replayed %s for tenant %s (%s)", job.id, self.tenant, HEADER)
+                return JSONResponse(view, status_code=200, headers={
+                    "Location": view["urls"]["self"], "Cache-Control": "no-store", "Idempotent-Replayed": "true"})
+        except STORE_ERRORS as exc:
+            logger.warning("idempotency store unavailable: %s", type(exc).__name__)
+            raise _unavailable() from None
+
+    async def complete(self, job_id: str) -> None:
+        """Point the key at ``job_id`` (once the job is stored and queued). Never raises: the job is
+        accepted either way; on failure the marker expires and the key is free again."""
+        if self._held is None:
+            return
+        held, self._held = self._held, None
+        done = f"{held.partition(' ')[0]} {job_id}"
+        ttl = self.services.settings.idempotency_ttl_s
+        try:
+            if not await run_in_threadpool(self.services.idempotency.swap, self.tenant, self.key, held, done, ttl):
+                logger.warning("%s of %s: the pending marker was gone (request slower than %d s)",
+                               HEADER, job_id, PENDING_TTL_S)
+        except STORE_ERRORS as exc:
+            logger.warning("could not record the %s of %s: %s", HEADER, job_id, type(exc).__name__)
+
+    async def release(self) -> None:
+        """Free the key if this request still holds it unfinished (it ended without a job)."""
+        if self._held is None:
+            return
+        held, self._held = self._held, None
+        try:
+            await run_in_threadpool(self.services.idempotency.swap, self.tenant, self.key, held, None, 0)
+        except STORE_ERRORS as exc:  # the marker expires after PENDING_TTL_S
+            logger.warning("could not release an %s: %s", HEADER, type(exc).__name__)
+
+
+def _check_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key):
+        raise ApiError(422, ErrorCode.INVALID_PARAMETER,
+                       f"{HEADER} must be 1..{MAX_KEY_LENGTH} printable ASCII characters", param=HEADER)
+    return key
+
+
+async def idempotency_scope(
+    request: Request,
+    tenant: TenantDep,
+    key: Annotated[str | None, Header(
+        alias=HEADER,
+        description="Makes the submission safe to retry: the same key (per tenant) with the same body "
+                    "within 24 h returns the job the first request made (200) instead of a new one; with "
+                    "another body it is 409 idempotency_conflict. 1..255 printable ASCII characters.",
+        json_schema_extra={"maxLength": MAX_KEY_LENGTH, "minLength": 1, "pattern": KEY_PATTERN},
+    )] = None,
+) -> AsyncIterator[IdempotencyScope]:
+    """The request's :class:`IdempotencyScope`; whatever it still holds when the route ends is released."""
+    # app.state, not api.deps: api.deps imports this module for the store classes
+    scope = IdempotencyScope(request.app.state.services, tenant, _check_key(key))
+    try:
+        yield scope
+    finally:
+        with anyio.CancelScope(shield=True):
+            await scope.release()
+
+
+IdempotencyDep = Annotated[IdempotencyScope, Depends(idempotency_scope, scope="function")]
+
+IDEMPOTENCY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": JobOut, "description": f"Replayed: the job an earlier request with this {HEADER} and "
+                                         "the same body made, as it is now (`Idempotent-Replayed: true`)."},
+    409: {"model": ErrorResponse, "description": "idempotency_conflict (the key was used with another body) / "
+                                                 "idempotency_in_progress (its first request still runs)"},
+}

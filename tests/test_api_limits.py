@@ -1,0 +1,215 @@
+"""Per-tenant submission limits (rate, jobs in flight) and the input limits checked before image work."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from pydantic import ValidationError
+
+from api.app import create_app
+from api.deps import Services
+from api.limits import WINDOW_S, InMemoryRateLimiter, RateLimiter, RedisRateLimiter, retry_after_s
+from api.settings import ApiSettings
+from api.testing import TEST_KEYS, RecordingQueue, fake_services, make_settings
+from broker import keys
+from broker.schema import JobStatus
+from broker.store import InMemoryJobStore, RedisJobStore
+
+ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
+GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
+GENERATE = {"operation": "generate", "prompt": "a red bicycle", "width": 64, "height": 64}
+T0 = 1_700_000_040.0  # 40 s into a window
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("EDITFARM_"):
+            monkeypatch.delenv(name)
+
+
+def make_client(**overrides: Any) -> tuple[TestClient, Services]:
+    services = fake_services(make_settings(**overrides))
+    return TestClient(create_app(services=services)), services
+
+
+def assert_error(response: Any, status: int, code: str, param: str | None = None) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return dict(error)
+
+
+# -- the sliding window ----------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "redis"])
+def limiter(request: pytest.FixtureRequest) -> RateLimiter:
+    if request.param == "memory":
+        return InMemoryRateLimiter()
+    client: redis.Redis = request.getfixturevalue("redis_client")
+    return RedisRateLimiter(client)
+
+
+def test_a_fresh_window_allows_exactly_the_limit_and_refused_hits_are_not_counted(limiter: RateLimiter) -> None:
+    start = 1_700_000_000.0 - 1_700_000_000.0 % WINDOW_S
+    assert all(limiter.hit("acme", 3, start + 1).allowed for _ in range(3))
+    for _ in range(5):
+        refused = limiter.hit("acme", 3, start + 2)
+        assert not refused.allowed and refused.retry_after_s >= 1
+    # the window's count is 3 (not 8): in the next window's first half it still weighs > 1.5
+    assert not limiter.hit("acme", 3, start + WINDOW_S + 1).allowed
+    # about two thirds into the next window the old 3 weigh ~1: two more fit, not three
+    assert limiter.hit("acme", 3, start + WINDOW_S + 40.5).allowed
+    assert limiter.hit("acme", 3, start + WINDOW_S + 40.6).allowed
+    assert not limiter.hit("acme", 3, start + WINDOW_S + 40.7).allowed
+    # tenants are counted apart
+    assert limiter.hit("globex", 3, start + 2).allowed
+
+
+def test_retry_after_is_when_one_more_request_fits(limiter: RateLimiter) -> None:
+    start = 1_700_000_000.0 - 1_700_000_000.0 % WINDOW_S
+    for _ in range(10):
+        assert limiter.hit("acme", 10, start + 50).allowed
+    refused = limiter.hit("acme", 10, start + 55)
+    assert not refused.allowed
+    later = start + 55 + refused.retry_after_s
+    # refused hits are not counted, so probing changes nothing: not a second earlier, but then
+    assert not limiter.hit("acme", 10, later - 1.0).allowed
+    assert limiter.hit("acme", 10, later).allowed
+
+
+def test_retry_after_math() -> None:
+    # this window full, nothing before: wait for the next window and for 1 of the 10 to decay
+    assert retry_after_s(previous=0, current=10, elapsed=30, limit=10) == 30 + 6
+    # the previous window must decay: 10 × (1 - e/60) + 5 <= 9 → e >= 36
+    assert retry_after_s(previous=10, current=5, elapsed=20, limit=10) == 16
+    assert retry_after_s(previous=0, current=1, elapsed=59.9, limit=1) >= 1
+
+
+def test_the_redis_limiter_uses_the_rate_window_keys_with_a_ttl(redis_client: redis.Redis) -> None:
+    limiter = RedisRateLimiter(redis_client)
+    assert limiter.hit("acme", 5, T0).allowed
+    key = keys.rate_window("acme", int(T0 // WINDOW_S))
+    assert redis_client.get(key) == b"1"
+    assert 0 < int(redis_client.ttl(key)) <= 2 * WINDOW_S + 5  # type: ignore[arg-type]
+
+
+# -- the route -------------------------------------------------------------------------------------
+
+
+def test_over_the_rate_limit_is_429_rate_limited_with_retry_after_per_tenant() -> None:
+    client, services = make_client(rate_limit_per_min=2)
+    assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+    # a refused (422) submission counts too: the limit is on attempts
+    assert client.post("/v1/jobs", json={**GENERATE, "steps": 0}, headers=ACME).status_code == 422
+    response = client.post("/v1/jobs", json=GENERATE, headers=ACME)
+    error = assert_error(response, 429, "rate_limited")
+    assert "2 job submissions per minute" in error["message"]
+    assert 1 <= int(response.headers["Retry-After"]) <= 2 * WINDOW_S
+    # checked before the body is read: even a body that is not JSON is refused with 429
+    garbage = client.post("/v1/jobs", content=b"{", headers={**ACME, "Content-Type": "application/json"})
+    assert_error(garbage, 429, "rate_limited")
+    # after authentication: no key is 401, not 429
+    assert client.post("/v1/jobs", json=GENERATE).status_code == 401
+    # another tenant has its own budget
+    assert client.post("/v1/jobs", json=GENERATE, headers=GLOBEX).status_code == 202
+    queue = services.enqueue
+    assert isinstance(queue, RecordingQueue) and len(queue.queued) == 2
+
+
+def test_the_rate_limit_is_off_at_zero() -> None:
+    client, _ = make_client(rate_limit_per_min=0)
+    assert all(client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202 for _ in range(5))
+
+
+def test_other_routes_are_not_rate_limited() -> None:
+    client, _ = make_client(rate_limit_per_min=1)
+    assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+    assert all(client.get("/v1/jobs", headers=ACME).status_code == 200 for _ in range(3))
+
+
+def test_jobs_in_flight_are_capped_per_tenant_until_one_ends() -> None:
+    client, services = make_client(max_jobs_in_flight=2)
+    ids = [client.post("/v1/jobs", json=GENERATE, headers=ACME).json()["id"] for _ in range(2)]
+    response = client.post("/v1/jobs", json=GENERATE, headers=ACME)
+    error = assert_error(response, 429, "too_many_jobs")
+    assert "2 of your jobs are queued or running" in error["message"]
+    assert int(response.headers["Retry-After"]) > 0
+    assert client.post("/v1/jobs", json=GENERATE, headers=GLOBEX).status_code == 202
+    services.store.transition(ids[0], JobStatus.CANCELED, {"finished_at": time.time()})
+    assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+
+
+def test_the_in_flight_cap_reads_the_redis_active_set(redis_client: redis.Redis) -> None:
+    services = fake_services(make_settings(max_jobs_in_flight=1))
+    services.store = RedisJobStore(redis_client)
+    client = TestClient(create_app(services=services))
+    assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+    assert_error(client.post("/v1/jobs", json=GENERATE, headers=ACME), 429, "too_many_jobs")
+
+
+class _DownStore(InMemoryJobStore):
+    def tenant_active_count(self, tenant: str) -> int:
+        raise redis.exceptions.ConnectionError("down")
+
+
+def test_limits_answer_503_when_the_store_is_down() -> None:
+    services = fake_services()
+    services.store = _DownStore()
+    client = TestClient(create_app(services=services))
+    assert_error(client.post("/v1/jobs", json=GENERATE, headers=ACME), 503, "unavailable")
+
+
+def test_the_document_declares_429_with_retry_after() -> None:
+    client, _ = make_client()
+    responses = client.get("/openapi.json").json()["paths"]["/v1/jobs"]["post"]["responses"]
+    assert "Retry-After" in responses["429"]["headers"]
+
+
+# -- input limits ----------------------------------------------------------------------------------
+
+
+def test_prompt_length_is_limited_by_setting_before_the_schema() -> None:
+    client, _ = make_client(max_prompt_chars=10)
+    error = assert_error(client.post("/v1/jobs", json={**GENERATE, "prompt": "x" * 11}, headers=ACME),
+                         422, "invalid_parameter", "prompt")
+    assert "at most 10" in error["message"]
+    assert_error(client.post("/v1/jobs", json={**GENERATE, "prompt": "p", "negative_prompt": "x" * 11}, headers=ACME),
+                 422, "invalid_parameter", "negative_prompt")
+    assert client.post("/v1/jobs", json={**GENERATE, "prompt": "x" * 10}, headers=ACME).status_code == 202
+    # multipart too
+    fields = {**{k: (None, str(v)) for k, v in GENERATE.items()}, "prompt": (None, "y" * 11)}
+    assert_error(client.post("/v1/jobs", files=fields, headers=ACME), 422, "invalid_parameter", "prompt")
+
+
+def test_the_default_prompt_limit_is_4000_characters() -> None:
+    client, _ = make_client()
+    assert_error(client.post("/v1/jobs", json={**GENERATE, "prompt": "x" * 4001}, headers=ACME),
+                 422, "invalid_parameter", "prompt")
+    assert client.post("/v1/jobs", json={**GENERATE, "prompt": "x" * 4000}, headers=ACME).status_code == 202
+
+
+def test_reference_images_and_boxes_are_counted_before_any_image_is_read() -> None:
+    client, _ = make_client(max_reference_images=1, max_boxes=2)
+    # not images at all: the count is refused first, nothing is decoded
+    body = {"operation": "edit", "prompt": "p", "image": "data:image/png;base64,AAAA",
+            "images": ["data:image/png;base64,AAAA"] * 2}
+    assert_error(client.post("/v1/jobs", json=body, headers=ACME), 422, "invalid_parameter", "images")
+    inpaint = {"operation": "inpaint", "image": "data:image/png;base64,AAAA", "boxes": [[0, 0, 0.5, 0.5]] * 3}
+    error = assert_error(client.post("/v1/jobs", json=inpaint, headers=ACME), 422, "invalid_parameter", "boxes")
+    assert "at most 2 boxes" in error["message"]
+
+
+@pytest.mark.parametrize("name,value", [("max_prompt_chars", 4001), ("max_reference_images", 4),
+                                        ("max_boxes", 17), ("rate_limit_per_min", -1)])
+def test_limits_cannot_exceed_the_job_schema(name: str, value: int) -> None:
+    with pytest.raises(ValidationError):
+        ApiSettings(**{name: value})  # type: ignore[arg-type]
