@@ -199,7 +199,20 @@ class EventStreamResponse(StreamingResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            # Servers may drop writes to a closed connection silently (uvicorn does), so a gone
+            # client is only noticed by listening for http.disconnect: stop the stream then.
+            async with anyio.create_task_group() as group:
+                async def stream_then_stop() -> None:
+                    await super(EventStreamResponse, self).__call__(scope, receive, send)
+                    group.cancel_scope.cancel()
+
+                async def stop_on_disconnect() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream_then_stop)
+                group.start_soon(stop_on_disconnect)
         finally:
             with anyio.CancelScope(shield=True):
                 try:

@@ -30,7 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from api.settings import ApiSettings
 from broker import keys
 from broker.celery_app import RENDER_QUEUES, RENDER_TASK, make_celery
-from broker.schema import Job, JobParams, dump_fields, new_job_id
+from broker.schema import Job, JobParams, Operation, dump_fields, new_job_id
 from broker.store import _CREATE_SCRIPT, _INDEX_KEYS, _encode
 
 TENANT = "bench"
@@ -60,7 +60,7 @@ def _message_template(redis_url: str) -> tuple[bytes, str | None, bytes | None]:
     pubsub.close()
     app.close()
     client.close()
-    assert message is not None, "could not capture a Celery message"
+    assert isinstance(message, bytes), "could not capture a Celery message"
     return message, channel, event
 
 
@@ -69,7 +69,7 @@ def create_app() -> FastAPI:
     message, event_channel, event = _message_template(settings.redis_url)
     with_s3, sync = _flag("EDITFARM_BENCH_BARE_S3"), _flag("EDITFARM_BENCH_BARE_SYNC")
     operation = os.environ.get("EDITFARM_BENCH_BARE_OPERATION", "edit")
-    params = JobParams(operation=operation, prompt="make the sky purple", seed=7, steps=2)
+    params = JobParams(operation=Operation(operation), prompt="make the sky purple", seed=7, steps=2)
     template = Job(id="job_" + "0" * 24, tenant=TENANT, params=params, input_keys=[])
     fields = dump_fields(template)
     queue = RENDER_QUEUES["normal"]
@@ -98,7 +98,7 @@ def create_app() -> FastAPI:
         key_list, args = record(job_id)
         create_sync(keys=key_list, args=args)
         blocking.lpush(queue, message)
-        if event_channel:
+        if event_channel and event is not None:
             blocking.publish(event_channel, event)
 
     app = FastAPI()
@@ -115,7 +115,7 @@ def create_app() -> FastAPI:
             key_list, args = record(job_id)
             await create_async(keys=key_list, args=args)
             await aio.lpush(queue, message)
-            if event_channel:
+            if event_channel and event is not None:
                 await aio.publish(event_channel, event)
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
 

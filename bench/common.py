@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -220,57 +220,29 @@ class BenchCluster:
             self.render_log.mkdir(parents=True, exist_ok=True)
             env.update({"EDITFARM_BENCH_RENDER_LOG": str(self.render_log),
                         "EDITFARM_BENCH_OUTPUT_SIDE": str(output_side)})
-        from cli.localservices import free_port
-
         config = ClusterConfig(workdir=workdir, model=model, render_workers=render_workers, extra_env=env)
         timed_app = timed
         with_webhooks = webhook_worker
 
         class _Cluster(LocalCluster):
-            def start_render_worker(self, index: int, extra_env: dict[str, str] | None = None) -> str:
-                if not timed_app:
-                    return super().start_render_worker(index, extra_env)
-                # LocalCluster's command line, with the bench app instead of workers.celery_worker
-                from broker.celery_app import RENDER_QUEUE_ORDER
-                from cli.localservices import free_port
+            """LocalCluster's own command lines, with the bench apps swapped in where asked."""
 
-                name = f"render{index}"
-                ready = self.workdir / "ready" / f"{name}.ready"
-                ready.unlink(missing_ok=True)
-                self.metrics_ports[name] = free_port()
-                self._spawn(name, [sys.executable, "-m", "celery", "-A", "bench.timed_worker:app", "worker",
-                                   "-Q", ",".join(RENDER_QUEUE_ORDER), "-P", "prefork", "-c", "1", "-n",
-                                   f"{name}@local", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"],
-                            {"EDITFARM_WORKER_ROLE": "render", "EDITFARM_READY_FILE": str(ready),
-                             "EDITFARM_HEARTBEAT_FILE": str(self.workdir / "ready" / f"{name}.heartbeat"),
-                             "EDITFARM_METRICS_PORT": str(self.metrics_ports[name]), **(extra_env or {})})
-                return name
+            def _spawn(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
+                if name.startswith("render") and timed_app:
+                    args = ["bench.timed_worker:app" if a == "workers.celery_worker:app" else a for a in args]
+                elif name == "webhooks":
+                    args = [webhook_app if a == "workers.celery_worker:app" else a for a in args]
+                elif name == "api":
+                    args = [api_app if a == "api.app:create_app" else a for a in args]
+                super()._spawn(name, args, extra_env)
 
             def start_webhook_worker(self) -> None:
-                if not with_webhooks:
-                    return
-                if webhook_app == "workers.celery_worker:app":
+                if with_webhooks:
                     super().start_webhook_worker()
-                    return
-                # LocalCluster's command line with the bench app
-                self.metrics_ports["webhooks"] = free_port()
-                self._spawn("webhooks", [sys.executable, "-m", "celery", "-A", webhook_app, "worker", "-Q", "webhooks",
-                                         "-P", "threads", "-c", "8", "-n", "webhooks@local", "-E", "--without-gossip",
-                                         "--without-mingle", "-l", "INFO"],
-                            {"EDITFARM_WORKER_ROLE": "webhooks",
-                             "EDITFARM_METRICS_PORT": str(self.metrics_ports["webhooks"]),
-                             "EDITFARM_HEARTBEAT_FILE": str(self.workdir / "ready" / "webhooks.heartbeat")})
-
-            def start_api(self) -> None:
-                if api_app == "api.app:create_app":
-                    super().start_api()
-                    return
-                self._spawn("api", [sys.executable, "-m", "uvicorn", "--factory", api_app, "--host", "127.0.0.1",
-                                    "--port", str(self.api_port), "--log-level", "warning"])
 
         self.cluster = _Cluster(config)
 
-    def __enter__(self) -> BenchCluster:
+    def __enter__(self) -> Self:
         self.cluster.start()
         return self
 
@@ -305,7 +277,7 @@ class TimedReceiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 arrived, epoch = time.perf_counter(), time.time()
                 try:
@@ -328,7 +300,7 @@ class TimedReceiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_port}/hooks/bench"
 
-    def __enter__(self) -> TimedReceiver:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

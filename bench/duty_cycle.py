@@ -30,6 +30,7 @@ All jobs are submitted at once (the queue never runs dry), then:
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     BenchCluster,
     command_line,
     data_url,
@@ -79,7 +80,7 @@ def run_one(root: Path, render_s: float, jobs: int, side: int, runner: str) -> d
     renders = sorted(intervals, key=lambda r: r["start"])
     rendering = sum(r["end"] - r["start"] for r in renders)
     wall = renders[-1]["end"] - renders[0]["start"]
-    gaps = [b["start"] - a["end"] for a, b in zip(renders, renders[1:])]
+    gaps = [b["start"] - a["end"] for a, b in itertools.pairwise(renders)]
     pre, post = [], []
     for index, job_id in enumerate(ids):
         rec, render = records[job_id], by_seed.get(1000 + index)
@@ -92,7 +93,7 @@ def run_one(root: Path, render_s: float, jobs: int, side: int, runner: str) -> d
     # pool child), next task entered → its render starts (lease, fetch, decode)
     by_entry = sorted(tasks, key=lambda t: t["entered"])
     until_return, turnaround, until_render = [], [], []
-    for a, b in zip(renders, renders[1:]):
+    for a, b in itertools.pairwise(renders):
         done = next((t for t in by_entry if t["entered"] <= a["start"] <= t["returned"]), None)
         nxt = next((t for t in by_entry if t["entered"] <= b["start"] <= t["returned"]), None)
         if done and nxt:

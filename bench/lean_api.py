@@ -46,10 +46,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-import api.routers.jobs as jobs
 from api.app import create_app as create_real_app
 from api.auth import TenantDep
 from api.deps import ServicesDep
+from api.routers import jobs
 from broker import keys
 from broker.celery_app import RENDER_QUEUE, RENDER_QUEUES, RENDER_TASK, make_celery
 from broker.schema import Job, dump_fields, new_job_id
@@ -99,7 +99,7 @@ async def _no_idempotency() -> None:
 
 
 # the route's Idempotency-Key dependency, where the API has one (module level: annotations are strings)
-IdempotencyDepOrNone = getattr(jobs, "IdempotencyDep", None) or Annotated[None, Depends(_no_idempotency)]
+IdempotencyDepOrNone: Any = getattr(jobs, "IdempotencyDep", None) or Annotated[None, Depends(_no_idempotency)]
 
 
 class MessageFactory:
@@ -113,7 +113,7 @@ class MessageFactory:
         raw = client.lpop(TEMPLATE_QUEUE)
         app.close()
         client.close()
-        assert raw is not None
+        assert isinstance(raw, (bytes, str))
         self.template: dict[str, Any] = json.loads(raw)
         self.embed = json.loads(base64.b64decode(self.template["body"]))[2]
 

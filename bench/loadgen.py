@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import summary  # noqa: E402
+from bench.common import summary
 
 
 async def _worker(host: str, port: int, request: bytes, stop: list[float], counting: list[float],

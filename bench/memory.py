@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     ROOT,
     BenchCluster,
     command_line,
@@ -121,7 +121,7 @@ def model_worker_memory(root: Path, model: str, side: int) -> dict[str, Any]:
     body = {"operation": "edit", "prompt": PROMPT, "negative_prompt": " ", "true_cfg_scale": 4.0, "steps": 2,
             "width": side, "height": side, "seed": 7}
     script = subprocess.run([sys.executable, "-m", "bench.memory", "--script", "--model", model, "--side", str(side)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+                            capture_output=True, text=True, cwd=ROOT, timeout=600, check=False)
     script_row = json.loads(script.stdout.strip().splitlines()[-1])
     with BenchCluster(root / "model", render_workers=1, model=model, webhook_worker=False) as bench:
         cluster = bench.cluster

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     ROOT,
     BenchCluster,
     TimedReceiver,
@@ -103,7 +103,7 @@ def main() -> int:
         receiver = stack.enter_context(TimedReceiver())
         clusters = {}
         for variant in variants:
-            api_app, path, webhook_app = VARIANTS[variant]
+            api_app, _path, webhook_app = VARIANTS[variant]
             clusters[variant] = stack.enter_context(BenchCluster(
                 root / variant, render_workers=1, render_s=0.0, api_app=api_app, webhook_app=webhook_app)).cluster
         first = clusters[variants[0]]

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     ROOT,
     BenchCluster,
     command_line,
@@ -68,7 +68,7 @@ def render_seconds(port: int) -> float:
     import httpx
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    match = re.search(r"^editfarm_render_seconds_sum\s+([\d.e+-]+)", text, re.M)
+    match = re.search(r"^editfarm_render_seconds_sum\s+([\d.e+-]+)", text, re.MULTILINE)
     return float(match.group(1)) if match else float("nan")
 
 
@@ -131,11 +131,10 @@ def main() -> int:
 
         client = httpx.Client(base_url=cluster.api_url, headers={"Authorization": f"Bearer {cluster.api_key()}"},
                               timeout=600)
+        import psutil
         import redis
 
         from broker import keys
-
-        import psutil
 
         store = redis.Redis.from_url(cluster.redis_url)
         metrics_port = cluster.metrics_ports["render0"]

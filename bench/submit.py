@@ -38,11 +38,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (  # noqa: E402
+from bench.common import (
     command_line,
     job_body,
     log,
@@ -126,18 +126,19 @@ def start_app(services: Services, app: str, args: list[str], workers: int, port:
            *args]
     if workers > 1:
         cmd += ["--workers", str(workers)]
-    proc = subprocess.Popen(cmd, env={**services.env(), **extra_env}, stdout=open(log_path, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    with open(log_path, "ab") as log_file:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, env={**services.env(), **extra_env}, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{app} exited: see {log_path}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                # with --workers every child must be up: wait until the count of children is reached
-                if workers == 1 or len(tree_pids(proc.pid)) >= workers + 1:
-                    time.sleep(0.3 if workers == 1 else 1.5)
-                    return proc
+            # with --workers every child must be up: wait until the count of children is reached
+            if (httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+                    and (workers == 1 or len(tree_pids(proc.pid)) >= workers + 1)):
+                time.sleep(0.3 if workers == 1 else 1.5)
+                return proc
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
@@ -159,7 +160,7 @@ def load(url: str, body_file: Path, seconds: float, connections: int, tool: str)
         script.write_text(WRK_SCRIPT.format(body=body_file, key=API_KEY))
         seconds = max(1, round(seconds))  # wrk takes whole seconds
         out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
-                              url], capture_output=True, text=True, timeout=seconds + 60).stdout
+                              url], capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
         if "Requests/sec" not in out:
             raise RuntimeError(f"wrk failed: {out}")
         rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -168,17 +169,18 @@ def load(url: str, body_file: Path, seconds: float, connections: int, tool: str)
         errors = re.search(r"Socket errors: (.*)", out)
         lat = {}
         for q in ("50", "90", "99"):
-            m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+            m = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s)\s*$", out, re.MULTILINE)
             if m:
                 lat[f"p{q}"] = round(float(m.group(1)) * {"us": 0.001, "ms": 1, "s": 1000}[m.group(2)], 2)
         return {"loadgen": "wrk -t1", "connections": connections, "duration_s": seconds, "requests": total,
                 "requests_per_s": rps, "non_2xx": int(non2xx.group(1)) if non2xx else 0,
                 "socket_errors": errors.group(1) if errors else None, "latency_ms": lat}
-    out = subprocess.run([sys.executable, "-m", "bench.loadgen", "--url", url, "--body-file", str(body_file),
+    proc = subprocess.run([sys.executable, "-m", "bench.loadgen", "--url", url, "--body-file", str(body_file),
                           "--header", "Content-Type: application/json", "--header", f"Authorization: Bearer {API_KEY}",
                           "--connections", str(connections), "--duration", str(seconds), "--warmup", "0"],
-                         capture_output=True, text=True, timeout=seconds + 60, cwd=Path(__file__).parent.parent)
-    result: dict[str, Any] = json.loads(out.stdout)
+                         capture_output=True, text=True, timeout=seconds + 60, cwd=Path(__file__).parent.parent,
+                         check=False)
+    result: dict[str, Any] = json.loads(proc.stdout)
     statuses = result.get("statuses", {})
     result["non_2xx"] = sum(v for k, v in statuses.items() if not k.startswith("2"))
     return result
@@ -219,7 +221,7 @@ class RssSampler:
                 self.peak_total = max(self.peak_total, sum(each))
                 self.peak_each = max(self.peak_each, max(each))
 
-    def __enter__(self) -> RssSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -335,8 +337,8 @@ def main() -> int:
     for run in runs:
         groups.setdefault((run["variant"], run["setting"], run["workers"]), []).append(run)
     table = []
-    for (variant, setting, workers), rows in groups.items():
-        table.append({"variant": variant, "setting": setting, "workers": workers, "rounds": len(rows),
+    for (variant, name, workers), rows in groups.items():
+        table.append({"variant": variant, "setting": name, "workers": workers, "rounds": len(rows),
                       "jobs_per_s": round(median(r["requests_per_s"] for r in rows), 1),
                       "p50_ms": median(r["latency_ms"].get("p50", float("nan")) for r in rows),
                       "p99_ms": median(r["latency_ms"].get("p99", float("nan")) for r in rows),

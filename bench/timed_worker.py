@@ -17,7 +17,7 @@ from workers import celery_worker, services
 
 app = celery_worker.app
 
-services._renderer = TimedStandinRenderer(  # noqa: SLF001 - the one seam a bench-only renderer needs
+services._renderer = TimedStandinRenderer(
     float(os.environ.get("EDITFARM_STANDIN_RENDER_S", "0") or 0),
     os.environ["EDITFARM_BENCH_RENDER_LOG"],
     int(os.environ.get("EDITFARM_BENCH_OUTPUT_SIDE", "0") or 0),

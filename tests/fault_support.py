@@ -34,7 +34,7 @@ import redis
 
 from broker import keys
 from cli.cluster import ROOT, LocalCluster
-from cli.localservices import wait_until
+from cli.localservices import ServiceDied, wait_until
 from tests.e2e_support import auth, data_url, png_bytes
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -166,10 +166,14 @@ def job_fields(cluster: LocalCluster, job_ids: list[str], *names: str) -> dict[s
 
 
 def wait_running(cluster: LocalCluster, job_ids: list[str], min_step: int = 1, timeout_s: float = 90) -> None:
-    """Until every job runs and has made ``min_step`` steps."""
+    """Until every job runs (all at once) and has made ``min_step`` steps; fails at once if one ended."""
     def check() -> bool:
-        rows = job_fields(cluster, job_ids, "status", "progress").values()
-        return all(r["status"] == "running" and (r["progress"] or {}).get("step", 0) >= min_step for r in rows)
+        rows = job_fields(cluster, job_ids, "status", "progress")
+        ended = {j: r["status"] for j, r in rows.items() if r["status"] in TERMINAL}
+        if ended:
+            raise ServiceDied(f"jobs ended before they all ran together: {ended}")
+        return all(r["status"] == "running" and (r["progress"] or {}).get("step", 0) >= min_step
+                   for r in rows.values())
     wait_until(check, timeout_s, f"jobs {job_ids} running", interval_s=0.05)
 
 

@@ -143,6 +143,7 @@ def test_sigkill_of_the_render_child_mid_render_ends_each_job_once(faults: Fault
     cluster, tally, jobs = faults.cluster, Tally("kill_child_standin"), []
     faults.healthy()
     for round_ in range(TRIALS // 2):
+        wait_all_terminal(cluster, jobs)  # both workers idle: the pair runs side by side
         pair = [submit(cluster, steps=8, seed=round_ * 2 + i, webhook=faults.receiver.url) for i in range(2)]
         wait_running(cluster, pair)
         victims = {holder(cluster, job_id) for job_id in pair}
@@ -164,6 +165,7 @@ def test_sigkill_of_whole_worker_process_groups_ends_each_job_once(faults: Fault
     cluster, tally, jobs = faults.cluster, Tally("kill_group_standin"), []
     faults.healthy()
     for round_ in range(TRIALS // 2):
+        wait_all_terminal(cluster, jobs)  # both workers idle: the pair runs side by side
         pair = [submit(cluster, steps=8, seed=round_ * 2 + i, webhook=faults.receiver.url) for i in range(2)]
         wait_running(cluster, pair)
         victims = {holder(cluster, job_id) for job_id in pair}
