@@ -34,17 +34,17 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/soak.py` as well as `python -m bench.soak`
     sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
-import redis  # noqa: E402
+import httpx
+import redis
 
-from broker import keys  # noqa: E402
-from cli.cluster import ClusterConfig, LocalCluster  # noqa: E402
+from broker import keys
+from cli.cluster import ClusterConfig, LocalCluster
 
 TERMINAL = ("succeeded", "failed", "canceled")
 TERMINAL_TYPES = ("job.succeeded", "job.failed", "job.canceled")
@@ -153,7 +153,7 @@ class Receiver:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 try:
                     payload = json.loads(body)
@@ -179,7 +179,7 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_port}/hooks/soak"
 
-    def __enter__(self) -> Receiver:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -142,6 +142,8 @@ class LocalCluster:
             "EDITFARM_ALLOW_PRIVATE_URLS": "true",
             "EDITFARM_ALLOW_HTTP_URLS": "true",
             "PYTHONUNBUFFERED": "1",
+            # the web UI and `jobs watch` show them; cheap on the tiny model
+            "EDITFARM_PREVIEW_EVERY_N_STEPS": "2",
         })
         env.update(self.config.extra_env)
         return env

@@ -26,7 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import boto3
 import httpx
@@ -60,7 +60,7 @@ class FlakyReceiver:
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 headers = {k.lower(): v for k, v in self.headers.items()}
                 mode = receiver.mode
@@ -94,7 +94,7 @@ class FlakyReceiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hooks/editfarm"
 
-    def __enter__(self) -> FlakyReceiver:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -256,7 +256,7 @@ class Tally:
         self.ended = self.ended or time.monotonic()
         REPORT_DIR.mkdir(parents=True, exist_ok=True)
         path = REPORT_DIR / f"{self.scenario}.json"
-        path.write_text(json.dumps({**self.as_dict(), "trials_env": os.environ.get("EDITFARM_FAULT_TRIALS")},
+        path.write_text(json.dumps({**self.as_dict(), "trials_env": os.environ.get("FAULT_TRIALS")},
                                    indent=2) + "\n")
         return path
 

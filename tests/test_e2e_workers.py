@@ -184,6 +184,9 @@ def test_the_event_stream_gives_state_first_then_progress_then_done(cluster: Loc
     names = [n for n, _ in events]
     assert names[0] == "status" and names[-1] == "done"
     assert "progress" in names
+    previews = [d for n, d in events if n == "preview"]  # the cluster asks for one every 2 steps
+    assert previews and all(p["url"].startswith("http") for p in previews)
+    assert httpx.get(previews[0]["url"]).content[:3] == b"\xff\xd8\xff"  # a JPEG
     steps = [d["step"] for n, d in events if n == "progress"]
     assert steps == sorted(steps) and steps[-1] == 6
     assert events[-1][1]["status"] == "succeeded"

@@ -1,16 +1,17 @@
 """Faults survived, proven with real processes.
 
 One local cluster (Redis with AOF, moto's S3 server, the API, two render workers running the
-zero-cost render stand-in, the webhook worker with the reaper) plus one render worker with the
-real tiny Qwen-Image-Edit model; the render workers reach S3 through a TCP proxy that can be
-switched off, and the webhooks go to a receiver that can fail on purpose. Each scenario
+zero-cost render stand-in, the webhook worker with the reaper) plus two render workers with the
+real tiny Qwen-Image model on their own queue; the stand-in workers reach S3 through a TCP proxy
+that can be switched off, and the webhooks go to a receiver that can fail on purpose. Each scenario
 injects one fault while jobs are queued and running, then judges every job it accepted
 (tests/fault_support.py: survived / lost / duplicated) and writes its tally to
 ``test-artifacts/faults/<scenario>.json``.
 
-``EDITFARM_FAULT_TRIALS`` (default 4) sets the trials per scenario; the README's
-"Reliability" table was measured with a larger value. The soak test runs ``bench/soak.py``
-in its short mode.
+``FAULT_TRIALS`` (default 4) sets the trials per scenario (the README's "Reliability" table
+was measured with 10). The soak test runs ``bench/soak.py`` in its short mode (``SOAK_JOBS``,
+default 300). Three strict xfails mark faults that are not survived yet; their reasons name
+the code to fix.
 """
 
 from __future__ import annotations
@@ -41,17 +42,17 @@ from tests.fault_support import (
     holder,
     job_fields,
     judge,
+    s3_client,
     submit,
     wait_all_terminal,
-    wait_new_child,
-    s3_client,
     wait_n_running,
+    wait_new_child,
     wait_running,
 )
 
 pytestmark = pytest.mark.integration
 
-TRIALS = max(2, int(os.environ.get("EDITFARM_FAULT_TRIALS", "4")))
+TRIALS = max(2, int(os.environ.get("FAULT_TRIALS", "4")))
 RENDER_S = 2.0  # each stand-in job holds its worker this long (spread over its steps)
 STANDIN = ("render0", "render1")  # the stand-in workers: queues high + normal
 TINY = ("render8", "render9")  # tiny-model workers: queue low only, so only jobs sent there reach them
@@ -140,7 +141,7 @@ def assert_all_survived(tally: Tally) -> None:
 
 def test_sigkill_of_the_render_child_mid_render_ends_each_job_once(faults: Faults) -> None:
     """SIGKILL the pool child (the process holding the model) while it renders."""
-    cluster, tally, jobs = faults.cluster, Tally("kill_child_standin"), []
+    cluster, tally, jobs = faults.cluster, Tally("kill_child_standin"), list[str]()
     faults.healthy()
     for round_ in range(TRIALS // 2):
         wait_all_terminal(cluster, jobs)  # both workers idle: the pair runs side by side
@@ -162,7 +163,7 @@ def test_sigkill_of_the_render_child_mid_render_ends_each_job_once(faults: Fault
 
 def test_sigkill_of_whole_worker_process_groups_ends_each_job_once(faults: Faults) -> None:
     """SIGKILL every process of both render workers (a lost node) while both render; restart them."""
-    cluster, tally, jobs = faults.cluster, Tally("kill_group_standin"), []
+    cluster, tally, jobs = faults.cluster, Tally("kill_group_standin"), list[str]()
     faults.healthy()
     for round_ in range(TRIALS // 2):
         wait_all_terminal(cluster, jobs)  # both workers idle: the pair runs side by side
@@ -196,7 +197,7 @@ def test_s3_down_during_uploads_jobs_wait_and_retry_and_never_succeed_without_th
     s3 = s3_client(cluster)
     jobs = [submit(cluster, steps=8, seed=i, webhook=faults.receiver.url) for i in range(max(6, TRIALS))]
     wait_n_running(cluster, jobs, 2, min_step=6)  # renders about to upload
-    failed_uploads = lambda: sum(cluster.log(n).count("handed back: put") for n in STANDIN)  # noqa: E731
+    failed_uploads = lambda: sum(cluster.log(n).count("handed back: put") for n in STANDIN)
     before = failed_uploads()
     down_at = time.monotonic()
     faults.s3_proxy.set_mode("refuse")
@@ -431,10 +432,10 @@ def test_get_after_everything_still_answers(faults: Faults) -> None:
 
 def test_soak_short_run_loses_and_duplicates_nothing_and_memory_stays_bounded(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
-    jobs = int(os.environ.get("EDITFARM_SOAK_JOBS", "300"))
+    jobs = int(os.environ.get("SOAK_JOBS", "300"))
     run = subprocess.run([sys.executable, "-m", "bench.soak", "--jobs", str(jobs), "--warmup", "10",
-                          "--settle-s", "1", "--out", str(out), "--workdir", str(tmp_path / "cluster")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+                          "--settle-s", "1", "--out", str(out), "--workdir", str(tmp_path / "cluster")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     report = json.loads(out.read_text())
     tally = Tally("soak_short", trials=report["submitted"], survived=report["succeeded"], lost=report["lost"],

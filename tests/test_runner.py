@@ -255,3 +255,27 @@ def test_a_job_without_a_webhook_notifies_nobody() -> None:
     job = h.submit(params={"webhook": None})
     h.runner.run(job.id)
     assert h.webhook_events == []
+
+
+def test_previews_are_stored_and_announced_every_n_steps() -> None:
+    class PreviewingRenderer(FakeRenderer):
+        preview_sink = None
+        preview_every = 0
+
+        def render(self, request, on_step=None):  # type: ignore[no-untyped-def]
+            def step_hook(step: int) -> None:
+                if self.preview_sink and step % self.preview_every == 0 and step < request.steps:
+                    self.preview_sink(step, Image.new("RGB", (8, 8), "red"))
+            self.on_each_step = step_hook
+            return super().render(request, on_step)
+
+    h = Harness(preview_every_n_steps=2)
+    h.runner.renderer = h.renderer = PreviewingRenderer()
+    job = h.submit(steps=5)
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED
+    previews = [e["data"] for e in h.events.events if e["type"] == "preview"]
+    assert [p["step"] for p in previews] == [2, 4]
+    for preview in previews:
+        assert Image.open(io.BytesIO(h.objects.get(preview["key"]))).format == "JPEG"
+        assert preview["key"].startswith(f"tenants/acme/jobs/{job.id}/")
+    assert h.renderer.preview_sink is None  # handed back after the job

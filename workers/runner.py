@@ -11,20 +11,21 @@ and backs off instead of running the job twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 from broker import events, keys
 from broker.events import EventPublisher
-from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, Progress, queue_deadline_at
+from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, OutputFormat, Progress, queue_deadline_at
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
-from workers.encode import UnreadableImage, decode_image, decode_mask, encode_output
+from workers.encode import UnreadableImage, decode_image, decode_mask, encode, encode_output
 from workers.loras import LoraResolver, LoraUnavailable
 from workers.pipeline.base import (
     InvalidRequest,
@@ -83,6 +84,8 @@ class RunnerConfig:
     transient_retry_s: float = 5.0
     # progress webhooks are best effort and throttled to one per this many seconds
     progress_webhook_interval_s: float = 2.0
+    # a small preview image every this many denoising steps (0: none); renderers that can't are skipped
+    preview_every_n_steps: int = 0
 
 
 class GpuBroken(Exception):
@@ -184,7 +187,8 @@ class Runner:
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
             began = time.monotonic()
-            images = self.renderer.render(request, self._progress(job, lease))
+            with self._previews(job):
+                images = self.renderer.render(request, self._progress(job, lease))
             self.observe("render", time.monotonic() - began)
             began = time.monotonic()
             outputs = self._upload(job, images)
@@ -201,6 +205,29 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - any render failure ends the job, never the worker
             return self._render_error(job, lease, exc)
         return self.succeeded(job, lease, outputs, total)
+
+    @contextlib.contextmanager
+    def _previews(self, job: Job) -> Iterator[None]:
+        """While rendering ``job``, store each preview the renderer offers and announce its key."""
+        every = self.config.preview_every_n_steps
+        if every <= 0 or not hasattr(self.renderer, "preview_sink"):
+            yield
+            return
+
+        def sink(step: int, image: Any) -> None:
+            try:
+                key = keys.preview_object(job.tenant, job.id, step)
+                self.objects.put(key, encode(image.convert("RGB"), OutputFormat.JPEG, quality=70), "image/jpeg")
+                self.publisher.publish(job.id, events.PREVIEW, {"step": step, "key": key})
+            except Exception:  # noqa: BLE001 - a preview is advisory; the render goes on
+                log.warning("preview of job %s at step %d not stored", job.id, step)
+
+        renderer: Any = self.renderer
+        renderer.preview_sink, renderer.preview_every = sink, every
+        try:
+            yield
+        finally:
+            renderer.preview_sink, renderer.preview_every = None, 0
 
     def _interrupted(self, job: Job, lease: _Lease) -> JobStatus | None:
         if lease.stop_reason == "timeout":

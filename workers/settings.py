@@ -35,6 +35,8 @@ class WorkerSettings(ClusterSettings):
     heartbeat_file: str = "/tmp/editfarm/heartbeat"
     # Prometheus /metrics port of this process; 0 turns it off
     metrics_port: int = 0
+    # a small preview image (JPEG, from the latents) every this many denoising steps; 0: none
+    preview_every_n_steps: int = 0
     # after SIGTERM, a running job may finish for this long before it is handed back (seconds)
     drain_timeout_s: float = 600.0
     # how often the reaper (in webhook workers) looks for lapsed leases and queue deadlines (seconds)
