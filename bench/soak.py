@@ -356,6 +356,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "statuses": dict(statuses),
         "lost": len(lost),
         "duplicated": len(duplicated),
+        "attempts": {str(k): v for k, v in sorted(Counter(int(r["attempts"] or 0) for r in rows.values()).items())},
         "terminal_webhooks": sum(len(receiver.terminal.get(j, [])) for j in accepted),
         "submit_s": round(submitted_s, 1),
         "wall_s": round(last - began, 1),

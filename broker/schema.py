@@ -431,6 +431,7 @@ class Job(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0
+    handbacks: int = 0  # runs handed back on purpose (storage unreachable, drain): not worker deaths
     worker: str | None = None
     lease_until: float | None = None
 

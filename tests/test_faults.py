@@ -10,8 +10,8 @@ injects one fault while jobs are queued and running, then judges every job it ac
 
 ``FAULT_TRIALS`` (default 4) sets the trials per scenario (the README's "Reliability" table
 was measured with 10). The soak test runs ``bench/soak.py`` in its short mode (``SOAK_JOBS``,
-default 300). Three strict xfails mark faults that are not survived yet; their reasons name
-the code to fix.
+default 300). Three of the tests (S3 hand-backs vs worker deaths, Redis errors mid-render, a
+restarted worker's drain deadline) found bugs that are fixed now.
 """
 
 from __future__ import annotations
@@ -226,10 +226,6 @@ def test_s3_down_during_uploads_jobs_wait_and_retry_and_never_succeed_without_th
     assert_all_survived(tally)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/runner.py Runner.started/handed_back: every S3 hand-back counts as an attempt, and the "
-    "worker_lost guard (attempts >= EDITFARM_MAX_ATTEMPTS) reads them as worker deaths, so a job that "
-    "waited out an S3 outage fails worker_lost when its worker then dies once (fix: see the fault report)"))
 def test_a_job_that_waited_out_an_s3_outage_survives_one_worker_death(faults: Faults) -> None:
     cluster = faults.cluster
     faults.healthy()
@@ -327,10 +323,6 @@ def test_sigkill_of_a_tiny_model_child_mid_render_ends_the_job_once(faults: Faul
 # -- a worker restarted under the same name ---------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/services.py draining/start_drain: the drain deadline key (keys.worker_drain(<node name>)) "
-    "outlives the process and a worker restarted under the same name (gpu0@host) reads it as its own, so "
-    "once that deadline passes it hands back every job at its first step (fix: see the fault report)"))
 def test_a_worker_restarted_under_the_same_name_after_a_sigterm_still_renders(faults: Faults) -> None:
     """SIGTERM (a deploy) and start again under the same Celery node name: the new process must work.
 
@@ -399,10 +391,6 @@ def test_redis_restarted_with_jobs_queued_and_running_every_accepted_job_ends_on
     assert get(cluster, after)["status"] == "succeeded"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "workers/runner.py Runner._progress/_work: a job-store (Redis) error raised in the progress callback "
-    "is judged a render failure and the runner writes failed/render_failed; the job survives a restart "
-    "only because that write fails too (fix: see the fault report)"))
 def test_a_redis_outage_during_a_render_is_never_judged_a_render_failure(faults: Faults) -> None:
     """Reads the render workers' logs of the Redis restart scenario above."""
     if not faults.redis_restart_jobs:
@@ -442,6 +430,7 @@ def test_soak_short_run_loses_and_duplicates_nothing_and_memory_stays_bounded(tm
                   duplicated=report["duplicated"], notes={"throughput_jobs_per_s": report["throughput_jobs_per_s"],
                                                           "rss_mb": report["rss_mb"]})
     tally.ended = tally.started + report["wall_s"]
+    tally.attempts.update({int(k): v for k, v in report.get("attempts", {}).items()})
     finish(tally)
     assert report["submitted"] == jobs and report["succeeded"] == jobs
     assert report["lost"] == 0 and report["duplicated"] == 0, report["problems"]

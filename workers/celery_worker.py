@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 
 # diffusers checks CUDA when imported; this makes that check not initialise CUDA, so a
 # prefork parent that imports it by accident does not break its forked children.
@@ -30,6 +31,8 @@ def _role() -> str:
 @celeryd_init.connect
 def _name_the_process(sender: str | None = None, **_: object) -> None:
     # leases, drain keys and heartbeats use the Celery node name (gpu0@host); children inherit it
+    # a fresh instance id per start: a restarted worker must not inherit a predecessor's drain deadline
+    os.environ["EDITFARM_WORKER_INSTANCE"] = uuid.uuid4().hex[:12]
     if sender and not os.environ.get("EDITFARM_WORKER_NAME"):
         os.environ["EDITFARM_WORKER_NAME"] = sender
         services.settings.cache_clear()

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Self
 
+import redis
+
 from broker import events, keys
 from broker.events import EventPublisher
 from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, OutputFormat, Progress, queue_deadline_at
@@ -38,6 +40,8 @@ from workers.pipeline.base import (
 )
 
 log = logging.getLogger("editfarm.runner")
+
+STORE_ERRORS = (redis.exceptions.RedisError,)
 
 Notify = Callable[[Job, str], None]
 """Called with a job and a webhook event ("job.started", "job.progress", "job.succeeded", ...)."""
@@ -202,6 +206,8 @@ class Runner:
         except StorageUnavailable as exc:
             self.handed_back(job, lease, str(exc))
             raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
+        except STORE_ERRORS:
+            raise  # the store failed, not the render: the lease lapses and the reaper re-sends the job
         except Exception as exc:  # noqa: BLE001 - any render failure ends the job, never the worker
             return self._render_error(job, lease, exc)
         return self.succeeded(job, lease, outputs, total)
@@ -267,9 +273,10 @@ class Runner:
                 # its first run may still be alive: come back when the lease would have lapsed
                 raise RetryLater(job.lease_until - now + 0.5, "job is running elsewhere")
             expect.update(worker=[job.worker], lease_until=[job.lease_until])
-            if job.attempts >= self.config.max_attempts:
+            deaths = job.attempts - job.handbacks
+            if deaths >= self.config.max_attempts:
                 self._terminal(job, JobStatus.FAILED, expect, error=JobError(
-                    code="worker_lost", message=f"the job's worker died {job.attempts} times"))
+                    code="worker_lost", message=f"the job's worker died {deaths} times"))
                 return None
         fields = {"worker": token, "lease_until": now + self.config.lease_s, "started_at": now,
                   "attempts": job.attempts + 1, "progress": Progress(total=job.params.steps).model_dump()}
@@ -310,7 +317,8 @@ class Runner:
 
     def handed_back(self, job: Job, lease: _Lease, reason: str) -> bool:
         """running → queued: a transient failure or a drain; the job will be delivered again."""
-        moved = self.store.transition(job.id, JobStatus.QUEUED, {"worker": None, "lease_until": None},
+        moved = self.store.transition(job.id, JobStatus.QUEUED, {"worker": None, "lease_until": None,
+                                                                 "handbacks": job.handbacks + 1},
                                       from_=[JobStatus.RUNNING], expect={"worker": [lease.token]})
         if moved is not None:
             log.warning("job %s handed back: %s", job.id, reason)
@@ -377,16 +385,26 @@ class Runner:
         def on_step(step: int, total: int) -> bool:
             if job.params.timeout_s is not None and time.monotonic() - started > job.params.timeout_s:
                 lease.stop("timeout")
-            if self.draining():
-                lease.stop("drain")
+            try:
+                if self.draining():
+                    lease.stop("drain")
+            except STORE_ERRORS:
+                log.warning("job %s: drain check failed (job store unreachable)", job.id)
             if lease.lost.is_set():
                 return False
-            kept = self.store.compare_and_set(job.id, lease.expect(),
-                                              {"progress": {"step": step, "total": total}})
+            try:
+                kept = self.store.compare_and_set(job.id, lease.expect(),
+                                                  {"progress": {"step": step, "total": total}})
+            except STORE_ERRORS:  # progress is advisory; the heartbeat's lease decides ownership
+                log.warning("job %s: progress %d/%d not recorded (job store unreachable)", job.id, step, total)
+                return True
             if not kept:
                 lease.stop("lost")
                 return False
-            self.publisher.publish(job.id, events.PROGRESS, {"step": step, "total": total})
+            try:
+                self.publisher.publish(job.id, events.PROGRESS, {"step": step, "total": total})
+            except STORE_ERRORS:
+                pass
             now = time.monotonic()
             if step < total and now - last_webhook[0] >= self.config.progress_webhook_interval_s:
                 last_webhook[0] = now

@@ -127,7 +127,7 @@ def renderer() -> Renderer:
             raise RuntimeError("EDITFARM_MODEL is not set (a model folder or hub id)")
         device = resolve_device(s.device)
         log.info("loading model %s on %s", s.model, device)
-        _renderer = load_renderer(s.model, device)
+        _renderer = load_renderer(s.model, device, compile_blocks=s.compile_transformer)
     return _renderer
 
 
@@ -186,6 +186,11 @@ def notify_via_queue(job: Job, event: str) -> None:
     enqueue_notify(celery_app(), job.id, event)
 
 
+def _drain_key() -> str:
+    """This worker process's drain key: its name plus a per-start instance id."""
+    return keys.worker_drain(f"{settings().process_name()}:{os.environ.get('EDITFARM_WORKER_INSTANCE', '')}")
+
+
 _drain_checked = [0.0, 0.0]  # (last check, drain_by)
 
 
@@ -194,7 +199,7 @@ def draining() -> bool:
     now = time.time()
     if now - _drain_checked[0] >= 1.0:
         _drain_checked[0] = now
-        raw = redis_client().get(keys.worker_drain(settings().process_name()))
+        raw = redis_client().get(_drain_key())
         _drain_checked[1] = float(raw) if raw else 0.0
     return bool(_drain_checked[1]) and now >= _drain_checked[1]
 
@@ -203,7 +208,7 @@ def start_drain() -> None:
     """Called in the worker's main process at SIGTERM: running jobs get drain_timeout_s to finish."""
     s = settings()
     drain_by = time.time() + s.drain_timeout_s
-    redis_client().set(keys.worker_drain(s.process_name()), repr(drain_by), ex=int(s.drain_timeout_s) + 3600)
+    redis_client().set(_drain_key(), repr(drain_by), ex=int(s.drain_timeout_s) + 3600)
     log.info("draining: a running job has %.0f s to finish before it is handed back", s.drain_timeout_s)
 
 

@@ -17,6 +17,8 @@ class WorkerSettings(ClusterSettings):
     # "diffusers" (the model) or "standin" (no model; tests and benchmarks only, see workers/standin.py)
     renderer: str = "diffusers"
     standin_render_s: float = 0.0
+    # torch.compile the transformer's repeated blocks at load (GPU; warm-up pays the compile)
+    compile_transformer: bool = False
     # "cpu", "cuda" or "auto" (cuda when available; only ever evaluated in the child process).
     device: str = "auto"
     # Name of this worker process in leases and logs; Celery's node name is used when empty.
