@@ -100,6 +100,10 @@ def write_report(name: str, report: dict[str, Any], out: str, quick: bool, comma
     path.write_text(json.dumps(full, indent=2, default=str) + "\n")
     print(json.dumps(full, indent=2, default=str))
     print(f"# written to {path}", file=sys.stderr)
+    import shutil
+
+    for scratch in _SCRATCH:
+        shutil.rmtree(scratch, ignore_errors=True)
     return full
 
 
@@ -112,12 +116,19 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+_SCRATCH: list[Path] = []
+
+
 def workdir(arg: str, name: str) -> Path:
+    """``--workdir`` if given (kept), else a temporary folder removed once the report is written
+    (a failed run leaves it, with its logs)."""
     if arg:
         path = Path(arg)
         path.mkdir(parents=True, exist_ok=True)
         return path
-    return Path(tempfile.mkdtemp(prefix=f"editfarm-bench-{name}-"))
+    path = Path(tempfile.mkdtemp(prefix=f"editfarm-bench-{name}-"))
+    _SCRATCH.append(path)
+    return path
 
 
 # -- inputs ----------------------------------------------------------------------------------------

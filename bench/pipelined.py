@@ -22,6 +22,7 @@ today, by subclassing it. ``bench.duty_cycle --runner pipelined`` selects it (th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -243,13 +244,15 @@ class PipelinedRunner(Runner):
                 request = self._request(job)
             finally:
                 self.objects = objects
-            total = operations.planned_steps(request)
+            total = getattr(runner_module, "_planned_steps", operations.planned_steps)(request)
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
             prefetcher.start(self, job.id)
             finisher.next_render.set()  # the last job's finish may run now
             began = time.monotonic()
-            images = self.renderer.render(request, self._progress(job, lease))
+            previews = getattr(self, "_previews", None)  # latent previews, where the runner has them
+            with previews(job) if previews is not None else contextlib.nullcontext():
+                images = self.renderer.render(request, self._progress(job, lease))
             self.observe("render", time.monotonic() - began)
         except (UnreadableImage, ObjectNotFound, IndexError) as exc:
             return self.failed(job, lease, ErrorCode.INPUT_UNREADABLE, str(exc)), None
@@ -260,6 +263,8 @@ class PipelinedRunner(Runner):
         except StorageUnavailable as exc:
             self.handed_back(job, lease, str(exc))
             raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
+        except getattr(runner_module, "STORE_ERRORS", ()):
+            raise  # as the runner does: the lease lapses and the reaper re-sends the job
         except Exception as exc:  # noqa: BLE001
             return self._render_error(job, lease, exc), None
 
