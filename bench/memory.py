@@ -1,7 +1,7 @@
 """Memory: the API process's RSS under load, and the render worker's RSS beyond the model.
 
     python -m bench.memory            # ~2 min
-    python -m bench.memory --quick    # API and stand-in worker only
+    python -m bench.memory --quick    # API (default allocator) and stand-in worker only
 
 * API: one API process (``uvicorn --factory api.app:create_app``, h11 + asyncio, log level info:
   how ``editfarm api`` runs today) on Redis
@@ -178,7 +178,8 @@ def main() -> int:
     tool = "wrk" if shutil.which("wrk") else "python"
     root = workdir(args.workdir, "memory")
     report: dict[str, Any] = {"api": api_memory(root, args.seconds, tool, {}),
-                              "api_malloc_arena_max_2": api_memory(root, args.seconds, tool, {"MALLOC_ARENA_MAX": "2"}),
+                              "api_malloc_arena_max_2": {"skipped": "--quick"} if args.quick else
+                              api_memory(root, args.seconds, tool, {"MALLOC_ARENA_MAX": "2"}),
                               "standin_worker": standin_worker_memory(root, 3 if args.quick else 10, args.side)}
     if args.quick:
         report["model_worker"] = {"skipped": "--quick"}

@@ -145,7 +145,7 @@ def memory_rows(mem: dict[str, Any]) -> list[Row]:
     cmd, out = f"`{mem['command']}`", []
     for key, label in (("api", ""), ("api_malloc_arena_max_2", ", MALLOC_ARENA_MAX=2")):
         api = mem.get(key)
-        if not api:
+        if not api or "skipped" in api:
             continue
         edit = api["edit_1024px"]
         value = (f"idle {api['idle_mb']:.0f} MB; generate load peak **{api['generate']['peak_mb']:.0f} MB**; "

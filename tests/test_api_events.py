@@ -175,7 +175,8 @@ def test_a_client_gets_the_current_state_first_then_throttled_progress_previews_
     join_ok(thread)
     frames = parse_stream(response.text)
     assert named(frames) == ["status", "status", "progress", "progress", "preview", "status", "done"]
-    assert frames[0]["data"]["status"] == "queued" and frames[0]["data"]["queue_position"] == 0
+    # the position is read just after the record; the worker may start the job in between
+    assert frames[0]["data"]["status"] == "queued" and frames[0]["data"]["queue_position"] in (0, None)
     assert frames[1]["data"]["status"] == "running" and frames[1]["data"]["started_at"]
     assert [f["data"] for f in frames[2:4]] == [{"step": 1, "total": 5}, {"step": 5, "total": 5}]
     preview = frames[4]["data"]
