@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -132,9 +131,8 @@ def demo(workdir: Path = Path(".editfarm/demo"), out: Path = Path("out")) -> Non
     raise typer.Exit(run_demo(workdir.resolve(), out.resolve()))
 
 
-from cli.jobs import jobs_app, submit  # noqa: E402 - the job commands live in their own module
-
 from cli.admin import keys_app, secrets_app  # noqa: E402
+from cli.jobs import jobs_app, submit  # noqa: E402 - the job commands live in their own module
 
 app.command()(submit)
 app.add_typer(jobs_app, name="jobs")

@@ -7,11 +7,11 @@ S3 server over HTTP, and an HTTP webhook receiver.
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import json
 import io
+import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import boto3
 import httpx
@@ -20,9 +20,9 @@ import redis
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
-from cli.cluster import ClusterConfig, LocalCluster
+from cli.cluster import LocalCluster
 from cli.demo import WebhookReceiver
-from tests.e2e_support import API_KEYS, Hooks, auth, data_url, png_bytes, wait_terminal
+from tests.e2e_support import Hooks, auth, data_url, png_bytes, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -131,8 +131,8 @@ def test_bad_input_gets_a_documented_4xx_and_never_reaches_a_worker(
     # every message waiting in a render queue belongs to a stored job: nothing half-created was sent
     for queue in ("render.high", "render.normal", "render.low"):
         for raw in r.lrange(queue, 0, -1):
-            job_id = json.loads(json.loads(raw)["body"] and __import__("base64").b64decode(
-                json.loads(raw)["body"]))[0][0]
+            args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
+            job_id = args[0]
             assert r.exists(f"editfarm:job:{job_id}")
 
 

@@ -31,9 +31,9 @@ from editfarm_client import (
 )
 from PIL import Image
 
-from cli.cluster import ClusterConfig, LocalCluster
+from cli.cluster import LocalCluster
 from cli.demo import WebhookReceiver
-from tests.e2e_support import API_KEYS, TENANTS, Hooks, png_bytes
+from tests.e2e_support import TENANTS, Hooks, png_bytes
 
 pytestmark = pytest.mark.integration
 

@@ -31,9 +31,9 @@ from api.app import create_app
 from api.routers import ui
 from api.settings import ApiSettings
 from api.testing import TEST_KEYS, fake_services
-from cli.cluster import ClusterConfig, LocalCluster
+from cli.cluster import LocalCluster
 from cli.localservices import free_port
-from tests.e2e_support import API_KEYS, TENANTS, auth, png_bytes
+from tests.e2e_support import TENANTS, auth, png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

@@ -18,12 +18,11 @@ from broker.urlpolicy import UrlNotAllowed, check_url
 from broker.views import job_view
 from workers.webhooks import (
     TERMINAL_EVENT_TYPES,
-    USER_AGENT,
     BaseWebhookOutbox,
     WebhookConfig,
     build_body,
     message_id_for,
-    sign_all,
+    signed_headers,
 )
 
 log = logging.getLogger("editfarm.notify")
@@ -71,11 +70,8 @@ class WebhookNotifier:
             message_id = f"msg_{job.id}_progress_{job.progress.step}_{secrets.token_hex(4)}"
             body = build_body("job.progress", {"id": job.id, "status": job.status.value,
                                                "progress": job.progress.model_dump()}, time.time())
-            stamp = int(time.time())
-            self.client.post(url, content=body, timeout=PROGRESS_TIMEOUT_S, headers={
-                "webhook-id": message_id, "webhook-timestamp": str(stamp), "content-type": "application/json",
-                "webhook-signature": sign_all(self.config.secrets, message_id, stamp, body),
-                "user-agent": USER_AGENT})
+            self.client.post(url, content=body, timeout=PROGRESS_TIMEOUT_S,
+                             headers=signed_headers(self.config.secrets, message_id, body, int(time.time())))
         except (UrlNotAllowed, httpx.HTTPError, ValueError) as exc:
             log.info("progress webhook of %s not delivered: %s", job.id, type(exc).__name__)
 

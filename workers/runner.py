@@ -24,7 +24,16 @@ import redis
 
 from broker import events, keys
 from broker.events import EventPublisher
-from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, OutputFormat, Progress, queue_deadline_at
+from broker.schema import (
+    ErrorCode,
+    Job,
+    JobError,
+    JobStatus,
+    Output,
+    OutputFormat,
+    Progress,
+    queue_deadline_at,
+)
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from workers.encode import UnreadableImage, decode_image, decode_mask, encode, encode_output

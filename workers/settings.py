@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-
 from typing import Annotated
 
 from pydantic import field_validator

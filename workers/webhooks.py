@@ -75,6 +75,15 @@ def sign_all(secrets: Sequence[str], message_id: str, timestamp_s: int, body: by
     return " ".join(sign(s, message_id, timestamp_s, body) for s in secrets)
 
 
+def signed_headers(secrets: Sequence[str], message_id: str, body: bytes, timestamp_s: int) -> dict[str, str]:
+    """The Standard Webhooks request headers of one attempt (a fresh timestamp each time)."""
+    return {
+        "webhook-id": message_id, "webhook-timestamp": str(timestamp_s),
+        "webhook-signature": sign_all(secrets, message_id, timestamp_s, body),
+        "content-type": "application/json", "user-agent": USER_AGENT,
+    }
+
+
 def message_id_for(job_id: str, event_type: str) -> str:
     """Deterministic ``webhook-id`` of a job's event, e.g. ``msg_job_ab12_job_succeeded``.
 
@@ -381,12 +390,7 @@ def _attempt(outbox: BaseWebhookOutbox, msg: WebhookMessage, config: WebhookConf
     try:
         check_url(msg.url, allow_http=config.allow_http, allow_private=config.allow_private,
                   resolver=resolver)
-        ts = int(now())
-        headers = {
-            "webhook-id": msg.id, "webhook-timestamp": str(ts),
-            "webhook-signature": sign_all(config.secrets, msg.id, ts, msg.body),
-            "content-type": "application/json", "user-agent": USER_AGENT,
-        }
+        headers = signed_headers(config.secrets, msg.id, msg.body, int(now()))
         # stream: only the status line and headers are read, the body is never downloaded
         with client.stream("POST", msg.url, content=msg.body, headers=headers,
                            timeout=config.timeout_s, follow_redirects=False) as resp:
