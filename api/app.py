@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,7 +21,7 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.models import component_schemas
-from api.routers import deliveries, health, jobs, monitoring, ui
+from api.routers import deliveries, health, jobs, monitoring, submit, ui
 from api.settings import ApiSettings
 
 logger = logging.getLogger("editfarm.api")
@@ -74,7 +75,9 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
         yield
         for close in services.closers:
             try:
-                close()
+                closing = close()
+                if inspect.isawaitable(closing):
+                    await closing
             except Exception:  # shutting down anyway
                 logger.warning("error closing a client at shutdown", exc_info=True)
 
@@ -90,6 +93,7 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
     # outside the catch-all middleware, so answered 500s are counted too
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(health.router)
+    app.include_router(submit.router)
     app.include_router(jobs.router)
     app.include_router(deliveries.router)
     app.include_router(monitoring.router)

@@ -80,8 +80,9 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, ErrorCode.UNAUTHORIZED, message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def get_api_keys(request: Request) -> ApiKeys:
-    """The key ring :func:`api.app.create_app` parsed onto ``app.state.api_keys``."""
+async def get_api_keys(request: Request) -> ApiKeys:
+    """The key ring :func:`api.app.create_app` parsed onto ``app.state.api_keys`` (``async``: no
+    thread-pool hop per request)."""
     keys: ApiKeys = request.app.state.api_keys
     return keys
 

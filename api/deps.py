@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
 
 from api.delivery_log import DeliveryLog, InMemoryDeliveryLog, RedisDeliveryLog
@@ -20,7 +21,7 @@ from api.events import EventSource, RedisEventSource
 from api.idempotency import IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore
 from api.limits import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
 from api.settings import ApiSettings
-from broker.celery_app import enqueue_notify, enqueue_render, enqueue_webhook, make_celery
+from broker.celery_app import RenderMessages, enqueue_notify, enqueue_webhook, make_celery
 from broker.events import EventPublisher, RedisEventPublisher
 from broker.store import JobStore, RedisJobStore
 from broker.tenants import InMemoryTenantStore, RedisTenantStore, TenantStore
@@ -35,21 +36,22 @@ def _no_redeliver(message_id: str) -> None:
 class Services:
     """Everything a request handler may touch.
 
-    ``enqueue(job_id, priority)`` queues a stored job for rendering on its
-    priority's queue and ``notify(job_id, event)`` asks a CPU worker to send
+    ``render_messages`` builds a job's Celery render message, which
+    :meth:`JobStore.create_and_enqueue` pushes in the same step that records the job;
+    ``notify(job_id, event)`` asks a CPU worker to send
     the job's webhook for ``event`` (e.g. ``"job.canceled"``); ``redeliver(message_id)``
-    queues one more delivery of a stored webhook message; all raise if the
+    queues one more delivery of a stored webhook message; both raise if the
     broker is unreachable. ``limiter`` counts submissions per tenant,
     ``idempotency`` remembers Idempotency-Keys and ``deliveries`` reads the
     webhook outbox (a job's delivery log). ``publisher`` sends a job's live events and
     ``events`` subscribes to them (SSE). ``redis`` is only used by ``/readyz``;
-    None skips that check. ``closers`` run at application shutdown.
+    None skips that check. ``closers`` run at application shutdown (a coroutine
+    they return is awaited).
     """
 
     settings: ApiSettings
     store: JobStore
     objects: ObjectStore
-    enqueue: Callable[[str, str], None]
     notify: Callable[[str, str], None]
     publisher: EventPublisher
     events: EventSource
@@ -61,6 +63,7 @@ class Services:
     limiter: RateLimiter = field(default_factory=InMemoryRateLimiter)
     idempotency: IdempotencyStore = field(default_factory=InMemoryIdempotencyStore)
     deliveries: DeliveryLog = field(default_factory=InMemoryDeliveryLog)
+    render_messages: RenderMessages = field(default_factory=RenderMessages)
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> Services:
@@ -72,27 +75,32 @@ class Services:
         client = redis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
         )
+        # the submission path (limits, record + message) runs on the event loop: no thread hops.
+        # Connections are made on first use, on the loop of the server process (one per process).
+        on_loop = aioredis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
+        )
         celery = make_celery(settings.redis_url, settings.visibility_timeout_s)
         return cls(
             settings=settings,
-            store=RedisJobStore(client),
+            store=RedisJobStore(client, on_loop),
             objects=S3ObjectStore(settings.s3_config()),
-            enqueue=functools.partial(enqueue_render, celery),
             notify=functools.partial(enqueue_notify, celery),
             publisher=RedisEventPublisher(client),
             events=RedisEventSource(settings.redis_url),
             redis=client,
-            closers=[client.close, celery.close],
+            closers=[client.close, celery.close, on_loop.aclose],
             tenants=RedisTenantStore(client),
             redeliver=functools.partial(enqueue_webhook, celery),
-            limiter=RedisRateLimiter(client),
+            limiter=RedisRateLimiter(client, on_loop),
             idempotency=RedisIdempotencyStore(client),
             deliveries=RedisDeliveryLog(client),
         )
 
 
-def get_services(request: Request) -> Services:
-    """The app's :class:`Services` (set by create_app)."""
+async def get_services(request: Request) -> Services:
+    """The app's :class:`Services` (set by create_app); ``async`` so FastAPI calls it on the loop
+    instead of a thread-pool hop per request."""
     services: Services = request.app.state.services
     return services
 
@@ -100,7 +108,7 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> ApiSettings:
+async def get_settings(services: ServicesDep) -> ApiSettings:
     return services.settings
 
 

@@ -10,13 +10,15 @@
   (:meth:`broker.store.JobStore.tenant_active_count`) → 429 ``too_many_jobs`` with ``Retry-After``.
   Read, then create: concurrent submissions may overshoot the cap by their number.
 
-Both run as a route dependency after authentication and before the body is read. Every
-``POST /v1/jobs`` counts toward the rate, including refused and idempotent-replayed ones.
+Both run as a route dependency after authentication and before the body is read, on Redis in one
+Lua script on the event loop (:meth:`RedisRateLimiter.admit_async`). Every ``POST /v1/jobs`` within
+the in-flight cap counts toward the rate, including refused and idempotent-replayed ones.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import math
 import threading
@@ -24,14 +26,15 @@ import time
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from fastapi import Depends, Request
-from starlette.concurrency import run_in_threadpool
 
 from api.auth import TenantDep
 from api.errors import ApiError, ErrorResponse
 from api.settings import ApiSettings
 from broker import keys
 from broker.schema import ErrorCode
+from broker.store import JobStore, RedisJobStore
 
 WINDOW_S = 60
 # a full window is needed as "previous" during the next one
@@ -45,6 +48,15 @@ STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 class RateDecision:
     allowed: bool
     retry_after_s: int = 0  # when refused: seconds until one more request fits (>= 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Admission:
+    """The submission limits' answer: allowed, or refused by the in-flight cap or by the rate."""
+
+    allowed: bool
+    active: int | None = None  # refused by the in-flight cap: the tenant's jobs queued or running
+    retry_after_s: int = 0  # refused by the rate: seconds until one more request fits (>= 1)
 
 
 def _window(now: float) -> tuple[int, float]:
@@ -82,6 +94,24 @@ class RateLimiter(abc.ABC):
     def hit(self, tenant: str, limit: int, now: float) -> RateDecision:
         """Count one submission if it fits within ``limit`` per minute (blocking; raises the store's errors)."""
 
+    def admit(self, tenant: str, store: JobStore, max_in_flight: int, limit: int, now: float) -> Admission:
+        """The in-flight cap (``store``'s count of the tenant's active jobs; 0 = off), then the rate
+        (:meth:`hit`; 0 = off). Blocking; raises the stores' errors."""
+        if max_in_flight:
+            active = store.tenant_active_count(tenant)
+            if active >= max_in_flight:
+                return Admission(False, active=active)
+        if limit:
+            decision = self.hit(tenant, limit, now)
+            if not decision.allowed:
+                return Admission(False, retry_after_s=decision.retry_after_s)
+        return Admission(True)
+
+    async def admit_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
+                          now: float) -> Admission:
+        """:meth:`admit` for the event loop (this default runs it in a thread)."""
+        return await asyncio.to_thread(self.admit, tenant, store, max_in_flight, limit, now)
+
 
 # KEYS: this window's counter, the previous window's. ARGV: weight of the previous window, limit, ttl.
 _HIT = """
@@ -94,11 +124,64 @@ return {1, previous, current}
 """
 
 
-class RedisRateLimiter(RateLimiter):
-    """The sliding-window counter on Redis (shared by every API replica)."""
+# Both limits in one round trip, same order and counting as RateLimiter.admit. KEYS: the tenant's
+# active set (RedisJobStore keeps it), this window's counter, the previous window's. ARGV: max jobs
+# in flight (0: off), weight of the previous window, rate limit (0: off), counter ttl.
+# Returns {1} (allowed), {-1, active} (too many jobs) or {0, previous, current} (rate limited).
+_ADMIT = """
+if tonumber(ARGV[1]) > 0 then
+  local active = redis.call('SCARD', KEYS[1])
+  if active >= tonumber(ARGV[1]) then return {-1, active} end
+end
+if tonumber(ARGV[3]) == 0 then return {1} end
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+local previous = tonumber(redis.call('GET', KEYS[3]) or '0')
+if previous * tonumber(ARGV[2]) + current > tonumber(ARGV[3]) - 1 then return {0, previous, current} end
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return {1}
+"""
 
-    def __init__(self, client: redis.Redis) -> None:
+
+class RedisRateLimiter(RateLimiter):
+    """The sliding-window counter on Redis (shared by every API replica).
+
+    With a :class:`~broker.store.RedisJobStore` (whose per-tenant active set is on the same server)
+    :meth:`admit` checks both limits in one script; ``async_client`` runs it on the event loop.
+    """
+
+    def __init__(self, client: redis.Redis, async_client: aioredis.Redis | None = None) -> None:
         self._script = client.register_script(_HIT)
+        self._admit = client.register_script(_ADMIT)
+        self._admit_on_loop = async_client.register_script(_ADMIT) if async_client is not None else None
+
+    @staticmethod
+    def _admit_args(tenant: str, max_in_flight: int, limit: int, now: float) -> tuple[list[str], list[Any], float]:
+        index, elapsed = _window(now)
+        script_keys = [keys.tenant_active(tenant), keys.rate_window(tenant, index),
+                       keys.rate_window(tenant, index - 1)]
+        return script_keys, [max_in_flight, repr(1.0 - elapsed / WINDOW_S), limit, _COUNTER_TTL_S], elapsed
+
+    @staticmethod
+    def _admission(answer: list[Any], limit: int, elapsed: float) -> Admission:
+        if int(answer[0]) == -1:
+            return Admission(False, active=int(answer[1]))
+        if int(answer[0]) == 0:
+            return Admission(False, retry_after_s=retry_after_s(int(answer[1]), int(answer[2]), elapsed, limit))
+        return Admission(True)
+
+    def admit(self, tenant: str, store: JobStore, max_in_flight: int, limit: int, now: float) -> Admission:
+        if not isinstance(store, RedisJobStore):
+            return super().admit(tenant, store, max_in_flight, limit, now)
+        script_keys, args, elapsed = self._admit_args(tenant, max_in_flight, limit, now)
+        return self._admission(self._admit(keys=script_keys, args=args), limit, elapsed)
+
+    async def admit_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
+                          now: float) -> Admission:
+        if self._admit_on_loop is None or not isinstance(store, RedisJobStore):
+            return await super().admit_async(tenant, store, max_in_flight, limit, now)
+        script_keys, args, elapsed = self._admit_args(tenant, max_in_flight, limit, now)
+        return self._admission(await self._admit_on_loop(keys=script_keys, args=args), limit, elapsed)
 
     def hit(self, tenant: str, limit: int, now: float) -> RateDecision:
         index, elapsed = _window(now)
@@ -142,23 +225,21 @@ async def enforce_submission_limits(request: Request, tenant: TenantDep) -> None
     # app.state, not api.deps: api.deps imports this module for the limiter classes
     services = request.app.state.services
     settings = services.settings
+    cap, limit = settings.max_jobs_in_flight, settings.rate_limit_per_min
+    if not (cap or limit):
+        return
+    limiter: RateLimiter = services.limiter
     try:
-        if settings.max_jobs_in_flight:
-            active = await run_in_threadpool(services.store.tenant_active_count, tenant)
-            if active >= settings.max_jobs_in_flight:
-                raise _too_many(ErrorCode.TOO_MANY_JOBS,
-                                f"{active} of your jobs are queued or running; the limit is "
-                                f"{settings.max_jobs_in_flight}: wait for some to finish, then retry",
-                                IN_FLIGHT_RETRY_AFTER_S)
-        if settings.rate_limit_per_min:
-            limit = settings.rate_limit_per_min
-            decision = await run_in_threadpool(services.limiter.hit, tenant, limit, time.time())
-            if not decision.allowed:
-                raise _too_many(ErrorCode.RATE_LIMITED,
-                                f"more than {limit} job submissions per minute; retry in "
-                                f"{decision.retry_after_s} s", decision.retry_after_s)
+        admission = await limiter.admit_async(tenant, services.store, cap, limit, time.time())
     except STORE_ERRORS as exc:
         raise ApiError(503, ErrorCode.UNAVAILABLE, "the job store is unavailable; retry later") from exc
+    if admission.active is not None:
+        raise _too_many(ErrorCode.TOO_MANY_JOBS,
+                        f"{admission.active} of your jobs are queued or running; the limit is {cap}: "
+                        "wait for some to finish, then retry", IN_FLIGHT_RETRY_AFTER_S)
+    if not admission.allowed:
+        raise _too_many(ErrorCode.RATE_LIMITED, f"more than {limit} job submissions per minute; retry in "
+                                                f"{admission.retry_after_s} s", admission.retry_after_s)
 
 
 SUBMISSION_LIMITS = Depends(enforce_submission_limits)

@@ -1,7 +1,8 @@
 """In-process fakes for tests of the API (and of anything that drives it).
 
-``fake_services()`` gives in-memory job and object stores, an enqueue, a
-notify and a redeliver that only record their calls, an in-memory rate limiter,
+``fake_services()`` gives in-memory job and object stores (the job store keeps the
+render messages it was given: :func:`queued` reads them), a notify and a redeliver
+that only record their calls, an in-memory rate limiter,
 idempotency store and delivery log, and an in-memory event bus (publisher and
 SSE source in one), so a TestClient can run every route offline.
 """
@@ -16,6 +17,7 @@ from api.events import InMemoryEventBus
 from api.idempotency import InMemoryIdempotencyStore
 from api.limits import InMemoryRateLimiter
 from api.settings import ApiSettings
+from broker.celery_app import RENDER_QUEUES, render_job_id
 from broker.store import InMemoryJobStore
 from storage.store import InMemoryObjectStore
 
@@ -31,17 +33,12 @@ def make_settings(**overrides: object) -> ApiSettings:
     return ApiSettings(**values)  # type: ignore[arg-type]
 
 
-class RecordingQueue:
-    """An enqueue function that appends ``(job_id, priority)`` to ``queued``; ``down = True`` makes it raise."""
-
-    def __init__(self) -> None:
-        self.queued: list[tuple[str, str]] = []
-        self.down = False
-
-    def __call__(self, job_id: str, priority: str) -> None:
-        if self.down:
-            raise ConnectionError("queue is down")
-        self.queued.append((job_id, priority))
+def queued(services: Services) -> list[tuple[str, str]]:
+    """``(job id, priority)`` of every render message the in-memory job store was given, oldest first."""
+    store = services.store
+    assert isinstance(store, InMemoryJobStore), "queued() reads an InMemoryJobStore"
+    priority_of = {queue: priority for priority, queue in RENDER_QUEUES.items()}
+    return [(render_job_id(message), priority_of[queue]) for queue, message in store.pushed]
 
 
 class RecordingNotify:
@@ -71,7 +68,7 @@ class RecordingRedeliver:
 
 
 def fake_services(settings: ApiSettings | None = None) -> Services:
-    """Services over InMemoryJobStore, InMemoryObjectStore, a RecordingQueue, a RecordingNotify, a
+    """Services over InMemoryJobStore, InMemoryObjectStore, a RecordingNotify, a
     RecordingRedeliver, in-memory rate limiter, idempotency store and delivery log, and one
     InMemoryEventBus as both publisher and event source (redis=None)."""
     bus = InMemoryEventBus()
@@ -79,7 +76,6 @@ def fake_services(settings: ApiSettings | None = None) -> Services:
         settings=settings or make_settings(),
         store=InMemoryJobStore(),
         objects=InMemoryObjectStore(),
-        enqueue=RecordingQueue(),
         notify=RecordingNotify(),
         publisher=bus,
         events=bus,

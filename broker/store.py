@@ -10,12 +10,14 @@ never go back to running. :class:`RedisJobStore` does this in one Lua script;
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 
 from broker import keys
 from broker.schema import (
@@ -38,6 +40,16 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     def create(self, job: Job) -> None:
         """Save a new job. Raises ``KeyError`` if the id is taken."""
+
+    @abc.abstractmethod
+    def create_and_enqueue(self, job: Job, queue: str, message: str) -> int | None:
+        """Save a new queued job and push its broker ``message`` onto the list ``queue``, atomically:
+        both or neither (a job never exists without its message). Returns the job's queue position
+        (see :meth:`queue_position`). Raises ``KeyError`` if the id is taken (nothing is pushed)."""
+
+    async def create_and_enqueue_async(self, job: Job, queue: str, message: str) -> int | None:
+        """:meth:`create_and_enqueue` for the event loop (this default runs it in a thread)."""
+        return await asyncio.to_thread(self.create_and_enqueue, job, queue, message)
 
     @abc.abstractmethod
     def get(self, job_id: str) -> Job | None:
@@ -212,16 +224,61 @@ reindex(ARGV[1])
 return 1
 """
 
+# The create script, then LPUSH of the job's Celery message onto KEYS[9] and the job's place in
+# the strict-priority render order (KEYS[2..4]: queued high, normal, low), in one round trip.
+# Returns the position, -1 if the id is taken (nothing written), -2 if the job is not queued.
+# A Lua script is not rolled back when a command fails, so what could fail (a wrong-type key) is
+# checked before the first write: both or neither.
+_CREATE_AND_ENQUEUE_SCRIPT = _REINDEX + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+local kind = redis.call('TYPE', KEYS[9])['ok']
+if kind ~= 'list' and kind ~= 'none' then return redis.error_reply('WRONGTYPE the queue key is a ' .. kind) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 4, #ARGV))
+redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
+reindex(ARGV[1])
+redis.call('LPUSH', KEYS[9], ARGV[3])
+local ahead = 0
+for i = 2, 4 do
+  local rank = redis.call('ZRANK', KEYS[i], ARGV[1])
+  if rank then return ahead + rank end
+  ahead = ahead + redis.call('ZCARD', KEYS[i])
+end
+return -2
+"""
+
 _INDEX_KEYS = (*keys.QUEUED_ALL, keys.RUNNING, keys.INFLIGHT, keys.DEADLINES)
 
 
-class RedisJobStore(JobStore):
-    """Jobs as Redis hashes (one JSON-encoded field per attribute) with Lua compare-and-set."""
+def _create_args(job: Job, queue: str, message: str) -> tuple[list[str], list[str]]:
+    """(KEYS, ARGV) of the create-and-enqueue script."""
+    flat = [job.id, repr(job.created_at), message]
+    for name, value in dump_fields(job).items():
+        flat += [name, _encode(value)]
+    return [keys.job(job.id), *_INDEX_KEYS, keys.tenant_jobs(job.tenant), queue], flat
 
-    def __init__(self, client: redis.Redis) -> None:
+
+def _position(answer: Any, job_id: str) -> int | None:
+    position = int(answer)
+    if position == -1:
+        raise KeyError(f"job {job_id} already exists")
+    return position if position >= 0 else None
+
+
+class RedisJobStore(JobStore):
+    """Jobs as Redis hashes (one JSON-encoded field per attribute) with Lua compare-and-set.
+
+    ``async_client`` (same server) serves :meth:`create_and_enqueue_async` on the event loop, with
+    no thread hop; without it that method runs the blocking client in a thread. A
+    ``redis.asyncio`` client belongs to the event loop it first ran on: give each loop its own store.
+    """
+
+    def __init__(self, client: redis.Redis, async_client: aioredis.Redis | None = None) -> None:
         self.redis = client
         self._cas = client.register_script(_CAS_SCRIPT)
         self._create = client.register_script(_CREATE_SCRIPT)
+        self._create_and_enqueue = client.register_script(_CREATE_AND_ENQUEUE_SCRIPT)
+        self._create_and_enqueue_on_loop = (async_client.register_script(_CREATE_AND_ENQUEUE_SCRIPT)
+                                            if async_client is not None else None)
 
     def create(self, job: Job) -> None:
         flat: list[str] = []
@@ -233,6 +290,16 @@ class RedisJobStore(JobStore):
         )
         if not created:
             raise KeyError(f"job {job.id} already exists")
+
+    def create_and_enqueue(self, job: Job, queue: str, message: str) -> int | None:
+        script_keys, args = _create_args(job, queue, message)
+        return _position(self._create_and_enqueue(keys=script_keys, args=args), job.id)
+
+    async def create_and_enqueue_async(self, job: Job, queue: str, message: str) -> int | None:
+        if self._create_and_enqueue_on_loop is None:
+            return await super().create_and_enqueue_async(job, queue, message)
+        script_keys, args = _create_args(job, queue, message)
+        return _position(await self._create_and_enqueue_on_loop(keys=script_keys, args=args), job.id)
 
     def get(self, job_id: str) -> Job | None:
         raw = self.redis.hgetall(keys.job(job_id))
@@ -308,17 +375,32 @@ class RedisJobStore(JobStore):
 
 
 class InMemoryJobStore(JobStore):
-    """A thread-safe dict-backed store with the same semantics, for unit tests."""
+    """A thread-safe dict-backed store with the same semantics, for unit tests.
+
+    ``pushed`` holds the ``(queue, message)`` pairs of :meth:`create_and_enqueue`, oldest first:
+    the broker lists of this stand-in.
+    """
 
     def __init__(self) -> None:
         self._jobs: dict[str, dict[str, str]] = {}
-        self._lock = threading.Lock()
+        # reentrant: create_and_enqueue holds it around create (which subclasses may override)
+        self._lock = threading.RLock()
+        self.pushed: list[tuple[str, str]] = []
 
     def create(self, job: Job) -> None:
         with self._lock:
             if job.id in self._jobs:
                 raise KeyError(f"job {job.id} already exists")
             self._jobs[job.id] = {k: _encode(v) for k, v in dump_fields(job).items()}
+
+    def create_and_enqueue(self, job: Job, queue: str, message: str) -> int | None:
+        with self._lock:
+            self.create(job)
+            self.pushed.append((queue, message))
+            return self.queue_position(job.id)
+
+    async def create_and_enqueue_async(self, job: Job, queue: str, message: str) -> int | None:
+        return self.create_and_enqueue(job, queue, message)  # no I/O: no thread needed
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import create_app
 from api.deps import Services
 from api.models import JobList, JobOut
-from api.testing import TEST_KEYS, RecordingNotify, RecordingQueue, fake_services, make_settings
+from api.testing import TEST_KEYS, RecordingNotify, fake_services, make_settings, queued
 from broker import keys
 from broker.events import InMemoryEventPublisher
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
@@ -58,9 +58,6 @@ def submitted_id(client: TestClient, headers: dict[str, str] = ACME, **fields: A
     return str(response.json()["id"])
 
 
-def queue_of(services: Services) -> RecordingQueue:
-    assert isinstance(services.enqueue, RecordingQueue)
-    return services.enqueue
 
 
 def notify_of(services: Services) -> RecordingNotify:
@@ -99,7 +96,7 @@ def test_priority_timeouts_and_webhook_events_are_accepted_in_json_and_queued_by
     params = response.json()["params"]
     assert params["priority"] == "high" and params["timeout_s"] == 120 and params["queue_deadline_s"] == 600.5
     assert params["webhook_events"] == ["started", "progress", "completed"]
-    assert queue_of(services).queued == [(response.json()["id"], "high")]
+    assert queued(services) == [(response.json()["id"], "high")]
     defaults = submit(client).json()["params"]
     assert defaults["priority"] == "normal" and defaults["webhook_events"] == ["completed"]
     assert defaults["timeout_s"] is None and defaults["queue_deadline_s"] is None
@@ -120,7 +117,7 @@ def test_multipart_takes_webhook_events_comma_separated_or_repeated(client_servi
                            data={"prompt": "p", "webhook_events": ["progress", "completed"]})
     assert repeated.status_code == 202, repeated.text
     assert repeated.json()["params"]["webhook_events"] == ["progress", "completed"]
-    assert [p for _, p in queue_of(services).queued] == ["low", "normal"]
+    assert [p for _, p in queued(services)] == ["low", "normal"]
     bad = client.post("/v1/jobs", headers=ACME, files=files, data={"prompt": "p", "webhook_events": "started,nope"})
     assert_error(bad, 422, "invalid_parameter", "webhook_events")
     twice = client.post("/v1/jobs", headers=ACME, files=files, data={"prompt": "p", "priority": ["low", "high"]})
@@ -144,7 +141,7 @@ def test_bad_new_parameters_are_422_invalid_parameter_naming_the_field(
 ) -> None:
     client, services = client_services
     assert_error(submit(client, **fields), 422, "invalid_parameter", param)
-    assert queue_of(services).queued == [] and services.store.tenant_job_ids("acme") == []
+    assert queued(services) == [] and services.store.tenant_job_ids("acme") == []
 
 
 # -- queue position ------------------------------------------------------------------------------

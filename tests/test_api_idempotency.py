@@ -25,8 +25,8 @@ from api.idempotency import (
     RedisIdempotencyStore,
     request_digest,
 )
-from api.routers.jobs import Sources
-from api.testing import TEST_KEYS, RecordingQueue, fake_services, make_settings
+from api.intake import Sources
+from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
 from broker.store import InMemoryJobStore, RedisJobStore
 
@@ -53,9 +53,6 @@ def make_client(services: Services | None = None) -> tuple[TestClient, Services]
     return TestClient(create_app(services=services)), services
 
 
-def queued(services: Services) -> list[tuple[str, str]]:
-    assert isinstance(services.enqueue, RecordingQueue)
-    return services.enqueue.queued
 
 
 def post(client: TestClient, key: str | None, body: dict[str, Any] = GENERATE,
@@ -183,20 +180,6 @@ def test_a_job_store_failure_frees_the_key_for_the_retry() -> None:
     store.down = False
     retry = post(client, "k")
     assert retry.status_code == 202 and len(queued(services)) == 1
-
-
-def test_a_queue_failure_frees_the_key_and_the_retry_makes_a_new_job() -> None:
-    client, services = make_client()
-    queue = services.enqueue
-    assert isinstance(queue, RecordingQueue)
-    queue.down = True
-    assert_error(post(client, "k"), 503, "unavailable")
-    failed = services.store.tenant_job_ids("acme")
-    assert len(failed) == 1  # marked failed, not pointed at by the key
-    queue.down = False
-    retry = post(client, "k")
-    assert retry.status_code == 202 and retry.json()["id"] != failed[0]
-    assert post(client, "k").json()["id"] == retry.json()["id"]
 
 
 def test_a_key_whose_job_is_gone_is_free_again() -> None:

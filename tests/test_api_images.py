@@ -22,7 +22,7 @@ from api.app import create_app
 from api.deps import Services
 from api.errors import ApiError
 from api.images import decode_data_url, inspect_image
-from api.testing import TEST_KEYS, RecordingQueue, fake_services, make_settings
+from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from storage.store import InMemoryObjectStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
@@ -67,7 +67,7 @@ def assert_refused(response: Any, services: Services, status: int, code: str) ->
     assert response.status_code == status, response.text
     assert response.json()["error"]["code"] == code
     assert response.json()["error"]["param"] == "image"
-    assert isinstance(services.enqueue, RecordingQueue) and services.enqueue.queued == []
+    assert queued(services) == []
     assert isinstance(services.objects, InMemoryObjectStore) and services.objects.objects == {}
     assert services.store.tenant_job_ids("acme") == []
 

@@ -16,9 +16,10 @@ from PIL import Image
 from api.app import create_app
 from api.deps import Services
 from api.models import JobOut
-from api.testing import TEST_KEYS, RecordingQueue, fake_services, make_settings
+from api.testing import TEST_KEYS, fake_services, make_settings, queued
+from broker.celery_app import render_job_id
 from broker.schema import MAX_SEED, JobStatus, Output
-from broker.store import InMemoryJobStore
+from broker.store import InMemoryJobStore, RedisJobStore
 from storage.store import InMemoryObjectStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
@@ -47,9 +48,6 @@ def make_client(services: Services | None = None, **overrides: Any) -> tuple[Tes
     return TestClient(create_app(services=services)), services
 
 
-def queue_of(services: Services) -> RecordingQueue:
-    assert isinstance(services.enqueue, RecordingQueue)
-    return services.enqueue
 
 
 def objects_of(services: Services) -> InMemoryObjectStore:
@@ -69,7 +67,7 @@ def assert_error(response: Any, status: int, code: str, param: str | None = None
 
 
 def assert_nothing_accepted(services: Services) -> None:
-    assert queue_of(services).queued == []
+    assert queued(services) == []
     assert objects_of(services).objects == {}
     assert services.store.tenant_job_ids("acme") == []
 
@@ -101,7 +99,7 @@ def test_json_submit_stores_the_input_records_the_job_and_queues_it_once(client_
     assert job.params.seed == view["params"]["seed"]
     assert job.input_keys == [f"tenants/acme/jobs/{job_id}/inputs/0.png"]
     assert objects_of(services).objects[job.input_keys[0]] == (png, "image/png")
-    assert queue_of(services).queued == [(job_id, "normal")]
+    assert queued(services) == [(job_id, "normal")]
     assert view["queue_position"] == 0
     JobOut.model_validate(view)  # the documented response model matches what is returned
 
@@ -129,7 +127,7 @@ def test_multipart_submit_with_a_file_part_coerces_numeric_form_fields(client_se
     job = services.store.get(response.json()["id"])
     assert job is not None and job.input_keys[0].endswith("/inputs/0.jpg")
     assert objects_of(services).objects[job.input_keys[0]] == (jpeg, "image/jpeg")
-    assert len(queue_of(services).queued) == 1
+    assert len(queued(services)) == 1
 
 
 def test_multipart_empty_seed_means_a_random_seed_and_bad_numbers_are_invalid(client_services: Any) -> None:
@@ -262,7 +260,7 @@ def test_object_store_down_is_503_and_no_job_is_created(client_services: Any) ->
     client, services = client_services
     objects_of(services).down = True
     assert_error(submit(client), 503, "unavailable")
-    assert services.store.tenant_job_ids("acme") == [] and queue_of(services).queued == []
+    assert services.store.tenant_job_ids("acme") == [] and queued(services) == []
 
 
 class BrokenJobStore(InMemoryJobStore):
@@ -279,17 +277,27 @@ def test_job_store_down_is_503_on_submit_and_read() -> None:
     client, _ = make_client(services)
     assert_error(submit(client), 503, "unavailable")
     assert_error(client.get("/v1/jobs/job_x", headers=ACME), 503, "unavailable")
-    assert queue_of(services).queued == []
+    assert queued(services) == []
 
 
-def test_queue_down_is_503_and_the_recorded_job_is_marked_failed(client_services: Any) -> None:
-    client, services = client_services
-    queue_of(services).down = True
+def test_on_redis_the_job_and_its_render_message_are_written_together(redis_client: redis.Redis) -> None:
+    services = fake_services()
+    services.store = RedisJobStore(redis_client)
+    client, _ = make_client(services)
+    high = submit(client, priority="high")
+    assert high.status_code == 202 and high.json()["queue_position"] == 0
+    normal = submit(client)
+    assert normal.json()["queue_position"] == 1  # behind the high-priority job
+    assert [render_job_id(m) for m in redis_client.lrange("render.high", 0, -1)] == [high.json()["id"]]
+    assert [render_job_id(m) for m in redis_client.lrange("render.normal", 0, -1)] == [normal.json()["id"]]
+
+
+def test_a_job_store_failure_on_submit_leaves_neither_a_job_nor_a_message() -> None:
+    services = fake_services()
+    services.store = store = BrokenJobStore()
+    client, _ = make_client(services)
     assert_error(submit(client), 503, "unavailable")
-    (job_id,) = services.store.tenant_job_ids("acme")
-    job = services.store.get(job_id)
-    assert job is not None and job.status is JobStatus.FAILED
-    assert job.error is not None and job.error.code == "unavailable"
+    assert store.pushed == [] and store.tenant_job_ids("acme") == []
 
 
 def test_an_unexpected_exception_is_a_json_500_internal_error(

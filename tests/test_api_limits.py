@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from api.app import create_app
 from api.deps import Services
-from api.limits import WINDOW_S, InMemoryRateLimiter, RateLimiter, RedisRateLimiter, retry_after_s
+from api.limits import (
+    WINDOW_S,
+    Admission,
+    InMemoryRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    retry_after_s,
+)
 from api.settings import ApiSettings
-from api.testing import TEST_KEYS, RecordingQueue, fake_services, make_settings
+from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
-from broker.schema import JobStatus
-from broker.store import InMemoryJobStore, RedisJobStore
+from broker.schema import Job, JobParams, JobStatus, new_job_id
+from broker.store import InMemoryJobStore, JobStore, RedisJobStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
@@ -102,6 +111,49 @@ def test_the_redis_limiter_uses_the_rate_window_keys_with_a_ttl(redis_client: re
     assert 0 < int(redis_client.ttl(key)) <= 2 * WINDOW_S + 5  # type: ignore[arg-type]
 
 
+# -- both limits at once (admit): one script on Redis, the same answers as the in-memory pair ---------
+
+
+@pytest.fixture(params=["memory", "redis", "redis-on-loop"])
+def admit_pair(request: pytest.FixtureRequest) -> tuple[RateLimiter, JobStore, str]:
+    if request.param == "memory":
+        return InMemoryRateLimiter(), InMemoryJobStore(), request.param
+    client: redis.Redis = request.getfixturevalue("redis_client")
+    return RedisRateLimiter(client), RedisJobStore(client), request.param
+
+
+def _admit(pair: tuple[RateLimiter, JobStore, str], tenant: str, cap: int, limit: int, now: float) -> Admission:
+    limiter, store, kind = pair
+    if kind != "redis-on-loop":
+        return limiter.admit(tenant, store, cap, limit, now)
+    assert isinstance(store, RedisJobStore)
+
+    async def on_loop() -> Admission:
+        client = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+            **store.redis.connection_pool.connection_kwargs))
+        try:
+            return await RedisRateLimiter(store.redis, client).admit_async(tenant, store, cap, limit, now)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(on_loop())
+
+
+def test_admit_checks_the_in_flight_cap_then_counts_the_rate(admit_pair: tuple[RateLimiter, JobStore, str]) -> None:
+    store = admit_pair[1]
+    for _ in range(2):
+        store.create(Job(id=new_job_id(), tenant="acme", params=JobParams(prompt="p", seed=1)))
+    refused = _admit(admit_pair, "acme", 2, 3, T0)
+    assert not refused.allowed and refused.active == 2
+    # refused by the cap: not counted toward the rate
+    assert all(_admit(admit_pair, "acme", 3, 3, T0 + 1).allowed for _ in range(3))
+    limited = _admit(admit_pair, "acme", 3, 3, T0 + 2)
+    assert not limited.allowed and limited.active is None
+    assert limited.retry_after_s == retry_after_s(0, 3, T0 + 2 - int(T0 // WINDOW_S) * WINDOW_S, 3)
+    assert _admit(admit_pair, "acme", 0, 0, T0 + 3).allowed  # both off
+    assert _admit(admit_pair, "globex", 3, 3, T0 + 3).allowed  # per tenant
+
+
 # -- the route -------------------------------------------------------------------------------------
 
 
@@ -121,8 +173,7 @@ def test_over_the_rate_limit_is_429_rate_limited_with_retry_after_per_tenant() -
     assert client.post("/v1/jobs", json=GENERATE).status_code == 401
     # another tenant has its own budget
     assert client.post("/v1/jobs", json=GENERATE, headers=GLOBEX).status_code == 202
-    queue = services.enqueue
-    assert isinstance(queue, RecordingQueue) and len(queue.queued) == 2
+    assert len(queued(services)) == 2
 
 
 def test_the_rate_limit_is_off_at_zero() -> None:

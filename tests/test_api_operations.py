@@ -15,7 +15,7 @@ from PIL import Image
 
 from api.app import create_app
 from api.deps import Services
-from api.testing import TEST_KEYS, RecordingQueue, fake_services, make_settings
+from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker.schema import JobStatus
 from storage.store import InMemoryObjectStore
 
@@ -59,9 +59,6 @@ def objects_of(services: Services) -> InMemoryObjectStore:
     return services.objects
 
 
-def queued(services: Services) -> list[tuple[str, str]]:
-    assert isinstance(services.enqueue, RecordingQueue)
-    return services.enqueue.queued
 
 
 def assert_nothing_accepted(services: Services) -> None:

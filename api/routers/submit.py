@@ -1,0 +1,101 @@
+"""``POST /v1/jobs``: submit a job (edit, generate, inpaint, outpaint, move, upscale).
+
+POST takes ``application/json`` or ``multipart/form-data`` on the same route, so the body is
+parsed by :mod:`api.intake` (not by FastAPI) and declared to OpenAPI via ``openapi_extra``.
+Order: auth → submission limits → size/content type → parse → Idempotency-Key → params
+(+ webhook and LoRA policy) → image intake → object store → job record + render message.
+
+The job record and its Celery message are written by one Redis script
+(:meth:`broker.store.JobStore.create_and_enqueue`) on the event loop: a job never exists without
+its message, and a submission without input images makes no thread-pool hop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import TenantDep
+from api.deps import ServicesDep
+from api.fetch import check_url_policy
+from api.idempotency import IDEMPOTENCY_RESPONSES, IdempotencyDep
+from api.intake import (
+    check_images,
+    check_loras,
+    check_sources,
+    intake_images,
+    parse_body,
+    store_inputs,
+    validate_params,
+)
+from api.limits import LIMIT_RESPONSES, SUBMISSION_LIMITS, check_input_limits
+from api.models import JobOut
+from api.views import ERRORS, STORE_ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
+from broker.schema import Job, new_job_id
+from storage.store import StorageUnavailable
+
+logger = logging.getLogger("editfarm.api")
+router = APIRouter(tags=["jobs"])
+
+_SUBMIT_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+    "multipart/form-data": {"schema": {"$ref": "#/components/schemas/JobMultipartRequest"}},
+}}}
+
+
+@router.post(
+    "/v1/jobs", status_code=202, summary="Submit a job (edit, generate, inpaint, outpaint, move, upscale)",
+    response_model=None, responses={202: {"model": JobOut, "description": "Accepted; queued."}, **ERRORS,
+                                    **IDEMPOTENCY_RESPONSES, **LIMIT_RESPONSES},
+    openapi_extra=_SUBMIT_BODY, dependencies=[SUBMISSION_LIMITS],
+)
+async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep,
+                     idempotency: IdempotencyDep) -> JSONResponse:
+    """Accept a job: validate everything, store its input images, record the job, queue it.
+
+    Returns 202 with the job (status ``queued``) and a ``Location`` header.
+    Nothing is stored or queued unless every check passes.
+    """
+    settings = services.settings
+    fields, sources = await parse_body(request, settings)
+    check_input_limits(fields, sources, settings)
+    base_url = public_base_url(request, services)
+    replay = await idempotency.claim(fields, sources, lambda job: read_view(job, base_url, services))
+    if replay is not None:
+        return replay
+    params = validate_params(fields)
+    check_sources(params, sources)
+    if params.webhook is not None:
+        await run_in_threadpool(check_url_policy, params.webhook, settings, "webhook")
+    if params.loras:
+        await run_in_threadpool(check_loras, params, settings)
+    intake = await intake_images(sources, settings)
+    check_images(params, intake.image, intake.mask)
+
+    job_id = new_job_id()
+    input_keys: list[str] = []
+    mask_key = None
+    if intake.image is not None or intake.references or intake.mask is not None:  # generate has none
+        try:
+            input_keys, mask_key = await run_in_threadpool(store_inputs, services.objects, tenant, job_id, intake)
+        except StorageUnavailable:
+            logger.warning("object store unavailable storing the inputs of %s", job_id)
+            raise unavailable("the object store") from None
+    job = Job(id=job_id, tenant=tenant, params=params, input_keys=input_keys, mask_key=mask_key)
+    queue, message = services.render_messages.build(job_id, params.priority.value)
+    try:
+        # the record, its message and its queue position in one atomic step: both or neither
+        position = await services.store.create_and_enqueue_async(job, queue, message)
+    except STORE_ERRORS as exc:
+        logger.warning("job store unavailable creating %s: %s", job_id, type(exc).__name__)
+        raise unavailable("the job store") from None
+    await idempotency.complete(job_id)
+    metrics_of(request).job_submitted()
+    view = public_view(job, base_url, services, position)
+    logger.info("accepted %s %s for tenant %s (%d input image(s)%s)", params.operation.value, job_id, tenant,
+                len(input_keys), ", a mask" if mask_key else "")
+    return JSONResponse(view, status_code=202,
+                        headers={"Location": view["urls"]["self"], "Cache-Control": "no-store"})

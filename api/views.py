@@ -1,0 +1,60 @@
+"""What the job routes share: the public view of a job, its base URL, the 503 and error responses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from fastapi import Request
+
+from api.deps import Services
+from api.errors import ApiError, ErrorResponse
+from api.metrics import ApiMetrics
+from broker.schema import ErrorCode, Job, JobStatus
+from broker.views import job_view
+
+# A job store backed by Redis fails with RedisError (or a bare socket error).
+STORE_ERRORS = (redis.exceptions.RedisError, OSError)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in {
+        400: "invalid_json / invalid_request", 401: "unauthorized", 404: "not_found",
+        413: "payload_too_large", 415: "unsupported_media_type",
+        422: "missing_field / invalid_parameter / unknown_operation / missing_image / invalid_image / "
+             "unsupported_image_format / image_too_large / image_fetch_failed / url_not_allowed",
+        503: "unavailable (object store, job store or queue)",
+    }.items()
+}
+
+
+def unavailable(what: str) -> ApiError:
+    return ApiError(503, ErrorCode.UNAVAILABLE, f"{what} is unavailable; retry later")
+
+
+def public_base_url(request: Request, services: Services) -> str:
+    return services.settings.public_base_url.rstrip("/") or str(request.base_url).rstrip("/")
+
+
+def presign(services: Services, key: str) -> str:
+    return services.objects.presign_get(key, services.settings.presign_expiry_s)
+
+
+def public_view(job: Job, base_url: str, services: Services, queue_position: int | None) -> dict[str, Any]:
+    """The public view of ``job``: :func:`broker.views.job_view` plus ``queue_position`` after ``status``."""
+    view: dict[str, Any] = {}
+    for name, value in job_view(job, lambda key: presign(services, key), base_url).items():
+        view[name] = value
+        if name == "status":
+            view["queue_position"] = queue_position if job.status is JobStatus.QUEUED else None
+    return view
+
+
+def read_view(job: Job, base_url: str, services: Services) -> dict[str, Any]:
+    """The view with the job's current queue position (blocking; raises the store's errors)."""
+    position = services.store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
+    return public_view(job, base_url, services, position)
+
+
+def metrics_of(request: Request) -> ApiMetrics:
+    metrics: ApiMetrics = request.app.state.metrics
+    return metrics
+

@@ -1,0 +1,122 @@
+"""Recording a job and queueing its render message in one step (``JobStore.create_and_enqueue``), on real
+Redis and on the in-memory stand-in, and the hand-built render message against Celery's own."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from broker.celery_app import RENDER_QUEUES, RenderMessages, enqueue_render, make_celery, render_job_id
+from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
+from broker.store import InMemoryJobStore, JobStore, RedisJobStore
+
+
+@pytest.fixture(params=["redis", "memory"])
+def store(request: pytest.FixtureRequest, redis_client: redis.Redis) -> JobStore:
+    return RedisJobStore(redis_client) if request.param == "redis" else InMemoryJobStore()
+
+
+def make_job(priority: str = "normal", tenant: str = "acme") -> Job:
+    return Job(id=new_job_id(), tenant=tenant,
+               params=JobParams(prompt="make the sky purple", seed=7, priority=Priority(priority)))
+
+
+def pushed(store: JobStore, queue: str) -> list[str]:
+    """The job ids of the messages on ``queue``, oldest first."""
+    if isinstance(store, RedisJobStore):
+        return [render_job_id(m) for m in reversed(store.redis.lrange(queue, 0, -1))]
+    assert isinstance(store, InMemoryJobStore)
+    return [render_job_id(m) for q, m in store.pushed if q == queue]
+
+
+def enqueue(store: JobStore, job: Job) -> int | None:
+    queue, message = RenderMessages().build(job.id, job.params.priority.value)
+    return store.create_and_enqueue(job, queue, message)
+
+
+def test_the_job_is_recorded_its_message_pushed_and_its_queue_position_returned(store: JobStore) -> None:
+    low, normal, high = make_job("low"), make_job("normal"), make_job("high")
+    assert enqueue(store, low) == 0
+    assert enqueue(store, normal) == 0  # ahead of the low one
+    assert enqueue(store, high) == 0
+    assert enqueue(store, make_job("normal")) == 2  # behind high and the first normal
+    assert store.get(normal.id) == normal and store.get(low.id) == low
+    assert pushed(store, RENDER_QUEUES["low"]) == [low.id]
+    assert pushed(store, RENDER_QUEUES["high"]) == [high.id]
+    assert pushed(store, RENDER_QUEUES["normal"])[0] == normal.id
+    assert store.queue_position(low.id) == 3 and store.tenant_active_count("acme") == 4
+
+
+def test_a_taken_id_is_refused_and_nothing_is_pushed(store: JobStore) -> None:
+    job = make_job()
+    enqueue(store, job)
+    store.transition(job.id, JobStatus.RUNNING, {"worker": "w1"})
+    with pytest.raises(KeyError):
+        enqueue(store, job.model_copy(update={"tenant": "globex"}))
+    assert pushed(store, RENDER_QUEUES["normal"]) == [job.id]
+    again = store.get(job.id)
+    assert again is not None and again.tenant == "acme" and again.status is JobStatus.RUNNING
+
+
+def test_on_redis_a_push_that_cannot_happen_records_nothing(redis_client: redis.Redis) -> None:
+    """Lua does not roll back: what could fail is checked before the first write (both or neither)."""
+    store = RedisJobStore(redis_client)
+    redis_client.set(RENDER_QUEUES["normal"], "not a list")
+    job = make_job()
+    with pytest.raises(redis.exceptions.ResponseError):
+        enqueue(store, job)
+    assert store.get(job.id) is None and store.tenant_job_ids("acme") == [] and store.queue_position(job.id) is None
+
+
+def test_the_async_variant_writes_the_same(redis_client: redis.Redis) -> None:
+    async def run() -> list[int | None]:
+        on_loop = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+            **redis_client.connection_pool.connection_kwargs))
+        try:
+            positions = []
+            for store in (RedisJobStore(redis_client, on_loop), RedisJobStore(redis_client), InMemoryJobStore()):
+                job = make_job()
+                queue, message = RenderMessages().build(job.id)
+                positions.append(await store.create_and_enqueue_async(job, queue, message))
+                assert store.get(job.id) == job
+                assert job.id in pushed(store, queue)
+            return positions
+        finally:
+            await on_loop.aclose()
+
+    assert asyncio.run(run()) == [0, 1, 0]
+
+
+def _decoded(message: str | bytes) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(message)
+    data["body"] = json.loads(base64.b64decode(data["body"]))
+    return data
+
+
+def test_the_hand_built_message_is_what_send_task_pushes_but_for_its_ids(redis_client: redis.Redis) -> None:
+    url = "redis://{host}:{port}/{db}".format(**redis_client.connection_pool.connection_kwargs)
+    app = make_celery(url)
+    app.conf.task_send_sent_event = False
+    try:
+        enqueue_render(app, "job_0123", "low")
+    finally:
+        app.close()
+    real = _decoded(redis_client.rpop(RENDER_QUEUES["low"]) or b"")
+    queue, text = RenderMessages().build("job_0123", "low")
+    built = _decoded(text)
+    assert queue == RENDER_QUEUES["low"] and render_job_id(text) == "job_0123"
+    task_id = built["headers"]["id"]
+    assert task_id != real["headers"]["id"]
+    assert built["headers"]["root_id"] == built["properties"]["correlation_id"] == task_id
+    assert built["properties"]["delivery_tag"] != real["properties"]["delivery_tag"]
+    for data in (real, built):
+        data["headers"].update(id=None, root_id=None)
+        data["properties"].update(correlation_id=None, delivery_tag=None, reply_to=None)
+    assert built == real
+    assert len({RenderMessages().build("job_0123")[1] for _ in range(3)}) == 3  # fresh ids each time
