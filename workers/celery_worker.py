@@ -13,7 +13,13 @@ import uuid
 # prefork parent that imports it by accident does not break its forked children.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-from celery.signals import celeryd_init, worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import (
+    celeryd_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from workers import services  # noqa: E402 - after the CUDA-check setting above
 from workers.tasks import register  # noqa: E402
@@ -61,3 +67,12 @@ def _drain(**_: object) -> None:
             services.start_drain()
         except Exception:  # noqa: BLE001 - without Redis the lease lapses and the reaper requeues
             log.exception("could not record the drain deadline")
+
+
+@worker_process_shutdown.connect
+def _finish_last_job(**_: object) -> None:
+    # A pool child exits after its last task returned, but that job's encode + upload may still be
+    # running on the background finisher: let it end (a child killed meanwhile leaves the job's
+    # lease to lapse, and the reaper re-sends it).
+    if _role() == "render":
+        services.pipelining().drain(services.settings().drain_timeout_s)

@@ -12,13 +12,13 @@ and backs off instead of running the job twice.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any
 
 import redis
 
@@ -37,6 +37,7 @@ from broker.schema import (
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from workers.encode import UnreadableImage, decode_image, decode_mask, encode, encode_output
+from workers.lease import Lease as _Lease
 from workers.loras import LoraResolver, LoraUnavailable
 from workers.pipeline.base import (
     InvalidRequest,
@@ -47,6 +48,7 @@ from workers.pipeline.base import (
     RenderRequest,
     UpscaleSpec,
 )
+from workers.pipelining import Pipelining
 
 log = logging.getLogger("editfarm.runner")
 
@@ -105,44 +107,13 @@ class GpuBroken(Exception):
     """The device failed its health check after an error: this process must exit and be restarted."""
 
 
-class _Lease:
-    """This run's claim on a job: renewed by a heartbeat thread until released."""
+@dataclass(frozen=True)
+class _Rendered:
+    """A render's result, waiting for its finish (encode, upload, terminal transition)."""
 
-    def __init__(self, store: JobStore, job_id: str, token: str, config: RunnerConfig) -> None:
-        self.store, self.job_id, self.token, self.config = store, job_id, token, config
-        self.lost = threading.Event()
-        self.stop_reason: str | None = None  # "lost" | "timeout" | "drain"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{job_id}", daemon=True)
-
-    def expect(self) -> dict[str, list[object]]:
-        return {"status": [JobStatus.RUNNING.value], "worker": [self.token]}
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.config.heartbeat_interval_s):
-            try:
-                renewed = self.store.compare_and_set(
-                    self.job_id, self.expect(), {"lease_until": time.time() + self.config.lease_s})
-            except Exception:  # noqa: BLE001 - Redis blip: keep the render going, try again next beat
-                log.warning("lease renewal for %s failed; will retry", self.job_id)
-                continue
-            if not renewed:  # canceled, or taken over after we stalled past the lease
-                self.stop("lost")
-                return
-
-    def stop(self, reason: str) -> None:
-        """Ask the render to stop at its next step, remembering why (first reason wins)."""
-        if self.stop_reason is None:
-            self.stop_reason = reason
-        self.lost.set()
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+    job: Job
+    images: list[Any]
+    total: int
 
 
 class Runner:
@@ -150,7 +121,7 @@ class Runner:
                  renderer: Renderer | None, notify: Notify, config: RunnerConfig,
                  requeue: Requeue | None = None, draining: DrainCheck | None = None,
                  observe: Callable[[str, float], None] | None = None,
-                 loras: LoraResolver | None = None) -> None:
+                 loras: LoraResolver | None = None, pipelining: Pipelining | None = None) -> None:
         self.store, self.objects, self.publisher = store, objects, publisher
         self.renderer, self.config = renderer, config
         self._notify = notify
@@ -160,6 +131,8 @@ class Runner:
         self.observe = observe or (lambda name, value: None)
         # a job's LoRA uris → local files; built from the EDITFARM_ settings on first use if not given
         self._loras = loras
+        # background finish + next-input prefetch (workers/pipelining.py); None: one job at a time, in order
+        self.pipelining = pipelining
 
     def notify(self, job: Job, event: str) -> None:
         if wants_event(job, event):
@@ -173,6 +146,8 @@ class Runner:
     def run(self, job_id: str) -> JobStatus | None:
         """Run one delivery of a job; returns the status it ended in (None if not ours to run).
 
+        With a background finisher, a rendered job's encode, upload and terminal transition run
+        after this returns (``RUNNING``), under the job's lease.
         Raises RetryLater when the job must be delivered again later.
         """
         job = self.store.get(job_id)
@@ -189,23 +164,37 @@ class Runner:
         if lease is None:
             current = self.store.get(job_id)
             return current.status if current else None
-        with lease:
-            return self._work(self.store.get(job_id) or job, lease)
+        finisher = self.pipelining.finisher if self.pipelining is not None else None
+        handed_off = False
+        lease.__enter__()
+        try:
+            outcome = self._work(lease.job, lease)
+            if not isinstance(outcome, _Rendered):
+                return outcome
+            if finisher is None:
+                return self._finish(outcome, lease, background=False)
+            # the finisher releases the lease when the job has ended; this task returns now, so
+            # Celery acks and the next job renders while this one is encoded and uploaded
+            finisher.submit(functools.partial(self._finish_in_background, outcome, lease),
+                            next_job_queued=self.pipelining is not None and self.pipelining.next_job_queued())
+            handed_off = True
+            return JobStatus.RUNNING
+        finally:
+            if not handed_off:
+                lease.release()
 
-    def _work(self, job: Job, lease: _Lease) -> JobStatus | None:
+    def _work(self, job: Job, lease: _Lease) -> JobStatus | None | _Rendered:
         assert self.renderer is not None, "a runner without a renderer can only expire jobs"
         try:
             request = self._request(job)
             total = _planned_steps(request)
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
+            self._render_starting(job)
             began = time.monotonic()
             with self._previews(job):
                 images = self.renderer.render(request, self._progress(job, lease))
             self.observe("render", time.monotonic() - began)
-            began = time.monotonic()
-            outputs = self._upload(job, images)
-            self.observe("upload", time.monotonic() - began)
         except (UnreadableImage, ObjectNotFound, IndexError, LoraUnavailable) as exc:
             return self.failed(job, lease, ErrorCode.INPUT_UNREADABLE, str(exc))
         except InvalidRequest as exc:  # the job's inputs cannot be rendered as asked: not the device's fault
@@ -219,7 +208,54 @@ class Runner:
             raise  # the store failed, not the render: the lease lapses and the reaper re-sends the job
         except Exception as exc:  # noqa: BLE001 - any render failure ends the job, never the worker
             return self._render_error(job, lease, exc)
-        return self.succeeded(job, lease, outputs, total)
+        return _Rendered(job, list(images), total)
+
+    def _render_starting(self, job: Job) -> None:
+        """The device is about to be busy: fetch the next job's inputs, let the last job's finish run."""
+        if self.pipelining is None:
+            return
+        if self.pipelining.prefetcher is not None:
+            self.pipelining.prefetcher.start(self.store, self.objects, job.id, decode_image, decode_mask)
+        if self.pipelining.finisher is not None:
+            self.pipelining.finisher.render_started()
+
+    def _finish(self, rendered: _Rendered, lease: _Lease, background: bool) -> JobStatus | None:
+        """Encode and upload a rendered job's outputs, then succeeded (or failed / handed back).
+
+        Raises RetryLater (``background=False``) when the object store is down; in the background
+        the job is handed back and re-sent instead. Store (Redis) errors propagate: the lease lapses.
+        """
+        job = rendered.job
+        try:
+            began = time.monotonic()
+            outputs = self._upload(job, rendered.images)
+            self.observe("upload", time.monotonic() - began)
+        except StorageUnavailable as exc:
+            handed_back = self.handed_back(job, lease, str(exc))
+            if not background:
+                raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
+            if handed_back:
+                self.requeue(job)
+            current = self.store.get(job.id)
+            return current.status if current else None
+        except STORE_ERRORS:
+            raise
+        except Exception as exc:
+            log.exception("job %s failed while encoding or uploading its outputs", job.id)
+            return self.failed(job, lease, ErrorCode.UPLOAD_FAILED, f"{type(exc).__name__}: {exc}"[:500])
+        return self.succeeded(job, lease, outputs, rendered.total)
+
+    def _finish_in_background(self, rendered: _Rendered, lease: _Lease) -> None:
+        """The finisher thread's body: never raises (a finish that fails leaves its lease to lapse)."""
+        try:
+            self._finish(rendered, lease, background=True)
+        except STORE_ERRORS:
+            log.warning("job %s: job store unreachable while finishing; its lease will lapse and the "
+                        "reaper re-sends it", rendered.job.id)
+        except Exception:
+            log.exception("job %s: finish failed", rendered.job.id)
+        finally:
+            lease.release()
 
     @contextlib.contextmanager
     def _previews(self, job: Job) -> Iterator[None]:
@@ -297,7 +333,7 @@ class Runner:
         self.publisher.publish(job.id, events.STATUS, {"status": "running", "attempt": moved.attempts})
         self.observe("queue_wait", max(0.0, now - job.created_at))
         self.notify(moved, "job.started")
-        return _Lease(self.store, job.id, token, self.config)
+        return _Lease(self.store, moved, token, self.config)
 
     def expired(self, job: Job) -> JobStatus | None:
         """queued → canceled: the job was not started within its queue deadline."""
@@ -370,8 +406,12 @@ class Runner:
         InvalidRequest (fields the renderer refuses), StorageUnavailable.
         """
         p = job.params
-        images = [decode_image(self.objects.get(key)) for key in job.input_keys]
-        mask = decode_mask(self.objects.get(job.mask_key)) if job.mask_key else None
+        prefetcher = self.pipelining.prefetcher if self.pipelining is not None else None
+        ready = prefetcher.take(job) if prefetcher is not None else {}
+        images = [ready[key] if key in ready else decode_image(self.objects.get(key)) for key in job.input_keys]
+        mask = None
+        if job.mask_key:
+            mask = ready[job.mask_key] if job.mask_key in ready else decode_mask(self.objects.get(job.mask_key))
         loras = [(self.loras.resolve(lora.uri), lora.scale) for lora in p.loras]
         try:
             return RenderRequest(

@@ -26,6 +26,7 @@ from storage import S3Config, S3ObjectStore
 from workers import metrics
 from workers.notify import WebhookNotifier
 from workers.pipeline.base import Renderer
+from workers.pipelining import Pipelining, for_this_process
 from workers.reaper import Reaper
 from workers.runner import Runner, RunnerConfig
 from workers.settings import WorkerSettings
@@ -219,9 +220,16 @@ def runner_config() -> RunnerConfig:
                         transient_retry_s=s.transient_retry_s, preview_every_n_steps=s.preview_every_n_steps)
 
 
+def pipelining() -> Pipelining:
+    """This process's background finisher and input prefetcher (per pid: threads don't survive fork)."""
+    s = settings()
+    return for_this_process(lambda: Pipelining(s.finish_in_background, s.prefetch_inputs, s.finish_hold_s))
+
+
 def runner() -> Runner:
     return Runner(store(), objects(), RedisEventPublisher(redis_client()), renderer(), notify_via_queue,
-                  runner_config(), requeue=requeue, draining=draining, observe=metrics.observe)
+                  runner_config(), requeue=requeue, draining=draining, observe=metrics.observe,
+                  pipelining=pipelining())
 
 
 def notifier() -> WebhookNotifier:
