@@ -28,6 +28,14 @@ from typing import Any, Self
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
+# The render worker's two ways of running jobs, set through its own settings (workers/pipelining.py):
+# serial: fetch, render, encode, upload, one job after the other; pipelined (the default): the next job
+# is taken and its inputs fetched, and the last one encoded and uploaded, while the current job renders.
+RUNNER_ENV = {
+    "serial": {"EDITFARM_RENDER_LANE": "false", "EDITFARM_FINISH_IN_BACKGROUND": "false"},
+    "pipelined": {"EDITFARM_RENDER_LANE": "true", "EDITFARM_FINISH_IN_BACKGROUND": "true"},
+}
+
 if str(ROOT) not in sys.path:  # `python bench/<name>.py` as well as `python -m bench.<name>`
     sys.path.insert(0, str(ROOT))
 
@@ -268,7 +276,7 @@ class BenchCluster:
         return sorted(rows, key=lambda r: r["start"])
 
     def task_intervals(self) -> list[dict[str, Any]]:
-        """Each render task's entry/return (epoch s), logged by bench.pipelined's runners, sorted by entry."""
+        """Each render task's entry/return (epoch s), logged by bench.timed_worker, sorted by entry."""
         rows = []
         for path in self.render_log.glob("*.tasks.jsonl"):
             rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

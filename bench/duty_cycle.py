@@ -9,10 +9,11 @@ end of each render; it returns a 1024x1024 image of noise, so the worker's PNG e
 upload cost what a real output costs (noise is the worst case for PNG). Each job is an edit
 of a 1024x1024 PNG (noise, ~3 MB), so the worker downloads and decodes a real-size input.
 
-``--runner current,pipelined`` (the default) runs each T twice, side by side: the worker as
-it is, and the prototype of the proposed runner change (``bench/pipelined.py``: encode +
-upload + terminal transition on a background thread, next job's input prefetched from the
-``editfarm:queued:<priority>`` sets while the current one renders).
+``--runner serial,pipelined`` (the default) runs each T twice, side by side: the worker with
+``EDITFARM_FINISH_IN_BACKGROUND=false EDITFARM_PREFETCH_INPUTS=false`` (one step after the
+other), and as it runs by default (``workers/pipelining.py``: encode + upload + terminal
+transition on a background thread, next job's input prefetched from the head of the queue
+while the current one renders).
 
 All jobs are submitted at once (the queue never runs dry), then:
 
@@ -22,7 +23,7 @@ All jobs are submitted at once (the queue never runs dry), then:
   between two renders (encode + upload of the last output, terminal transition, ack, next
   message, lease, download + decode of the next input);
 * the gap taken apart (``gap_parts_ms``) with each task's entry/return times (logged by
-  ``bench.pipelined``'s runners): render end → task returns, task returns → next task
+  ``bench.timed_worker``): render end → task returns, task returns → next task
   entered (Celery's turnaround), next task entered → its render starts;
 * from the job records: pre-render (started_at → render start: lease, fetch, decode) and
   post-render (render end → finished_at: encode, upload, terminal transition).
@@ -39,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    RUNNER_ENV,
     BenchCluster,
     command_line,
     data_url,
@@ -56,7 +58,7 @@ def run_one(root: Path, render_s: float, jobs: int, side: int, runner: str) -> d
     import httpx
 
     image = data_url(png((side, side), noise=True))
-    extra = {"EDITFARM_BENCH_RUNNER": runner}
+    extra = RUNNER_ENV[runner]
     bench = BenchCluster(root / f"{runner}-T{render_s:g}", render_workers=1, render_s=render_s, timed=True,
                          output_side=side, webhook_worker=False, extra_env=extra)
     with bench:
@@ -122,13 +124,13 @@ def main() -> int:
     p.add_argument("--jobs", default="24,12", help="jobs per render time")
     p.add_argument("--side", type=int, default=1024, help="input and output side (px)")
     p.add_argument("--runner", default="",
-                   help="current: the worker as it is; pipelined: the prototype of the proposed change "
-                        "(bench/pipelined.py: finish in the background, prefetch the next input); "
-                        "default current,pipelined (--quick: current)")
+                   help="serial: fetch, render, encode, upload one job after the other; pipelined (the "
+                        "worker's default): finish in the background, prefetch the next input; "
+                        "default serial,pipelined (--quick: pipelined)")
     args = p.parse_args()
     if args.quick:
         args.render_s, args.jobs, args.side = "0.2", "3", 256
-    args.runner = args.runner or ("current" if args.quick else "current,pipelined")
+    args.runner = args.runner or ("pipelined" if args.quick else "serial,pipelined")
     root = workdir(args.workdir, "duty_cycle")
     render_times = [float(x) for x in args.render_s.split(",")]
     counts = [int(x) for x in args.jobs.split(",")]

@@ -87,7 +87,7 @@ def duty_rows(duty: dict[str, Any]) -> list[Row]:
                       f"{parts['task_return_to_next_task'].get('p50', 0):.0f} + fetch/decode/lease "
                       f"{parts['next_task_to_render_start'].get('p50', 0):.0f} ms)")
         goal = "≥ 99.5 %" if r["render_s"] == 2.0 else ""
-        runner = "today" if r["runner"] == "current" else "proposed, prototype `bench/pipelined.py`"
+        runner = {"serial": "pipelining off", "pipelined": "pipelined, the default"}.get(r["runner"], r["runner"])
         value = (f"**{100 * r['duty_cycle']:.1f} %**; gap p50 {r['gap_ms']['p50']:.0f} ms{detail}, "
                  f"p99 {r['gap_ms']['p99']:.0f} ms")
         out.append((f"GPU duty cycle, T = {r['render_s']:g} s ({runner})", value, goal,
@@ -100,7 +100,7 @@ def scale_rows(scale: dict[str, Any]) -> list[Row]:
     for runner, table in scale.get("by_runner", {"current": scale["results"]}).items():
         cells = ", ".join(f"{r['workers']}: {r['jobs_per_s']:.2f} ({r['efficiency']:.2f})" for r in table)
         worst = min(r["efficiency"] for r in table)
-        label = "today" if runner == "current" else "proposed runner"
+        label = {"serial": "pipelining off", "pipelined": "pipelined, the default"}.get(runner, runner)
         out.append((f"Scale-out, T = {scale['render_s']:g} s ({label}): workers: jobs/s (efficiency)", cells,
                     "≥ 0.95", yes(worst >= 0.95), cmd))
     return out

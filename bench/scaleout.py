@@ -10,9 +10,9 @@ worker count N, N render workers (Celery prefork, one child each, the stand-in a
 jobs / (last ``finished_at`` − first ``started_at``), from the job records. Efficiency is
 throughput(N) / (N × throughput(1)), each the median over rounds; the rounds run in ABBA
 order (1,2,4,8,8,4,2,1) so drift hits every N alike. ``steady_*`` counts only the window in
-which every worker was busy (no ramp-up, no tail). ``--runner current,pipelined`` (the
-default) runs each N with the worker as it is and with the prototype of the proposed runner
-change (``bench/pipelined.py``), side by side. On 2 cores with a sleeping stand-in the
+which every worker was busy (no ramp-up, no tail). ``--runner serial,pipelined`` (the
+default) runs each N with the worker's pipelining off (one step after the other) and on (its
+default, ``workers/pipelining.py``), side by side. On 2 cores with a sleeping stand-in the
 workers mostly wait: this measures how orchestration (queue, leases, store, S3) scales.
 """
 
@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    RUNNER_ENV,
     BenchCluster,
     command_line,
     job_body,
@@ -55,7 +56,7 @@ def run_once(bench: BenchCluster, workers: int, jobs: int, render_s: float, runn
     import httpx
 
     cluster = bench.cluster
-    names = [cluster.start_render_worker(i, {"EDITFARM_BENCH_RUNNER": runner}) for i in range(workers)]
+    names = [cluster.start_render_worker(i, RUNNER_ENV[runner]) for i in range(workers)]
     try:
         for name in names:
             cluster.wait_worker_ready(name, timeout_s=180)
@@ -98,12 +99,12 @@ def main() -> int:
     p.add_argument("--render-s", type=float, default=0.5)
     p.add_argument("--jobs-per-worker", type=int, default=12)
     p.add_argument("--rounds", type=int, default=2, help="1: ascending only; 2: ABBA")
-    p.add_argument("--runner", default="", help="current and/or pipelined (the prototype of the proposed "
-                                               "runner change, bench/pipelined.py); default both (--quick: current)")
+    p.add_argument("--runner", default="", help="serial and/or pipelined (the worker's default: finish in the "
+                                               "background, prefetch inputs); default both (--quick: pipelined)")
     args = p.parse_args()
     if args.quick:
         args.workers, args.render_s, args.jobs_per_worker, args.rounds = "1,2", 0.1, 3, 1
-    runners = (args.runner or ("current" if args.quick else "current,pipelined")).split(",")
+    runners = (args.runner or ("pipelined" if args.quick else "serial,pipelined")).split(",")
     counts = [int(n) for n in args.workers.split(",")]
     order: list[int] = []
     for r in range(args.rounds):

@@ -4,13 +4,16 @@ Exactly ``workers.celery_worker`` (same tasks, signals, runner, services), excep
 process's renderer is set to :class:`bench.timed_standin.TimedStandinRenderer` before the
 prefork pool forks (it holds no device and no connections, so it may be inherited). Needs
 ``EDITFARM_BENCH_RENDER_LOG`` (a folder); ``EDITFARM_STANDIN_RENDER_S`` and
-``EDITFARM_BENCH_OUTPUT_SIDE`` are optional. ``EDITFARM_BENCH_RUNNER=pipelined`` swaps in the
-prototype of the proposed runner change (``bench.pipelined``).
+``EDITFARM_BENCH_OUTPUT_SIDE`` are optional. Each render task's entry and return times are logged
+too. Whether the worker pipelines (background finish, input prefetch) is the worker's own setting:
+see ``bench.common.RUNNER_ENV``.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 from bench.timed_standin import TimedStandinRenderer
 from workers import celery_worker, services
@@ -23,23 +26,25 @@ services._renderer = TimedStandinRenderer(
     int(os.environ.get("EDITFARM_BENCH_OUTPUT_SIDE", "0") or 0),
 )
 
-if os.environ.get("EDITFARM_BENCH_RUNNER") in ("current", "pipelined"):
-    # current: the runner as it is, its tasks' entry/return times logged; pipelined: the prototype of
-    # the proposed runner change (bench/pipelined.py). Same Runner object, its class swapped.
-    from celery.signals import worker_process_shutdown
+_make_runner = services.runner
 
-    from bench import pipelined
 
-    _make_runner = services.runner
-    _class = pipelined.PipelinedRunner if os.environ["EDITFARM_BENCH_RUNNER"] == "pipelined" else pipelined.TimedRunner
+def _timed_runner():  # type: ignore[no-untyped-def]
+    """The worker's runner, each task's entry and return times logged (to take the gap between renders apart)."""
+    runner = _make_runner()
+    run = runner.run
 
-    def _bench_runner():  # type: ignore[no-untyped-def]
-        runner = _make_runner()
-        runner.__class__ = _class
-        return runner
+    def timed_run(job_id: str):  # type: ignore[no-untyped-def]
+        entered = time.time()
+        try:
+            return run(job_id)
+        finally:
+            folder = os.environ["EDITFARM_BENCH_RENDER_LOG"]
+            with open(os.path.join(folder, f"{os.getpid()}.tasks.jsonl"), "a") as f:
+                f.write(json.dumps({"job": job_id, "entered": entered, "returned": time.time()}) + "\n")
 
-    services.runner = _bench_runner  # type: ignore[assignment]
+    runner.run = timed_run
+    return runner
 
-    @worker_process_shutdown.connect
-    def _finish_last_job(**_: object) -> None:
-        pipelined.state()[0].wait()
+
+services.runner = _timed_runner  # type: ignore[assignment]

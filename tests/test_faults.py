@@ -186,6 +186,37 @@ def test_sigkill_of_whole_worker_process_groups_ends_each_job_once(faults: Fault
     assert_all_survived(tally)
 
 
+def test_sigkill_of_the_render_child_while_its_last_job_uploads_in_the_background_ends_it_once(
+        faults: Faults) -> None:
+    """The render has returned and the task was acked; the job's upload hangs (S3 swallows it) on the
+    background finisher when the child is killed: the job's lease lapses and the reaper re-sends it."""
+    cluster, tally, jobs = faults.cluster, Tally("kill_child_during_background_finish"), list[str]()
+    faults.healthy()
+    for round_ in range(TRIALS // 2):
+        wait_all_terminal(cluster, jobs)
+        pair = [submit(cluster, steps=8, seed=100 + round_ * 2 + i, webhook=faults.receiver.url) for i in range(2)]
+        wait_n_running(cluster, pair, 2, min_step=6)
+        faults.s3_proxy.set_mode("blackhole")
+        try:
+            wait_n_running(cluster, pair, 2, min_step=8)  # rendered: every step made, not yet succeeded
+            time.sleep(0.3)  # the finish is on its way into the swallowed upload
+            victims = {holder(cluster, job_id) for job_id in pair}
+            pids = {name: cluster.worker_child_pid(name) for name in victims}
+            for pid in pids.values():
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            faults.s3_proxy.set_mode("up")
+        for name, pid in pids.items():
+            wait_new_child(cluster, name, pid)
+        jobs += pair
+    wait_all_terminal(cluster, jobs)
+    faults.deliveries.wait_terminal(jobs)
+    judge(cluster, tally, jobs, faults.deliveries)
+    tally.notes["renderer"] = "stand-in; killed after the render returned, its upload swallowed by the S3 proxy"
+    assert_all_survived(tally)
+    assert all(n >= 2 for n in tally.attempts.elements()), tally.attempts  # each job ran again
+
+
 # -- storage unreachable ---------------------------------------------------------------------------
 
 

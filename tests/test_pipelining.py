@@ -1,4 +1,4 @@
-"""The pipelined runner: a job's finish runs in the background, the next job's inputs are prefetched.
+"""The pipelined runner: renders on a render thread, the next job is taken while one renders, finishes after.
 
 Unit level, with in-memory stand-ins for the stores and a fake renderer; the real path (Celery
 prefork workers, Redis, S3 over HTTP, kill -9 during a finish) is in test_e2e_workers.py and
@@ -12,15 +12,14 @@ import threading
 import time
 from typing import Any
 
-import pytest
 from PIL import Image
 
 from broker.events import InMemoryEventPublisher
 from broker.schema import Job, JobParams, JobStatus, new_job_id
-from broker.store import InMemoryJobStore, JobStore, RedisJobStore
+from broker.store import InMemoryJobStore
 from storage import InMemoryObjectStore, StorageUnavailable
-from workers.pipeline.base import Renderer, RenderRequest
-from workers.pipelining import Finisher, Pipelining
+from workers.pipeline.base import Renderer, RenderInterrupted, RenderRequest
+from workers.pipelining import Finisher, Pipelining, RenderLane
 from workers.runner import Runner, RunnerConfig
 
 
@@ -52,13 +51,14 @@ class LoggingRenderer(Renderer):
 
     def __init__(self, log: list[str]) -> None:
         self.log = log
+        self.step_s = 0.01
 
     def render(self, request: RenderRequest, on_step=None):  # type: ignore[no-untyped-def]
         self.log.append(f"render {request.prompt}")
         for step in range(1, request.steps + 1):
-            time.sleep(0.01)
-            if on_step:
-                on_step(step, request.steps)
+            time.sleep(self.step_s)
+            if on_step and not on_step(step, request.steps):
+                raise RenderInterrupted(step, request.steps)
         return [Image.new("RGB", request.images[0].size, (request.seed % 255, 0, 0))]
 
     def healthcheck(self) -> None:
@@ -75,7 +75,7 @@ class Pipelined:
         self.objects = RecordingObjects(self.log)
         self.requeued: list[str] = []
         self.notified: list[str] = []
-        self.pipelining = Pipelining(**{"finish_hold_s": 2.0, **pipelining})
+        self.pipelining = Pipelining(**pipelining)
         self.runner = Runner(self.store, self.objects, InMemoryEventPublisher(), LoggingRenderer(self.log),
                              lambda job, event: self.notified.append(f"{job.id} {event}"),
                              RunnerConfig(worker_name="w@test", heartbeat_interval_s=0.05, lease_s=30),
@@ -93,8 +93,6 @@ class Pipelined:
 
     def settle(self) -> None:
         assert self.pipelining.drain(10)
-        if self.pipelining.prefetcher is not None:
-            self.pipelining.prefetcher.wait(10)
 
     def job(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -103,7 +101,7 @@ class Pipelined:
 
 
 def test_a_rendered_job_returns_at_once_and_succeeds_once_its_finish_is_done() -> None:
-    p = Pipelined(prefetch_inputs=False)
+    p = Pipelined()
     job = p.submit("a")
     p.objects.put_gate.clear()
     assert p.runner.run(job.id) is JobStatus.RUNNING
@@ -118,7 +116,7 @@ def test_a_rendered_job_returns_at_once_and_succeeds_once_its_finish_is_done() -
 
 
 def test_the_lease_keeps_beating_while_the_finish_runs() -> None:
-    p = Pipelined(prefetch_inputs=False)
+    p = Pipelined()
     job = p.submit("a")
     p.objects.put_gate.clear()
     p.runner.run(job.id)
@@ -130,46 +128,58 @@ def test_the_lease_keeps_beating_while_the_finish_runs() -> None:
     assert first is not None and renewed is not None and renewed > first
 
 
-def test_when_another_job_is_queued_the_finish_waits_for_its_render_to_start() -> None:
+def test_a_job_is_taken_and_its_inputs_fetched_while_the_previous_one_renders() -> None:
     p = Pipelined()
+    p.runner.renderer.step_s = 0.2  # type: ignore[attr-defined]
     a, b = p.submit("a"), p.submit("b")
-    p.runner.run(a.id)
-    p.runner.run(b.id)
+    assert p.runner.run(a.id) is JobStatus.RUNNING  # returns once a's render has started
+    assert p.log[-1] == "render a"
+    p.runner.run(b.id)  # prepares b (lease, inputs) while a renders; returns once b's render started
     p.settle()
-    order = [line for line in p.log if line.startswith(("render", "put"))]
-    assert order == ["render a", "render b", f"put {a.id}", f"put {b.id}"]
+    order = [line for line in p.log if line.startswith(("render", "get", "put"))]
+    assert order.index("get in/b.png") < order.index(f"put {a.id}")  # b fetched before a was finished
+    assert order.index("render b") < order.index(f"put {b.id}")
     assert p.job(a.id).status is p.job(b.id).status is JobStatus.SUCCEEDED
 
 
-def test_the_next_jobs_inputs_are_fetched_while_the_current_one_renders() -> None:
+def test_a_job_waiting_for_the_device_is_already_running_under_its_lease() -> None:
     p = Pipelined()
+    p.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]
     a, b = p.submit("a"), p.submit("b")
     p.runner.run(a.id)
+    waiting = threading.Thread(target=p.runner.run, args=(b.id,))
+    waiting.start()
+    time.sleep(0.2)  # a renders; b has been started and waits for the lane
+    held = p.job(b.id)
+    assert held.status is JobStatus.RUNNING and held.lease_until is not None and held.progress.step == 0
+    waiting.join(10)
     p.settle()
-    assert "get in/b.png" in p.log  # fetched before b ran
-    p.log.clear()
-    p.runner.run(b.id)
-    p.settle()
-    assert "get in/b.png" not in p.log
-    assert p.pipelining.prefetcher is not None and p.pipelining.prefetcher.hits == 1
     assert p.job(b.id).status is JobStatus.SUCCEEDED
 
 
-def test_a_prefetched_job_another_worker_took_is_not_used_for_a_different_job() -> None:
+def test_a_job_canceled_while_it_waits_for_the_device_is_never_rendered() -> None:
     p = Pipelined()
-    a, b, c = p.submit("a"), p.submit("b"), p.submit("c")
-    p.runner.run(a.id)  # prefetches b
+    p.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]
+    a, b = p.submit("a"), p.submit("b")
+    p.runner.run(a.id)
+    waiting = threading.Thread(target=p.runner.run, args=(b.id,))
+    waiting.start()
+    time.sleep(0.2)
+    assert p.store.transition(b.id, JobStatus.CANCELED, {}, from_=[JobStatus.RUNNING]) is not None
+    waiting.join(10)
     p.settle()
-    p.store.transition(b.id, JobStatus.CANCELED, {}, from_=[JobStatus.QUEUED])  # b goes elsewhere
-    p.log.clear()
-    p.runner.run(c.id)
-    p.settle()
-    assert "get in/c.png" in p.log and p.job(c.id).status is JobStatus.SUCCEEDED
-    assert p.pipelining.prefetcher is not None and p.pipelining.prefetcher.misses >= 1
+    assert p.job(b.id).status is JobStatus.CANCELED and not any(f"{b.id} job." in n for n in p.notified)
+    assert "render b" not in p.log and not any(line.startswith(f"put {b.id}") for line in p.log)
+
+
+def test_the_render_lane_returns_when_a_render_ends_without_starting() -> None:
+    lane = RenderLane()
+    lane.run(lambda began: None)  # never sets began
+    assert lane.wait(1)
 
 
 def test_storage_down_during_a_background_finish_hands_the_job_back_and_resends_it_once() -> None:
-    p = Pipelined(prefetch_inputs=False)
+    p = Pipelined()
     job = p.submit("a")
     p.objects.put_error = StorageUnavailable("s3 down")
     p.runner.run(job.id)
@@ -180,7 +190,7 @@ def test_storage_down_during_a_background_finish_hands_the_job_back_and_resends_
 
 
 def test_an_output_that_cannot_be_stored_fails_the_job_with_upload_failed() -> None:
-    p = Pipelined(prefetch_inputs=False)
+    p = Pipelined()
     job = p.submit("a")
     p.objects.put_error = ValueError("bad bucket policy")
     p.runner.run(job.id)
@@ -191,7 +201,7 @@ def test_an_output_that_cannot_be_stored_fails_the_job_with_upload_failed() -> N
 
 
 def test_a_job_canceled_during_its_finish_stays_canceled() -> None:
-    p = Pipelined(prefetch_inputs=False)
+    p = Pipelined()
     job = p.submit("a")
     p.objects.put_gate.clear()
     p.runner.run(job.id)
@@ -202,18 +212,18 @@ def test_a_job_canceled_during_its_finish_stays_canceled() -> None:
 
 
 def test_without_a_finisher_the_runner_finishes_before_it_returns() -> None:
-    p = Pipelined(finish_in_background=False)
+    p = Pipelined(finish_in_background=False, render_lane=False)
     job = p.submit("a")
     assert p.runner.run(job.id) is JobStatus.SUCCEEDED
 
 
 def test_a_second_finish_waits_for_the_first() -> None:
-    finisher = Finisher(hold_s=0)
+    finisher = Finisher()
     order: list[str] = []
     gate = threading.Event()
-    finisher.submit(lambda: (gate.wait(5), order.append("first")), next_job_queued=False)
+    finisher.submit(lambda: (gate.wait(5), order.append("first")))
     threading.Timer(0.1, gate.set).start()
-    finisher.submit(lambda: order.append("second"), next_job_queued=False)
+    finisher.submit(lambda: order.append("second"))
     assert finisher.wait(5)
     assert order == ["first", "second"]
 
@@ -221,35 +231,7 @@ def test_a_second_finish_waits_for_the_first() -> None:
 def test_wait_reports_a_finish_still_running_after_its_timeout() -> None:
     finisher = Finisher()
     gate = threading.Event()
-    finisher.submit(lambda: gate.wait(5), next_job_queued=False)
+    finisher.submit(lambda: gate.wait(5))
     assert finisher.wait(0.05) is False and finisher.busy
     gate.set()
     assert finisher.wait(5) and not finisher.busy
-
-
-@pytest.fixture(params=["redis", "memory"])
-def job_store(request: pytest.FixtureRequest) -> JobStore:
-    if request.param == "memory":
-        return InMemoryJobStore()
-    return RedisJobStore(request.getfixturevalue("redis_client"))
-
-
-@pytest.mark.parametrize("exclude", [None, "first"])
-def test_next_queued_is_the_head_of_the_strict_priority_order(job_store: JobStore, exclude: str | None) -> None:
-    ids = {}
-    for name, priority in (("low", "low"), ("first", "high"), ("second", "high"), ("normal", "normal")):
-        job = Job(id=new_job_id(), tenant="t",
-                  params=JobParams(prompt=name, priority=priority, seed=1))  # type: ignore[arg-type]
-        job_store.create(job)
-        ids[name] = job.id
-        time.sleep(0.002)
-    expected = "second" if exclude else "first"
-    assert job_store.next_queued(exclude=ids[exclude] if exclude else None) == ids[expected]
-
-
-def test_next_queued_is_none_when_nothing_else_waits(job_store: JobStore) -> None:
-    job = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="only", seed=1))
-    job_store.create(job)
-    assert job_store.next_queued(exclude=job.id) is None
-    job_store.transition(job.id, JobStatus.RUNNING, {}, from_=[JobStatus.QUEUED])
-    assert job_store.next_queued() is None

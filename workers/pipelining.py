@@ -1,22 +1,22 @@
-"""Keep the device busy between jobs: finish the last job and fetch the next one's inputs in the background.
+"""Keep the device busy between jobs: take the next job while the current one renders, finish it after.
 
-Without this, a worker's device idles while it encodes and uploads the last output, moves
-the job to its terminal state, and downloads and decodes the next job's inputs (hundreds of
-milliseconds per job at 1024²: see bench/duty_cycle.py). Two helpers, one of each per worker
-process (made after fork, see :func:`for_this_process`):
+Run one after the other, a worker's device idles between two renders while the last output
+is encoded and uploaded and its job moved to its terminal state, while Celery acks the
+message and hands the next one to the pool child, and while the next job is leased and its
+inputs downloaded and decoded: hundreds of milliseconds per job at 1024² (bench/duty_cycle.py).
+Two helpers, one of each per worker process (made after fork, see :func:`for_this_process`):
 
-* :class:`Finisher` — one background thread that runs a job's *finish* (encode, upload,
-  terminal transition) while the task returns at once, so Celery acks and the next job's
-  render starts. The job's lease keeps beating until its finish is done: a process that dies
-  meanwhile leaves a lapsed lease, which the reaper re-sends like a death mid-render. At most
-  one finish is pending; a second waits for the first (back-pressure when encode + upload is
-  slower than a render). When another job is queued, a finish first waits (at most
-  ``hold_s``) for the next render to start, and the thread runs at nice +10, so the short
-  work between two renders never competes with it for the CPU.
-* :class:`Prefetcher` — while a job renders, downloads and decodes the inputs of the job
-  first in the queue (``JobStore.next_queued``). A hint: if that job is the next this worker
-  runs, its inputs come from memory; if another worker takes it, one download was wasted.
-  It holds one job's inputs at a time.
+* :class:`RenderLane` — one thread that renders. A render task prepares its job (lease,
+  inputs), hands the render to the lane and returns once the render has *started*: Celery
+  acks and hands the pool child the next message while the device is busy, and that task
+  prepares its job and waits for the lane. So at most one job waits, already started and
+  leased, behind the rendering one, and the device goes from one render to the next without
+  a gap. A job whose render has started has its lease beating; a process that dies leaves it
+  to lapse and the reaper re-sends the job (as for any death mid-render).
+* :class:`Finisher` — one background thread that runs a rendered job's *finish* (encode,
+  upload, terminal transition) while the lane renders the next one, at nice +10 so it never
+  delays the render thread. At most one finish is pending; a second waits for the first
+  (back-pressure when encode + upload is slower than a render).
 """
 
 from __future__ import annotations
@@ -26,15 +26,8 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
-
-from broker.schema import Job, JobStatus
-from broker.store import JobStore
-from storage import ObjectStore
 
 log = logging.getLogger("editfarm.pipelining")
-
-Decode = Callable[[bytes], Any]
 
 
 def _lower_priority() -> None:
@@ -45,49 +38,35 @@ def _lower_priority() -> None:
         pass
 
 
+def _wait(pending: Future[None] | None, timeout_s: float | None) -> bool:
+    """Wait for ``pending``; False if it still runs after ``timeout_s``. Never raises."""
+    if pending is None:
+        return True
+    try:
+        pending.result(timeout=timeout_s)
+    except TimeoutError:
+        return False
+    except Exception:  # the work sorts and logs its own errors; this is only in case
+        log.exception("background work raised")
+    return True
+
+
 class Finisher:
     """Runs one job's finish at a time on a background thread."""
 
-    def __init__(self, hold_s: float = 0.25) -> None:
-        self.hold_s = hold_s
+    def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="finisher", initializer=_lower_priority)
         self._pending: Future[None] | None = None
-        self._next_render = threading.Event()
 
-    def submit(self, finish: Callable[[], None], next_job_queued: bool) -> None:
-        """Run ``finish`` in the background, after the pending one (waited for here).
-
-        ``next_job_queued``: hold the finish until :meth:`render_started` (at most ``hold_s``).
-        """
+    def submit(self, finish: Callable[[], None]) -> None:
+        """Run ``finish`` in the background, after the pending one (waited for here)."""
         self.wait()
-        self._next_render.clear()
-
-        def run() -> None:
-            if next_job_queued:
-                self._next_render.wait(self.hold_s)
-            finish()
-
-        self._pending = self._pool.submit(run)
-
-    def render_started(self) -> None:
-        """The next job's render is starting: a held finish may run now."""
-        self._next_render.set()
+        self._pending = self._pool.submit(finish)
 
     def wait(self, timeout_s: float | None = None) -> bool:
-        """Wait for the pending finish; False if it is still running after ``timeout_s``.
-
-        A finish never raises here: it sorts its own errors (see ``Runner._finish_in_background``).
-        """
-        pending = self._pending
-        if pending is None:
-            return True
-        self._next_render.set()  # nothing else will start: don't hold it
-        try:
-            pending.result(timeout=timeout_s)
-        except TimeoutError:
+        """Wait for the pending finish; False if it is still running after ``timeout_s``."""
+        if not _wait(self._pending, timeout_s):
             return False
-        except Exception:  # a finish sorts and logs its own errors; this is only in case
-            log.exception("a background finish raised")
         self._pending = None
         return True
 
@@ -96,74 +75,46 @@ class Finisher:
         return self._pending is not None and not self._pending.done()
 
 
-class Prefetcher:
-    """Downloads and decodes the inputs of the job first in the queue, one job at a time."""
+class RenderLane:
+    """The one thread that renders; a job queues behind the rendering one."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        self._lock = threading.Lock()
-        self._cache: tuple[str, dict[str, Any]] | None = None  # (job id, {object key: decoded})
-        self._pending: Future[None] | None = None
-        self.next_job_queued = False  # whether the last look at the queue found another job
-        self.hits = self.misses = 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="render")
+        self._last: Future[None] | None = None
 
-    def start(self, store: JobStore, objects: ObjectStore, current: str,
-              decode_image: Decode, decode_mask: Decode) -> Future[None]:
-        """Look at the queue's head (other than ``current``) and fetch its inputs, in the background."""
-        self._pending = self._pool.submit(self._fetch_head, store, objects, current, decode_image, decode_mask)
-        return self._pending
+    def run(self, render: Callable[[threading.Event], None]) -> None:
+        """Run ``render(began)`` on the lane; return once it set ``began`` or ended.
 
-    def wait(self, timeout_s: float | None = None) -> None:
-        """Wait for the fetch started last (it never raises)."""
-        if self._pending is not None:
-            self._pending.result(timeout=timeout_s)
-
-    def _fetch_head(self, store: JobStore, objects: ObjectStore, current: str,
-                    decode_image: Decode, decode_mask: Decode) -> None:
-        try:
-            head = store.next_queued(exclude=current)
-            self.next_job_queued = head is not None
-            if head is None:
+        ``render`` sets ``began`` when the device starts on its job (or never, if the job ended
+        before rendering); it must sort its own errors.
+        """
+        began = threading.Event()
+        done = self._pool.submit(render, began)
+        self._last = done
+        while not began.wait(0.5):
+            if done.done():
                 return
-            with self._lock:
-                if self._cache is not None and self._cache[0] == head:
-                    return
-            job = store.get(head)
-            if job is None or job.status is not JobStatus.QUEUED:
-                return
-            fetched = {key: decode_image(objects.get(key)) for key in job.input_keys}
-            if job.mask_key:
-                fetched[job.mask_key] = decode_mask(objects.get(job.mask_key))
-            with self._lock:
-                self._cache = (head, fetched)
-        except Exception:
-            log.debug("prefetch of the next job's inputs failed", exc_info=True)
 
-    def take(self, job: Job) -> dict[str, Any]:
-        """The decoded inputs prefetched for ``job`` ({} if none); the cache is emptied either way."""
-        with self._lock:
-            cache, self._cache = self._cache, None
-        if cache is not None and cache[0] == job.id:
-            self.hits += 1
-            return cache[1]
-        self.misses += 1
-        return {}
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Wait for the last render handed to the lane; False if it still runs after ``timeout_s``."""
+        return _wait(self._last, timeout_s)
 
 
 class Pipelining:
-    """A worker process's finisher and prefetcher."""
+    """A worker process's render lane and finisher (either may be off: one job at a time)."""
 
-    def __init__(self, finish_in_background: bool = True, prefetch_inputs: bool = True,
-                 finish_hold_s: float = 0.25) -> None:
-        self.finisher = Finisher(finish_hold_s) if finish_in_background else None
-        self.prefetcher = Prefetcher() if prefetch_inputs else None
-
-    def next_job_queued(self) -> bool:
-        return self.prefetcher is not None and self.prefetcher.next_job_queued
+    def __init__(self, finish_in_background: bool = True, render_lane: bool = True) -> None:
+        self.finisher = Finisher() if finish_in_background else None
+        self.lane = RenderLane() if render_lane else None
 
     def drain(self, timeout_s: float | None = None) -> bool:
-        """Wait for the pending finish (at process shutdown); False if it did not end in ``timeout_s``."""
-        return self.finisher.wait(timeout_s) if self.finisher is not None else True
+        """Wait for the render in the lane, then the pending finish (at process shutdown).
+
+        False if they did not end within ``timeout_s`` (each given the whole of it).
+        """
+        rendered = self.lane.wait(timeout_s) if self.lane is not None else True
+        finished = self.finisher.wait(timeout_s) if self.finisher is not None else True
+        return rendered and finished
 
 
 _PER_PROCESS: dict[int, Pipelining] = {}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,17 +38,15 @@ from broker.schema import (
 )
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
-from workers.encode import UnreadableImage, decode_image, decode_mask, encode, encode_output
+from workers import jobio
+from workers.encode import UnreadableImage, encode
 from workers.lease import Lease as _Lease
 from workers.loras import LoraResolver, LoraUnavailable
 from workers.pipeline.base import (
     InvalidRequest,
-    MoveSpec,
-    OutpaintSpec,
     Renderer,
     RenderInterrupted,
     RenderRequest,
-    UpscaleSpec,
 )
 from workers.pipelining import Pipelining
 
@@ -103,8 +103,21 @@ class RunnerConfig:
     preview_every_n_steps: int = 0
 
 
+EXIT_GPU_BROKEN = 70
+"""The exit status of a worker process whose device failed its health check."""
+
+
 class GpuBroken(Exception):
     """The device failed its health check after an error: this process must exit and be restarted."""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A started job with its inputs ready, waiting for the device."""
+
+    job: Job
+    request: RenderRequest
+    total: int
 
 
 @dataclass(frozen=True)
@@ -146,8 +159,8 @@ class Runner:
     def run(self, job_id: str) -> JobStatus | None:
         """Run one delivery of a job; returns the status it ended in (None if not ours to run).
 
-        With a background finisher, a rendered job's encode, upload and terminal transition run
-        after this returns (``RUNNING``), under the job's lease.
+        With a render lane this returns (``RUNNING``) once the job's render has started, and with
+        a finisher once it has rendered: the rest happens in the background, under the job's lease.
         Raises RetryLater when the job must be delivered again later.
         """
         job = self.store.get(job_id)
@@ -164,66 +177,127 @@ class Runner:
         if lease is None:
             current = self.store.get(job_id)
             return current.status if current else None
-        finisher = self.pipelining.finisher if self.pipelining is not None else None
+        lane = self.pipelining.lane if self.pipelining is not None else None
         handed_off = False
         lease.__enter__()
         try:
-            outcome = self._work(lease.job, lease)
-            if not isinstance(outcome, _Rendered):
-                return outcome
-            if finisher is None:
-                return self._finish(outcome, lease, background=False)
-            # the finisher releases the lease when the job has ended; this task returns now, so
-            # Celery acks and the next job renders while this one is encoded and uploaded
-            finisher.submit(functools.partial(self._finish_in_background, outcome, lease),
-                            next_job_queued=self.pipelining is not None and self.pipelining.next_job_queued())
-            handed_off = True
-            return JobStatus.RUNNING
+            prepared = self._prepare(lease.job, lease)
+            if not isinstance(prepared, _Prepared):
+                return prepared
+            if lane is not None:  # the render thread owns the job (and its lease) from here
+                handed_off = True
+                lane.run(functools.partial(self._render_in_lane, prepared, lease))
+                return JobStatus.RUNNING
+            rendered = self._render(prepared, lease, background=False)
+            if not isinstance(rendered, _Rendered):
+                return rendered
+            if self._finish_later(rendered, lease):
+                handed_off = True
+                return JobStatus.RUNNING
+            return self._finish(rendered, lease, background=False)
         finally:
             if not handed_off:
                 lease.release()
 
-    def _work(self, job: Job, lease: _Lease) -> JobStatus | None | _Rendered:
-        assert self.renderer is not None, "a runner without a renderer can only expire jobs"
+    def _prepare(self, job: Job, lease: _Lease) -> _Prepared | JobStatus | None:
+        """The job's inputs fetched and decoded, its request built (on the task's thread)."""
         try:
             request = self._request(job)
             total = _planned_steps(request)
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
-            self._render_starting(job)
-            began = time.monotonic()
-            with self._previews(job):
-                images = self.renderer.render(request, self._progress(job, lease))
-            self.observe("render", time.monotonic() - began)
         except (UnreadableImage, ObjectNotFound, IndexError, LoraUnavailable) as exc:
             return self.failed(job, lease, ErrorCode.INPUT_UNREADABLE, str(exc))
         except InvalidRequest as exc:  # the job's inputs cannot be rendered as asked: not the device's fault
             return self.failed(job, lease, ErrorCode.INVALID_INPUT, str(exc)[:500])
+        except StorageUnavailable as exc:
+            return self._storage_down(job, lease, exc, background=False)
+        except STORE_ERRORS:
+            raise  # the store failed, not the job: the lease lapses and the reaper re-sends the job
+        except Exception as exc:  # noqa: BLE001 - a job that can't be prepared ends, never the worker
+            return self._render_error(job, lease, exc)
+        return _Prepared(job, request, total)
+
+    def _render(self, prepared: _Prepared, lease: _Lease, background: bool,
+                began: threading.Event | None = None) -> _Rendered | JobStatus | None:
+        """Render on the device; ``began`` is set as the device starts. Raises GpuBroken, store errors."""
+        assert self.renderer is not None, "a runner without a renderer can only expire jobs"
+        job = prepared.job
+        try:
+            if began is not None and not self._still_ours(job, lease):  # ended while it waited for the device
+                return self._interrupted(job, lease)
+            if began is not None:
+                began.set()
+            started = time.monotonic()
+            with self._previews(job):
+                images = self.renderer.render(prepared.request, self._progress(job, lease))
+            self.observe("render", time.monotonic() - started)
+        except InvalidRequest as exc:
+            return self.failed(job, lease, ErrorCode.INVALID_INPUT, str(exc)[:500])
         except RenderInterrupted:
             return self._interrupted(job, lease)
         except StorageUnavailable as exc:
-            self.handed_back(job, lease, str(exc))
-            raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
+            return self._storage_down(job, lease, exc, background)
         except STORE_ERRORS:
-            raise  # the store failed, not the render: the lease lapses and the reaper re-sends the job
+            raise
         except Exception as exc:  # noqa: BLE001 - any render failure ends the job, never the worker
             return self._render_error(job, lease, exc)
-        return _Rendered(job, list(images), total)
+        return _Rendered(job, list(images), prepared.total)
 
-    def _render_starting(self, job: Job) -> None:
-        """The device is about to be busy: fetch the next job's inputs, let the last job's finish run."""
-        if self.pipelining is None:
-            return
-        if self.pipelining.prefetcher is not None:
-            self.pipelining.prefetcher.start(self.store, self.objects, job.id, decode_image, decode_mask)
-        if self.pipelining.finisher is not None:
-            self.pipelining.finisher.render_started()
+    def _still_ours(self, job: Job, lease: _Lease) -> bool:
+        """Whether ``job`` still runs under ``lease`` (a cancel may have come while it waited)."""
+        current = self.store.get(job.id)
+        if current is None or current.status is not JobStatus.RUNNING or current.worker != lease.token:
+            lease.stop("lost")
+        return not lease.lost.is_set()
+
+    def _render_in_lane(self, prepared: _Prepared, lease: _Lease, began: threading.Event) -> None:
+        """The render thread's body: render, then hand the finish on. Never raises; exits on GpuBroken."""
+        keep_lease = False
+        try:
+            rendered = self._render(prepared, lease, background=True, began=began)
+            if isinstance(rendered, _Rendered):
+                keep_lease = self._finish_later(rendered, lease)
+                if not keep_lease:
+                    self._finish(rendered, lease, background=True)
+        except GpuBroken:
+            # the job is already ended; this process's device is not trustworthy any more.
+            # Exiting makes Celery start a fresh child (which reloads the model).
+            log.critical("device broken; exiting so the worker restarts", exc_info=True)
+            os._exit(EXIT_GPU_BROKEN)
+        except STORE_ERRORS:
+            log.warning("job %s: job store unreachable; its lease will lapse and the reaper re-sends it",
+                        prepared.job.id)
+        except Exception:  # noqa: BLE001 - a background thread has no caller to raise to
+            log.exception("job %s: render thread failed", prepared.job.id)
+        finally:
+            if not keep_lease:
+                lease.release()
+
+    def _finish_later(self, rendered: _Rendered, lease: _Lease) -> bool:
+        """Hand the finish to the background finisher, if there is one (it then owns the lease)."""
+        finisher = self.pipelining.finisher if self.pipelining is not None else None
+        if finisher is None:
+            return False
+        finisher.submit(functools.partial(self._finish_in_background, rendered, lease))
+        return True
+
+    def _storage_down(self, job: Job, lease: _Lease, exc: StorageUnavailable, background: bool) -> JobStatus | None:
+        """The object store is unreachable: hand the job back. Raises RetryLater on the task's thread;
+        in the background (no Celery message to retry) the job is re-sent instead."""
+        handed_back = self.handed_back(job, lease, str(exc))
+        if not background:
+            raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
+        if handed_back:
+            self.requeue(job)
+        current = self.store.get(job.id)
+        return current.status if current else None
 
     def _finish(self, rendered: _Rendered, lease: _Lease, background: bool) -> JobStatus | None:
         """Encode and upload a rendered job's outputs, then succeeded (or failed / handed back).
 
-        Raises RetryLater (``background=False``) when the object store is down; in the background
-        the job is handed back and re-sent instead. Store (Redis) errors propagate: the lease lapses.
+        Raises RetryLater on the task's thread when the object store is down (see _storage_down);
+        store (Redis) errors propagate: the lease lapses.
         """
         job = rendered.job
         try:
@@ -231,16 +305,10 @@ class Runner:
             outputs = self._upload(job, rendered.images)
             self.observe("upload", time.monotonic() - began)
         except StorageUnavailable as exc:
-            handed_back = self.handed_back(job, lease, str(exc))
-            if not background:
-                raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
-            if handed_back:
-                self.requeue(job)
-            current = self.store.get(job.id)
-            return current.status if current else None
+            return self._storage_down(job, lease, exc, background)
         except STORE_ERRORS:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an output that can't be encoded or stored ends the job
             log.exception("job %s failed while encoding or uploading its outputs", job.id)
             return self.failed(job, lease, ErrorCode.UPLOAD_FAILED, f"{type(exc).__name__}: {exc}"[:500])
         return self.succeeded(job, lease, outputs, rendered.total)
@@ -252,7 +320,7 @@ class Runner:
         except STORE_ERRORS:
             log.warning("job %s: job store unreachable while finishing; its lease will lapse and the "
                         "reaper re-sends it", rendered.job.id)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a background thread has no caller to raise to
             log.exception("job %s: finish failed", rendered.job.id)
         finally:
             lease.release()
@@ -400,32 +468,8 @@ class Runner:
         return self._loras
 
     def _request(self, job: Job) -> RenderRequest:
-        """The job's RenderRequest, its inputs fetched and decoded and its LoRAs on local disk.
-
-        Raises UnreadableImage / ObjectNotFound / LoraUnavailable (input_unreadable),
-        InvalidRequest (fields the renderer refuses), StorageUnavailable.
-        """
-        p = job.params
-        prefetcher = self.pipelining.prefetcher if self.pipelining is not None else None
-        ready = prefetcher.take(job) if prefetcher is not None else {}
-        images = [ready[key] if key in ready else decode_image(self.objects.get(key)) for key in job.input_keys]
-        mask = None
-        if job.mask_key:
-            mask = ready[job.mask_key] if job.mask_key in ready else decode_mask(self.objects.get(job.mask_key))
-        loras = [(self.loras.resolve(lora.uri), lora.scale) for lora in p.loras]
-        try:
-            return RenderRequest(
-                operation=p.operation.value, prompt=p.prompt or "", negative_prompt=p.negative_prompt,
-                steps=p.steps, true_cfg_scale=p.true_cfg_scale, seed=p.seed, images=images,
-                num_images=p.num_images, width=p.width, height=p.height, strength=p.strength, mask=mask,
-                boxes=[(b[0], b[1], b[2], b[3]) for b in p.boxes],
-                outpaint=OutpaintSpec(**p.outpaint.model_dump()) if p.outpaint else None,
-                move=MoveSpec(**{**p.move.model_dump(), "box": tuple(p.move.box)}) if p.move else None,
-                upscale=UpscaleSpec(**p.upscale.model_dump()) if p.upscale else None,
-                loras=loras,
-            )
-        except ValueError as exc:  # the API validates the same rules; a job that slipped past fails cleanly
-            raise InvalidRequest(str(exc)) from None
+        """The job's RenderRequest (see jobio.render_request for what it raises)."""
+        return jobio.render_request(job, self.objects, self.loras)
 
     def _progress(self, job: Job, lease: _Lease) -> Callable[[int, int], bool]:
         started = time.monotonic()
@@ -461,15 +505,5 @@ class Runner:
             return True
         return on_step
 
-    def _upload(self, job: Job, images: list) -> list[Output]:  # type: ignore[type-arg]
-        """Encode each image (format, quality, DPI of the job) and store it as output ``index``."""
-        p = job.params
-        fmt = p.output_format
-        outputs = []
-        for index, image in enumerate(images):
-            data = encode_output(image, fmt, p.output_quality, p.dpi)
-            key = keys.output_object(job.tenant, job.id, index, fmt.value)
-            stored = self.objects.put(key, data, fmt.content_type)
-            outputs.append(Output(key=key, content_type=fmt.content_type, width=image.width,
-                                  height=image.height, sha256=stored.sha256, size_bytes=stored.size_bytes))
-        return outputs
+    def _upload(self, job: Job, images: list[Any]) -> list[Output]:
+        return jobio.upload_outputs(job, images, self.objects)

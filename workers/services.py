@@ -221,9 +221,9 @@ def runner_config() -> RunnerConfig:
 
 
 def pipelining() -> Pipelining:
-    """This process's background finisher and input prefetcher (per pid: threads don't survive fork)."""
+    """This process's render lane and background finisher (per pid: threads don't survive fork)."""
     s = settings()
-    return for_this_process(lambda: Pipelining(s.finish_in_background, s.prefetch_inputs, s.finish_hold_s))
+    return for_this_process(lambda: Pipelining(s.finish_in_background, s.render_lane))
 
 
 def runner() -> Runner:

@@ -40,13 +40,12 @@ class WorkerSettings(ClusterSettings):
     preview_every_n_steps: int = 0
     # after SIGTERM, a running job may finish for this long before it is handed back (seconds)
     drain_timeout_s: float = 600.0
-    # Keep the device busy between jobs (workers/pipelining.py): encode + upload + terminal transition of
-    # a rendered job on a background thread while the next job renders (under the job's lease) ...
+    # Keep the device busy between jobs (workers/pipelining.py): a render task returns once its render has
+    # started, so the next job is taken, leased and its inputs fetched while this one renders ...
+    render_lane: bool = True
+    # ... and a rendered job's encode + upload + terminal transition run on a background thread while
+    # the next job renders (both under the job's lease)
     finish_in_background: bool = True
-    # ... held up to this long for the next render to start when another job is queued (seconds) ...
-    finish_hold_s: float = 0.25
-    # ... and the next queued job's inputs downloaded and decoded while the current one renders
-    prefetch_inputs: bool = True
     # how often the reaper (in webhook workers) looks for lapsed leases and queue deadlines (seconds)
     reaper_interval_s: float = 2.0
 

@@ -9,12 +9,10 @@ from celery import Celery, Task
 
 from broker.celery_app import NOTIFY_TASK, RENDER_TASK, WEBHOOK_TASK
 from workers import metrics, services
-from workers.runner import GpuBroken, RetryLater
+from workers.runner import EXIT_GPU_BROKEN, GpuBroken, RetryLater
 from workers.webhooks import deliver_once
 
 log = logging.getLogger("editfarm.tasks")
-
-EXIT_GPU_BROKEN = 70
 
 
 def render(task: Task, job_id: str) -> None:

@@ -1,0 +1,58 @@
+"""A job's inputs and outputs in the object store: the render request built from the job, outputs stored.
+
+Plain functions of the runner (``workers/runner.py``), which owns the job's state; nothing here
+changes a job record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from broker import keys
+from broker.schema import Job, Output
+from storage import ObjectStore
+from workers.encode import decode_image, decode_mask, encode_output
+from workers.loras import LoraResolver
+from workers.pipeline.base import InvalidRequest, MoveSpec, OutpaintSpec, RenderRequest, UpscaleSpec
+
+
+def render_request(job: Job, objects: ObjectStore, loras: LoraResolver) -> RenderRequest:
+    """The job's RenderRequest, its inputs fetched and decoded and its LoRAs on local disk.
+
+    Raises UnreadableImage / ObjectNotFound / LoraUnavailable (input_unreadable),
+    InvalidRequest (fields the renderer refuses), StorageUnavailable.
+    """
+    p = job.params
+    images = [decode_image(objects.get(key)) for key in job.input_keys]
+    mask = decode_mask(objects.get(job.mask_key)) if job.mask_key else None
+    lora_files = [(loras.resolve(lora.uri), lora.scale) for lora in p.loras]
+    try:
+        return RenderRequest(
+            operation=p.operation.value, prompt=p.prompt or "", negative_prompt=p.negative_prompt,
+            steps=p.steps, true_cfg_scale=p.true_cfg_scale, seed=p.seed, images=images,
+            num_images=p.num_images, width=p.width, height=p.height, strength=p.strength, mask=mask,
+            boxes=[(b[0], b[1], b[2], b[3]) for b in p.boxes],
+            outpaint=OutpaintSpec(**p.outpaint.model_dump()) if p.outpaint else None,
+            move=MoveSpec(**{**p.move.model_dump(), "box": tuple(p.move.box)}) if p.move else None,
+            upscale=UpscaleSpec(**p.upscale.model_dump()) if p.upscale else None,
+            loras=lora_files,
+        )
+    except ValueError as exc:  # the API validates the same rules; a job that slipped past fails cleanly
+        raise InvalidRequest(str(exc)) from None
+
+
+def upload_outputs(job: Job, images: list[Any], objects: ObjectStore) -> list[Output]:
+    """Encode each image (format, quality, DPI of the job) and store it as output ``index``.
+
+    Raises StorageUnavailable when the object store is unreachable.
+    """
+    p = job.params
+    fmt = p.output_format
+    outputs = []
+    for index, image in enumerate(images):
+        data = encode_output(image, fmt, p.output_quality, p.dpi)
+        key = keys.output_object(job.tenant, job.id, index, fmt.value)
+        stored = objects.put(key, data, fmt.content_type)
+        outputs.append(Output(key=key, content_type=fmt.content_type, width=image.width,
+                              height=image.height, sha256=stored.sha256, size_bytes=stored.size_bytes))
+    return outputs
