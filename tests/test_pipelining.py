@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from broker.events import InMemoryEventPublisher
@@ -20,7 +21,7 @@ from broker.store import InMemoryJobStore
 from storage import InMemoryObjectStore, StorageUnavailable
 from workers.pipeline.base import Renderer, RenderInterrupted, RenderRequest
 from workers.pipelining import Finisher, Pipelining, RenderLane
-from workers.runner import Runner, RunnerConfig
+from workers.runner import RetryLater, Runner, RunnerConfig
 
 
 class RecordingObjects(InMemoryObjectStore):
@@ -142,19 +143,19 @@ def test_a_job_is_taken_and_its_inputs_fetched_while_the_previous_one_renders() 
     assert p.job(a.id).status is p.job(b.id).status is JobStatus.SUCCEEDED
 
 
-def test_a_job_waiting_for_the_device_is_already_running_under_its_lease() -> None:
+def test_a_job_waiting_for_the_device_stays_queued_with_its_inputs_fetched() -> None:
     p = Pipelined()
     p.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]
     a, b = p.submit("a"), p.submit("b")
     p.runner.run(a.id)
     waiting = threading.Thread(target=p.runner.run, args=(b.id,))
     waiting.start()
-    time.sleep(0.2)  # a renders; b has been started and waits for the lane
+    time.sleep(0.2)  # a renders; b's task has fetched its inputs and waits for the lane
     held = p.job(b.id)
-    assert held.status is JobStatus.RUNNING and held.lease_until is not None and held.progress.step == 0
+    assert held.status is JobStatus.QUEUED and held.attempts == 0 and "get in/b.png" in p.log
     waiting.join(10)
     p.settle()
-    assert p.job(b.id).status is JobStatus.SUCCEEDED
+    assert p.job(b.id).status is JobStatus.SUCCEEDED and p.job(b.id).attempts == 1
 
 
 def test_a_job_canceled_while_it_waits_for_the_device_is_never_rendered() -> None:
@@ -165,17 +166,47 @@ def test_a_job_canceled_while_it_waits_for_the_device_is_never_rendered() -> Non
     waiting = threading.Thread(target=p.runner.run, args=(b.id,))
     waiting.start()
     time.sleep(0.2)
-    assert p.store.transition(b.id, JobStatus.CANCELED, {}, from_=[JobStatus.RUNNING]) is not None
+    assert p.store.transition(b.id, JobStatus.CANCELED, {}, from_=[JobStatus.QUEUED]) is not None
     waiting.join(10)
     p.settle()
     assert p.job(b.id).status is JobStatus.CANCELED and not any(f"{b.id} job." in n for n in p.notified)
     assert "render b" not in p.log and not any(line.startswith(f"put {b.id}") for line in p.log)
 
 
-def test_the_render_lane_returns_when_a_render_ends_without_starting() -> None:
+def test_the_render_lane_answers_what_a_render_that_never_began_returned_or_raised() -> None:
     lane = RenderLane()
-    lane.run(lambda began: None)  # never sets began
-    assert lane.wait(1)
+    assert lane.run(lambda began: "ended early", running="running") == "ended early"
+    with pytest.raises(KeyError):
+        lane.run(lambda began: {}["missing"], running="running")
+
+    def starts(began: threading.Event) -> str:
+        began.set()
+        time.sleep(0.2)
+        return "done"
+    assert lane.run(starts, running="running") == "running"
+    assert lane.wait(5)
+
+
+def test_an_input_error_found_early_fails_the_job_once_it_is_started() -> None:
+    p = Pipelined()
+    job = p.submit("a")
+    p.objects.put("in/a.png", b"not an image", "image/png")
+    assert p.runner.run(job.id) is JobStatus.FAILED
+    failed = p.job(job.id)
+    assert failed.error is not None and failed.error.code == "input_unreadable" and failed.attempts == 1
+
+
+def test_storage_down_while_fetching_early_hands_the_job_back_for_a_retry() -> None:
+    p = Pipelined()
+    job = p.submit("a")
+
+    def down(key: str) -> bytes:
+        raise StorageUnavailable("s3 down")
+    p.objects.get = down  # type: ignore[method-assign]
+    with pytest.raises(RetryLater):
+        p.runner.run(job.id)
+    back = p.job(job.id)
+    assert back.status is JobStatus.QUEUED and back.handbacks == 1 and back.attempts == 1
 
 
 def test_storage_down_during_a_background_finish_hands_the_job_back_and_resends_it_once() -> None:

@@ -6,14 +6,19 @@ changes a job record.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
-from broker import keys
-from broker.schema import Job, Output
+from broker import events, keys
+from broker.events import EventPublisher
+from broker.schema import Job, Output, OutputFormat
 from storage import ObjectStore
-from workers.encode import decode_image, decode_mask, encode_output
+from workers.encode import decode_image, decode_mask, encode, encode_output
 from workers.loras import LoraResolver
 from workers.pipeline.base import InvalidRequest, MoveSpec, OutpaintSpec, RenderRequest, UpscaleSpec
+
+log = logging.getLogger("editfarm.runner")
 
 
 def render_request(job: Job, objects: ObjectStore, loras: LoraResolver) -> RenderRequest:
@@ -56,3 +61,17 @@ def upload_outputs(job: Job, images: list[Any], objects: ObjectStore) -> list[Ou
         outputs.append(Output(key=key, content_type=fmt.content_type, width=image.width,
                               height=image.height, sha256=stored.sha256, size_bytes=stored.size_bytes))
     return outputs
+
+
+def preview_sink(job: Job, objects: ObjectStore, publisher: EventPublisher) -> Callable[[int, Any], None]:
+    """A renderer's preview callback for ``job``: stores each preview as a small JPEG and announces its key."""
+
+    def sink(step: int, image: Any) -> None:
+        try:
+            key = keys.preview_object(job.tenant, job.id, step)
+            objects.put(key, encode(image.convert("RGB"), OutputFormat.JPEG, quality=70), "image/jpeg")
+            publisher.publish(job.id, events.PREVIEW, {"step": step, "key": key})
+        except Exception:  # noqa: BLE001 - a preview is advisory; the render goes on
+            log.warning("preview of job %s at step %d not stored", job.id, step)
+
+    return sink

@@ -6,13 +6,14 @@ message and hands the next one to the pool child, and while the next job is leas
 inputs downloaded and decoded: hundreds of milliseconds per job at 1024² (bench/duty_cycle.py).
 Two helpers, one of each per worker process (made after fork, see :func:`for_this_process`):
 
-* :class:`RenderLane` — one thread that renders. A render task prepares its job (lease,
-  inputs), hands the render to the lane and returns once the render has *started*: Celery
-  acks and hands the pool child the next message while the device is busy, and that task
-  prepares its job and waits for the lane. So at most one job waits, already started and
-  leased, behind the rendering one, and the device goes from one render to the next without
-  a gap. A job whose render has started has its lease beating; a process that dies leaves it
-  to lapse and the reaper re-sends the job (as for any death mid-render).
+* :class:`RenderLane` — one thread that renders. A render task fetches and decodes its job's
+  inputs, hands the job to the lane and returns once its render has *started*: Celery acks
+  and hands the pool child the next message while the device is busy, and that task fetches
+  its job's inputs and waits for the lane. The waiting job stays ``queued`` (a cancel simply
+  wins; its message is not acked) and is started, leased and rendered the moment the device
+  is free, so the device goes from one render to the next with only that transition between.
+  A rendering job's lease beats; a process that dies leaves it to lapse and the reaper
+  re-sends the job (as for any death mid-render).
 * :class:`Finisher` — one background thread that runs a rendered job's *finish* (encode,
   upload, terminal transition) while the lane renders the next one, at nice +10 so it never
   delays the render thread. At most one finish is pending; a second waits for the first
@@ -26,8 +27,11 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
 log = logging.getLogger("editfarm.pipelining")
+
+T = TypeVar("T")
 
 
 def _lower_priority() -> None:
@@ -38,7 +42,7 @@ def _lower_priority() -> None:
         pass
 
 
-def _wait(pending: Future[None] | None, timeout_s: float | None) -> bool:
+def _wait(pending: Future[Any] | None, timeout_s: float | None) -> bool:
     """Wait for ``pending``; False if it still runs after ``timeout_s``. Never raises."""
     if pending is None:
         return True
@@ -80,20 +84,23 @@ class RenderLane:
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="render")
-        self._last: Future[None] | None = None
+        self._last: Future[Any] | None = None
 
-    def run(self, render: Callable[[threading.Event], None]) -> None:
-        """Run ``render(began)`` on the lane; return once it set ``began`` or ended.
+    def run(self, render: Callable[[threading.Event], T], running: T) -> T:
+        """Run ``render(began)`` on the lane, after the render before it; return ``running`` once it
+        set ``began``, or what it returned (or raise what it raised) if it ended first.
 
-        ``render`` sets ``began`` when the device starts on its job (or never, if the job ended
-        before rendering); it must sort its own errors.
+        ``render`` sets ``began`` as the device starts on its job; after that it must sort its own errors.
         """
         began = threading.Event()
         done = self._pool.submit(render, began)
-        self._last = done
+        self._last = done  # type: ignore[assignment]
         while not began.wait(0.5):
             if done.done():
-                return
+                break
+        if began.is_set():
+            return running
+        return done.result()
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait for the last render handed to the lane; False if it still runs after ``timeout_s``."""

@@ -24,7 +24,7 @@ from typing import Any
 
 import redis
 
-from broker import events, keys
+from broker import events
 from broker.events import EventPublisher
 from broker.schema import (
     ErrorCode,
@@ -32,14 +32,13 @@ from broker.schema import (
     JobError,
     JobStatus,
     Output,
-    OutputFormat,
     Progress,
     queue_deadline_at,
 )
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from workers import jobio
-from workers.encode import UnreadableImage, encode
+from workers.encode import UnreadableImage
 from workers.lease import Lease as _Lease
 from workers.loras import LoraResolver, LoraUnavailable
 from workers.pipeline.base import (
@@ -161,6 +160,7 @@ class Runner:
 
         With a render lane this returns (``RUNNING``) once the job's render has started, and with
         a finisher once it has rendered: the rest happens in the background, under the job's lease.
+        A job waits for the lane still queued (its inputs fetched): a cancel meanwhile simply wins.
         Raises RetryLater when the job must be delivered again later.
         """
         job = self.store.get(job_id)
@@ -173,36 +173,80 @@ class Runner:
         deadline = queue_deadline_at(job)
         if job.status is JobStatus.QUEUED and deadline is not None and time.time() > deadline:
             return self.expired(job)
+        lane = self.pipelining.lane if self.pipelining is not None else None
+        if lane is None:
+            return self._start_and_render(job)
+        # fetched now, while the device may still render the job before; errors are sorted once started
+        ready = self._fetch_early(job) if job.status is JobStatus.QUEUED else None
+        running: JobStatus | None = JobStatus.RUNNING
+        return lane.run(functools.partial(self._in_lane, job_id, ready), running=running)
+
+    def _fetch_early(self, job: Job) -> RenderRequest | Exception:
+        """The job's request, or the error building it raised (store errors propagate)."""
+        try:
+            return self._request(job)
+        except STORE_ERRORS:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted by _prepare once the job is started
+            return exc
+
+    def _in_lane(self, job_id: str, ready: RenderRequest | Exception | None,
+                 began: threading.Event) -> JobStatus | None:
+        """On the render thread, once the device is free: start the job (it may have changed while it
+        waited) and render it. Raises to the task's thread until ``began``; never after."""
+        job = self.store.get(job_id)
+        if job is None or job.status.is_terminal:
+            return job.status if job else None
+        deadline = queue_deadline_at(job)
+        if job.status is JobStatus.QUEUED and deadline is not None and time.time() > deadline:
+            return self.expired(job)
+        try:
+            return self._start_and_render(job, ready, began)
+        except GpuBroken:
+            if not began.is_set():
+                raise
+            # the job is already ended; this process's device is not trustworthy any more.
+            # Exiting makes Celery start a fresh child (which reloads the model).
+            log.critical("device broken; exiting so the worker restarts", exc_info=True)
+            os._exit(EXIT_GPU_BROKEN)
+        except Exception:
+            if not began.is_set():
+                raise  # the task's thread sorts it (retry later, store errors)
+            log.exception("job %s: left to its lease after an error on the render thread", job_id)
+            return None
+
+    def _start_and_render(self, job: Job, ready: RenderRequest | Exception | None = None,
+                          began: threading.Event | None = None) -> JobStatus | None:
+        """queued → running, then prepare, render and finish (the finish maybe in the background)."""
         lease = self.started(job)
         if lease is None:
-            current = self.store.get(job_id)
+            current = self.store.get(job.id)
             return current.status if current else None
-        lane = self.pipelining.lane if self.pipelining is not None else None
-        handed_off = False
+        background = began is not None
+        owns_lease = True
         lease.__enter__()
         try:
-            prepared = self._prepare(lease.job, lease)
+            prepared = self._prepare(lease.job, lease, ready)
             if not isinstance(prepared, _Prepared):
                 return prepared
-            if lane is not None:  # the render thread owns the job (and its lease) from here
-                handed_off = True
-                lane.run(functools.partial(self._render_in_lane, prepared, lease))
-                return JobStatus.RUNNING
-            rendered = self._render(prepared, lease, background=False)
+            rendered = self._render(prepared, lease, background, began)
             if not isinstance(rendered, _Rendered):
                 return rendered
             if self._finish_later(rendered, lease):
-                handed_off = True
+                owns_lease = False  # the finisher releases it once the job has ended
                 return JobStatus.RUNNING
-            return self._finish(rendered, lease, background=False)
+            return self._finish(rendered, lease, background)
         finally:
-            if not handed_off:
+            if owns_lease:
                 lease.release()
 
-    def _prepare(self, job: Job, lease: _Lease) -> _Prepared | JobStatus | None:
-        """The job's inputs fetched and decoded, its request built (on the task's thread)."""
+    def _prepare(self, job: Job, lease: _Lease,
+                 ready: RenderRequest | Exception | None = None) -> _Prepared | JobStatus | None:
+        """The job's request (``ready``: fetched early, or the error that raised), its errors sorted."""
         try:
-            request = self._request(job)
+            if isinstance(ready, Exception):
+                raise ready
+            request = ready if ready is not None else self._request(job)
             total = _planned_steps(request)
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
@@ -224,8 +268,6 @@ class Runner:
         assert self.renderer is not None, "a runner without a renderer can only expire jobs"
         job = prepared.job
         try:
-            if began is not None and not self._still_ours(job, lease):  # ended while it waited for the device
-                return self._interrupted(job, lease)
             if began is not None:
                 began.set()
             started = time.monotonic()
@@ -243,36 +285,6 @@ class Runner:
         except Exception as exc:  # noqa: BLE001 - any render failure ends the job, never the worker
             return self._render_error(job, lease, exc)
         return _Rendered(job, list(images), prepared.total)
-
-    def _still_ours(self, job: Job, lease: _Lease) -> bool:
-        """Whether ``job`` still runs under ``lease`` (a cancel may have come while it waited)."""
-        current = self.store.get(job.id)
-        if current is None or current.status is not JobStatus.RUNNING or current.worker != lease.token:
-            lease.stop("lost")
-        return not lease.lost.is_set()
-
-    def _render_in_lane(self, prepared: _Prepared, lease: _Lease, began: threading.Event) -> None:
-        """The render thread's body: render, then hand the finish on. Never raises; exits on GpuBroken."""
-        keep_lease = False
-        try:
-            rendered = self._render(prepared, lease, background=True, began=began)
-            if isinstance(rendered, _Rendered):
-                keep_lease = self._finish_later(rendered, lease)
-                if not keep_lease:
-                    self._finish(rendered, lease, background=True)
-        except GpuBroken:
-            # the job is already ended; this process's device is not trustworthy any more.
-            # Exiting makes Celery start a fresh child (which reloads the model).
-            log.critical("device broken; exiting so the worker restarts", exc_info=True)
-            os._exit(EXIT_GPU_BROKEN)
-        except STORE_ERRORS:
-            log.warning("job %s: job store unreachable; its lease will lapse and the reaper re-sends it",
-                        prepared.job.id)
-        except Exception:  # noqa: BLE001 - a background thread has no caller to raise to
-            log.exception("job %s: render thread failed", prepared.job.id)
-        finally:
-            if not keep_lease:
-                lease.release()
 
     def _finish_later(self, rendered: _Rendered, lease: _Lease) -> bool:
         """Hand the finish to the background finisher, if there is one (it then owns the lease)."""
@@ -333,14 +345,7 @@ class Runner:
             yield
             return
 
-        def sink(step: int, image: Any) -> None:
-            try:
-                key = keys.preview_object(job.tenant, job.id, step)
-                self.objects.put(key, encode(image.convert("RGB"), OutputFormat.JPEG, quality=70), "image/jpeg")
-                self.publisher.publish(job.id, events.PREVIEW, {"step": step, "key": key})
-            except Exception:  # noqa: BLE001 - a preview is advisory; the render goes on
-                log.warning("preview of job %s at step %d not stored", job.id, step)
-
+        sink = jobio.preview_sink(job, self.objects, self.publisher)
         renderer: Any = self.renderer
         renderer.preview_sink, renderer.preview_every = sink, every
         try:
