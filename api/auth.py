@@ -88,7 +88,6 @@ async def get_api_keys(request: Request) -> ApiKeys:
 
 
 async def current_tenant(
-    api_keys: Annotated[ApiKeys, Depends(get_api_keys)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     request: Request,
 ) -> str:
@@ -96,6 +95,8 @@ async def current_tenant(
     is unreachable)."""
     if credentials is None or not credentials.credentials:
         raise _unauthorized("missing API key; send 'Authorization: Bearer <key>'")
+    # called, not declared as a dependency: FastAPI spends ~25 µs of CPU per solved dependency
+    api_keys = await get_api_keys(request)
     tenant = api_keys.tenant_for(credentials.credentials)
     if tenant is None and credentials.credentials.startswith(KEY_PREFIX):
         tenants = request.app.state.services.tenants

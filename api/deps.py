@@ -77,8 +77,10 @@ class Services:
         )
         # the submission path (limits, record + message) runs on the event loop: no thread hops.
         # Connections are made on first use, on the loop of the server process (one per process).
+        # No socket_timeout: the store and the limiter bound each call themselves (10 s), which costs
+        # no task per command as redis-py's own timeout does
         on_loop = aioredis.Redis.from_url(
-            settings.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
+            settings.redis_url, socket_connect_timeout=5, socket_timeout=None, health_check_interval=30,
         )
         celery = make_celery(settings.redis_url, settings.visibility_timeout_s)
         return cls(

@@ -236,6 +236,11 @@ class IdempotencyScope:
         except STORE_ERRORS as exc:
             logger.warning("could not record the %s of %s: %s", HEADER, job_id, type(exc).__name__)
 
+    @property
+    def holding(self) -> bool:
+        """Whether this request holds its key unfinished (:meth:`release` has work to do)."""
+        return self._held is not None
+
     async def release(self) -> None:
         """Free the key if this request still holds it unfinished (it ended without a job)."""
         if self._held is None:
@@ -247,7 +252,8 @@ class IdempotencyScope:
             logger.warning("could not release an %s: %s", HEADER, type(exc).__name__)
 
 
-def _check_key(key: str | None) -> str | None:
+def check_key(key: str | None) -> str | None:
+    """The header's value, or None without one. Raises ApiError 422 invalid_parameter if it is malformed."""
     if key is None:
         return None
     if len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key):
@@ -256,20 +262,22 @@ def _check_key(key: str | None) -> str | None:
     return key
 
 
+IdempotencyKeyHeader = Annotated[str | None, Header(
+    alias=HEADER,
+    description="Makes the submission safe to retry: the same key (per tenant) with the same body "
+                "within 24 h returns the job the first request made (200) instead of a new one; with "
+                "another body it is 409 idempotency_conflict. 1..255 printable ASCII characters.",
+    json_schema_extra={"maxLength": MAX_KEY_LENGTH, "minLength": 1, "pattern": KEY_PATTERN},
+)]
+"""The ``Idempotency-Key`` request header, as a route or dependency parameter (default None)."""
+
+
 async def idempotency_scope(
-    request: Request,
-    tenant: TenantDep,
-    key: Annotated[str | None, Header(
-        alias=HEADER,
-        description="Makes the submission safe to retry: the same key (per tenant) with the same body "
-                    "within 24 h returns the job the first request made (200) instead of a new one; with "
-                    "another body it is 409 idempotency_conflict. 1..255 printable ASCII characters.",
-        json_schema_extra={"maxLength": MAX_KEY_LENGTH, "minLength": 1, "pattern": KEY_PATTERN},
-    )] = None,
+    request: Request, tenant: TenantDep, key: IdempotencyKeyHeader = None,
 ) -> AsyncIterator[IdempotencyScope]:
     """The request's :class:`IdempotencyScope`; whatever it still holds when the route ends is released."""
     # app.state, not api.deps: api.deps imports this module for the store classes
-    scope = IdempotencyScope(request.app.state.services, tenant, _check_key(key))
+    scope = IdempotencyScope(request.app.state.services, tenant, check_key(key))
     try:
         yield scope
     finally:

@@ -147,10 +147,14 @@ class RedisRateLimiter(RateLimiter):
     """The sliding-window counter on Redis (shared by every API replica).
 
     With a :class:`~broker.store.RedisJobStore` (whose per-tenant active set is on the same server)
-    :meth:`admit` checks both limits in one script; ``async_client`` runs it on the event loop.
+    :meth:`admit` checks both limits in one script; ``async_client`` runs it on the event loop, each
+    call bounded by ``async_timeout_s`` (see :class:`~broker.store.RedisJobStore` for why the client
+    itself should have no ``socket_timeout``).
     """
 
-    def __init__(self, client: redis.Redis, async_client: aioredis.Redis | None = None) -> None:
+    def __init__(self, client: redis.Redis, async_client: aioredis.Redis | None = None,
+                 async_timeout_s: float = 10.0) -> None:
+        self._async_timeout_s = async_timeout_s
         self._script = client.register_script(_HIT)
         self._admit = client.register_script(_ADMIT)
         self._admit_on_loop = async_client.register_script(_ADMIT) if async_client is not None else None
@@ -181,7 +185,9 @@ class RedisRateLimiter(RateLimiter):
         if self._admit_on_loop is None or not isinstance(store, RedisJobStore):
             return await super().admit_async(tenant, store, max_in_flight, limit, now)
         script_keys, args, elapsed = self._admit_args(tenant, max_in_flight, limit, now)
-        return self._admission(await self._admit_on_loop(keys=script_keys, args=args), limit, elapsed)
+        async with asyncio.timeout(self._async_timeout_s):
+            answer = await self._admit_on_loop(keys=script_keys, args=args)
+        return self._admission(answer, limit, elapsed)
 
     def hit(self, tenant: str, limit: int, now: float) -> RateDecision:
         index, elapsed = _window(now)

@@ -34,6 +34,12 @@ class ApiSettings(ClusterSettings):
     # edit's reference images and inpaint's boxes (the job schema's hard caps are 3 and 16)
     max_reference_images: int = Field(default=MAX_REFERENCE_IMAGES, ge=0, le=MAX_REFERENCE_IMAGES)
     max_boxes: int = Field(default=MAX_BOXES, ge=0, le=MAX_BOXES)
+    # submissions with a body of 1 MiB or more (uploads, data URLs) read and validated at once, per
+    # API process; the others wait for a slot before their body is read (bounds the API's memory)
+    max_concurrent_uploads: int = Field(default=2, ge=1)
+    # glibc: buffers of this size or more are mmapped and given back when freed (see api/malloc.py);
+    # 0 leaves glibc's dynamic threshold (the API process then keeps its upload peak)
+    malloc_mmap_threshold_bytes: int = Field(default=256 * 1024, ge=0, le=32 * MIB)
 
     # per tenant: POST /v1/jobs per minute (sliding window in Redis) and jobs queued or running; 0 = off
     rate_limit_per_min: int = Field(default=600, ge=0)

@@ -277,9 +277,14 @@ class RedisJobStore(JobStore):
     ``async_client`` (same server) serves :meth:`create_and_enqueue_async` on the event loop, with
     no thread hop; without it that method runs the blocking client in a thread. A
     ``redis.asyncio`` client belongs to the event loop it first ran on: give each loop its own store.
+    Give that client no ``socket_timeout`` (redis-py then wraps every send in ``asyncio.wait_for``,
+    a new task per command): each call here is bounded by ``async_timeout_s`` instead, and raises
+    ``TimeoutError`` (an ``OSError``) past it.
     """
 
-    def __init__(self, client: redis.Redis, async_client: aioredis.Redis | None = None) -> None:
+    def __init__(self, client: redis.Redis, async_client: aioredis.Redis | None = None,
+                 async_timeout_s: float = 10.0) -> None:
+        self._async_timeout_s = async_timeout_s
         self.redis = client
         self._cas = client.register_script(_CAS_SCRIPT)
         self._create = client.register_script(_CREATE_SCRIPT)
@@ -306,7 +311,9 @@ class RedisJobStore(JobStore):
         if self._create_and_enqueue_on_loop is None:
             return await super().create_and_enqueue_async(job, queue, message)
         script_keys, args = _create_args(job, queue, message)
-        return _position(await self._create_and_enqueue_on_loop(keys=script_keys, args=args), job.id)
+        async with asyncio.timeout(self._async_timeout_s):
+            answer = await self._create_and_enqueue_on_loop(keys=script_keys, args=args)
+        return _position(answer, job.id)
 
     def get(self, job_id: str) -> Job | None:
         raw = self.redis.hgetall(keys.job(job_id))

@@ -13,16 +13,20 @@ its message, and a submission without input images makes no thread-pool hop.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+import anyio
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import TenantDep
-from api.deps import ServicesDep
+from api.deps import Services
 from api.fetch import check_url_policy
-from api.idempotency import IDEMPOTENCY_RESPONSES, IdempotencyDep
+from api.idempotency import IDEMPOTENCY_RESPONSES, IdempotencyKeyHeader, IdempotencyScope, check_key
 from api.intake import (
+    Intake,
     check_images,
     check_loras,
     check_sources,
@@ -31,10 +35,10 @@ from api.intake import (
     store_inputs,
     validate_params,
 )
-from api.limits import LIMIT_RESPONSES, SUBMISSION_LIMITS, check_input_limits
+from api.limits import LIMIT_RESPONSES, check_input_limits, enforce_submission_limits
 from api.models import JobOut
 from api.views import ERRORS, STORE_ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
-from broker.schema import Job, new_job_id
+from broker.schema import Job, JobParams, new_job_id
 from storage.store import StorageUnavailable
 
 logger = logging.getLogger("editfarm.api")
@@ -46,24 +50,52 @@ _SUBMIT_BODY = {"requestBody": {"required": True, "content": {
 }}}
 
 
+@dataclass
+class Submission:
+    """Who submits (authenticated, within the limits), the services, and the Idempotency-Key's scope."""
+
+    tenant: str
+    services: Services
+    idempotency: IdempotencyScope
+
+
+async def admit_submission(request: Request, tenant: TenantDep, key: IdempotencyKeyHeader = None) -> Submission:
+    """Authentication, then the per-tenant submission limits (before the body is read), then the
+    Idempotency-Key's syntax: one dependency where there were five (the limits, the services, the
+    idempotency scope, ...): FastAPI spends ~25 µs of CPU on each dependency it solves per request."""
+    await enforce_submission_limits(request, tenant)
+    services: Services = request.app.state.services
+    return Submission(tenant, services, IdempotencyScope(services, tenant, check_key(key)))
+
+
 @router.post(
     "/v1/jobs", status_code=202, summary="Submit a job (edit, generate, inpaint, outpaint, move, upscale)",
     response_model=None, responses={202: {"model": JobOut, "description": "Accepted; queued."}, **ERRORS,
                                     **IDEMPOTENCY_RESPONSES, **LIMIT_RESPONSES},
-    openapi_extra=_SUBMIT_BODY, dependencies=[SUBMISSION_LIMITS],
+    openapi_extra=_SUBMIT_BODY,
 )
-async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep,
-                     idempotency: IdempotencyDep) -> JSONResponse:
+async def submit_job(request: Request, submission: Annotated[Submission, Depends(admit_submission)]) -> JSONResponse:
     """Accept a job: validate everything, store its input images, record the job, queue it.
 
     Returns 202 with the job (status ``queued``) and a ``Location`` header.
     Nothing is stored or queued unless every check passes.
     """
-    settings = services.settings
+    try:
+        return await _submit(request, submission)
+    finally:
+        idempotency = submission.idempotency
+        if idempotency.holding:  # it ended without a job: free the key, even if the client went away
+            with anyio.CancelScope(shield=True):
+                await idempotency.release()
+
+
+async def _take_in(request: Request, submission: Submission, base_url: str) -> JSONResponse | tuple[JobParams, Intake]:
+    """The body parsed and checked, its images taken in: (params, images), or the replay of an
+    earlier identical request (Idempotency-Key). Raises ApiError."""
+    services, settings = submission.services, submission.services.settings
     fields, sources = await parse_body(request, settings)
     check_input_limits(fields, sources, settings)
-    base_url = public_base_url(request, services)
-    replay = await idempotency.claim(fields, sources, lambda job: read_view(job, base_url, services))
+    replay = await submission.idempotency.claim(fields, sources, lambda job: read_view(job, base_url, services))
     if replay is not None:
         return replay
     params = validate_params(fields)
@@ -74,6 +106,19 @@ async def submit_job(request: Request, tenant: TenantDep, services: ServicesDep,
         await run_in_threadpool(check_loras, params, settings)
     intake = await intake_images(sources, settings)
     check_images(params, intake.image, intake.mask)
+    return params, intake
+
+
+async def _submit(request: Request, submission: Submission) -> JSONResponse:
+    tenant, services, idempotency = submission.tenant, submission.services, submission.idempotency
+    base_url = public_base_url(request, services)
+    # the memory-heavy part (body, image strings, decodes) of a large body holds an upload slot;
+    # the object-store put after it waits on the network, not the CPU, so it runs outside
+    async with request.app.state.upload_slots.hold(request):
+        taken = await _take_in(request, submission, base_url)
+    if isinstance(taken, JSONResponse):
+        return taken
+    params, intake = taken
 
     job_id = new_job_id()
     input_keys: list[str] = []

@@ -1,0 +1,95 @@
+"""What bounds the API's memory under uploads: upload slots, the sources dropped after intake, data URLs
+decoded without extra copies, glibc's fixed mmap threshold."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from api.errors import ApiError
+from api.images import decode_data_url
+from api.intake import LARGE_BODY_BYTES, Sources, UploadSlots, intake_images
+from api.malloc import fix_mmap_threshold
+from api.testing import make_settings
+
+
+class _Request:
+    def __init__(self, content_length: int | None) -> None:
+        self.headers = {} if content_length is None else {"content-length": str(content_length)}
+
+
+def _peak_inside(slots: UploadSlots, sizes: list[int | None]) -> int:
+    inside, peak = 0, 0
+
+    async def one(size: int | None) -> None:
+        nonlocal inside, peak
+        async with slots.hold(_Request(size)):  # type: ignore[arg-type]
+            inside += 1
+            peak = max(peak, inside)
+            await asyncio.sleep(0.01)
+            inside -= 1
+
+    async def run() -> None:
+        await asyncio.gather(*(one(s) for s in sizes))
+
+    asyncio.run(run())
+    return peak
+
+
+def test_large_or_unsized_bodies_are_taken_in_at_most_limit_at_a_time() -> None:
+    assert _peak_inside(UploadSlots(2), [LARGE_BODY_BYTES] * 6 + [None] * 2) == 2
+    assert _peak_inside(UploadSlots(3), [4 * LARGE_BODY_BYTES] * 6) == 3
+
+
+def test_small_bodies_never_wait_for_a_slot() -> None:
+    assert _peak_inside(UploadSlots(1), [LARGE_BODY_BYTES - 1] * 5) == 5
+
+
+def _png(side: int = 8) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (side, side), (10, 20, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_intake_drops_each_source_once_its_image_is_taken_in() -> None:
+    url = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    sources = Sources(image=url, references=[_png(), url])
+    intake = asyncio.run(intake_images(sources, make_settings()))
+    assert intake.image is not None and (intake.image.width, intake.image.height) == (8, 8)
+    assert [r.width for r in intake.references] == [8, 8]
+    assert sources.image is None and sources.references == [] and sources.mask is None
+
+
+@pytest.mark.parametrize("payload", ["QQ", "QQ==QQ==", "Q!==", "\u00e9AAA"])
+def test_a_data_url_that_is_not_strict_base64_is_invalid_image(payload: str) -> None:
+    with pytest.raises(ApiError) as raised:
+        decode_data_url("data:image/png;base64," + payload, 1000)
+    assert raised.value.code == "invalid_image"
+
+
+def test_a_data_url_wrapped_at_76_columns_decodes() -> None:
+    data = bytes(range(256)) * 4
+    text = base64.b64encode(data).decode()
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    assert decode_data_url("data:image/png;base64," + wrapped, 2000) == data
+    assert decode_data_url("data:image/png;base64," + text, 2000) == data
+
+
+def test_the_mmap_threshold_is_left_alone_when_off_or_chosen_in_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fix_mmap_threshold(0) is False
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert fix_mmap_threshold(256 * 1024) is False
+
+
+def test_the_app_takes_its_upload_slots_from_the_settings() -> None:
+    from api.app import create_app
+    from api.testing import fake_services
+
+    app: Any = create_app(services=fake_services(make_settings(max_concurrent_uploads=3)))
+    assert app.state.upload_slots.limit == 3
