@@ -118,10 +118,30 @@ def pipeline_rows(pipe: dict[str, Any]) -> list[Row]:
              value, "≤ 1.05×", yes(pipe["goals"]["ratio_le_1_05"]), cmd)]
 
 
+def gpu_duty_rows(name: str, data: dict[str, Any]) -> list[Row]:
+    """The real-size duty cycle through the worker's Runner (bench/gpu_duty.py), serial vs pipelined."""
+    cmd = f"`python bench/gpu_duty.py --jobs 3 --steps 8` ({data['device']}) → `bench/{name}`"
+    out: list[Row] = []
+    for mode, label in (("serial", "pipelining off"), ("pipelined", "pipelined, the default")):
+        runs = [r for r in data["runs"] if r["mode"] == mode]
+        if not runs:
+            continue
+        duty = sorted(r["duty_cycle"] for r in runs)
+        gaps = sorted(r["gap_ms_p50"] for r in runs)
+        value = (f"**{100 * duty[len(duty) // 2]:.2f} %** (runs {', '.join(f'{100 * d:.2f}' for d in duty)}); "
+                 f"gap p50 {gaps[len(gaps) // 2]:.0f} ms; render {runs[0]['render_s_p50']:.1f} s")
+        out.append((f"{data['device']}, 20B architecture, 1024², 8 steps: GPU duty cycle through the worker's "
+                    f"runner ({label}; in-memory stores)", value, "≥ 99.5 %", yes(duty[len(duty) // 2] >= 0.995), cmd))
+    return out
+
+
 def gpu_rows() -> list[Row]:
     out: list[Row] = []
     for gpu in sorted((ROOT / "bench").glob("results-gpu-*.json")):
         data = json.loads(gpu.read_text())
+        if "duty" in gpu.name:
+            out += gpu_duty_rows(gpu.name, data)
+            continue
         runs = {(r["path"], r["steps"]): r for r in data["runs"]}
         only = " --only compile" if "compile" in gpu.name else ""
         cmd = f"`python bench/gpu_real_size.py --steps 8,50{only}` (H200, `bench/gpu_run.sh`) → `bench/{gpu.name}`"
