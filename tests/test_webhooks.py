@@ -148,6 +148,31 @@ def test_the_in_memory_outbox_records_attempts_and_states():
     assert box.record_attempt("msg_missing", {}) == 0 and not box.mark_delivered("msg_missing", 200, 1.0)
 
 
+def test_the_in_memory_outbox_claims_a_pending_message_once_and_finishes_it_with_its_lock():
+    box = wh.InMemoryWebhookOutbox()
+    assert box.claim("msg_1", 1000) == (None, None)
+    box.put("msg_1", "https://example.com/hook", b"{}", "t1", job_id="job_1")
+    assert box.job_messages("job_1") == {"msg_1"}
+    msg, token = box.claim("msg_1", 1000)
+    assert msg is not None and token and box.claim("msg_1", 1000)[1] is None
+    assert box.finish_attempt("msg_1", {"attempt": 1}, box.delivered_fields(204, 2.0), token) == 1
+    assert box.locks == {}
+    done, none = box.claim("msg_1", 1000)
+    assert done is not None and done.state == "delivered" and none is None and box.locks == {}
+
+
+def test_config_for_signs_with_the_messages_tenants_secrets():
+    box = wh.InMemoryWebhookOutbox()
+    box.put("msg_1", "https://hooks.example.com/x", BODY, "acme")
+    client, sent = _guard_client()
+    per_tenant = {"acme": wh.WebhookConfig(secrets=[SECRET_B, SECRET_A])}
+    result = wh.deliver_once(box, "msg_1", wh.WebhookConfig(secrets=[SECRET_A]), client,
+                             resolver=lambda h, p: ["93.184.216.34"], config_for=per_tenant.__getitem__)
+    assert result.outcome == "delivered"
+    assert len(sent[0].headers["webhook-signature"].split(" ")) == 2
+    Webhook(SECRET_B).verify(sent[0].content, dict(sent[0].headers))
+
+
 def test_an_outbox_rejects_message_ids_that_would_break_redis_keys():
     with pytest.raises(ValueError):
         wh.InMemoryWebhookOutbox().put("msg:1", "https://example.com", b"{}", "t")

@@ -294,3 +294,74 @@ def test_a_redelivered_task_that_runs_before_the_scheduled_retry_waits_instead_o
     assert len(receiver.requests) == 1
     due = wh.deliver_once(outbox, mid, cfg, client, now=lambda: time.time() + 30)
     assert due.outcome == "delivered" and len(receiver.requests) == 2
+
+
+def test_claim_locks_only_a_pending_message_and_finish_attempt_records_and_unlocks_in_one_step(
+        outbox, prefix, r):
+    mid = prefix + "_claim"
+    assert outbox.claim(mid, 5000) == (None, None)
+    outbox.put(mid, "https://example.com/a", BODY, "t")
+    msg, token = outbox.claim(mid, 5000)
+    assert msg is not None and msg.state == "pending" and msg.body == BODY and token
+    held, none = outbox.claim(mid, 5000)
+    assert held is not None and none is None  # another caller holds the lock
+    assert outbox.finish_attempt(mid, {"attempt": 1, "status_code": 204}, outbox.delivered_fields(204, 5.0),
+                                 token) == 1
+    assert r.exists(keys.webhook_lock(mid)) == 0
+    done, no_token = outbox.claim(mid, 5000)
+    assert done is not None and done.state == "delivered" and done.status_code == 204 and no_token is None
+    assert r.exists(keys.webhook_lock(mid)) == 0  # a delivered message is never locked again
+    assert outbox.attempts(mid) == [{"attempt": 1, "status_code": 204}]
+
+
+def test_finish_attempt_of_a_vanished_message_records_nothing_and_still_unlocks(outbox, prefix, r):
+    mid = prefix + "_vanished"
+    outbox.put(mid, "https://example.com/a", BODY, "t")
+    _, token = outbox.claim(mid, 5000)
+    r.delete(keys.webhook_message(mid))
+    assert outbox.finish_attempt(mid, {"attempt": 1}, outbox.retry_fields(1.0), token or "") == 0
+    assert r.exists(keys.webhook_lock(mid)) == 0 and r.exists(keys.webhook_message(mid)) == 0
+
+
+def test_put_links_the_message_into_its_jobs_delivery_log_even_when_it_exists(outbox, prefix, r):
+    mid, job_id = prefix + "_linked", prefix + "_job"
+    assert outbox.put(mid, "https://example.com/a", BODY, "t", job_id=job_id) is True
+    r.delete(keys.job_webhooks(job_id))
+    assert outbox.put(mid, "https://example.com/a", BODY, "t", job_id=job_id) is False
+    assert outbox.job_messages(job_id) == {mid}
+    assert 0 < r.ttl(keys.job_webhooks(job_id)) <= 600
+    r.delete(keys.job_webhooks(job_id))
+
+
+def test_a_long_answer_body_is_not_read_to_the_end_and_the_delivery_still_counts(outbox, prefix):
+    big = b"x" * (wh.MAX_RESPONSE_BODY_BYTES * 4)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            self.send_response(200)
+            self.send_header("content-length", str(len(big)))
+            self.end_headers()
+            try:
+                self.wfile.write(big)
+            except OSError:
+                pass  # the client closed the connection after enough of it
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        mid = prefix + "_bigbody"
+        outbox.put(mid, f"http://127.0.0.1:{server.server_address[1]}/hook", BODY, "t")
+        with wh.make_client(config()) as c:
+            result = wh.deliver_once(outbox, mid, config(timeout_s=2), c)
+            assert result.outcome == "delivered" and result.status_code == 200
+            assert len(c._transport._pool.connections) == 0  # type: ignore[attr-defined]  # not kept
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,304 @@
+"""The webhook outbox: stored messages, their delivery attempts and per-message delivery locks.
+
+A message is created at most once per id (``put``); a delivery attempt is made only by the
+holder of the message's lock (``claim``), and recorded with the message's new state in the
+same step as the lock is released (``finish_attempt``), so a delivered message is never sent
+again. Records expire ``ttl_s`` after their last write. The API reads the same Redis layout
+(``api/delivery_log.py``). Times are UNIX epoch seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets as _secrets
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+
+from broker import keys
+
+DEFAULT_TTL_S = 7 * 24 * 3600
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+State = Literal["pending", "delivered", "failed"]
+
+
+@dataclass
+class WebhookMessage:
+    id: str
+    url: str
+    body: bytes
+    tenant: str
+    state: State = "pending"
+    attempts: int = 0
+    created_at: float = 0.0
+    finished_at: float | None = None
+    status_code: int | None = None
+    error: str | None = None
+    next_attempt_at: float | None = None  # epoch s of the scheduled retry
+
+
+
+class BaseWebhookOutbox(ABC):
+    """Storage of webhook messages and their attempts; records expire ``ttl_s`` after the last write."""
+
+    def __init__(self, ttl_s: int = DEFAULT_TTL_S) -> None:
+        self.ttl_s = ttl_s
+
+    @staticmethod
+    def _new_fields(message_id: str, url: str, body: bytes, tenant: str) -> dict[str, str | bytes]:
+        if not _ID_RE.match(message_id):
+            raise ValueError(f"message id {message_id!r} must match {_ID_RE.pattern}")
+        return {"url": url, "body": body, "tenant": tenant, "state": "pending", "attempts": "0",
+                "created_at": repr(time.time())}
+
+    @staticmethod
+    def _parse(message_id: str, raw: dict[Any, Any]) -> WebhookMessage:
+        b = {(k.decode() if isinstance(k, bytes) else k): (v if isinstance(v, bytes) else str(v).encode())
+             for k, v in raw.items()}
+        f = {k: v.decode() for k, v in b.items() if k != "body"}
+        code, fin, nxt = f.get("status_code"), f.get("finished_at"), f.get("next_attempt_at")
+        return WebhookMessage(
+            id=message_id, url=f["url"], body=b["body"], tenant=f["tenant"],
+            state=f["state"], attempts=int(f.get("attempts", 0)),  # type: ignore[arg-type]
+            created_at=float(f.get("created_at", 0)), finished_at=float(fin) if fin else None,
+            status_code=int(code) if code else None, error=f.get("error") or None,
+            next_attempt_at=float(nxt) if nxt else None)
+
+    @abstractmethod
+    def put(self, message_id: str, url: str, body: bytes, tenant: str, job_id: str | None = None) -> bool:
+        """Create a pending message; False (and no change to it) if the id exists. With ``job_id`` the
+        message id is also added to that job's delivery log (``keys.job_webhooks``), created or not.
+        Raises ValueError on a bad id."""
+
+    @abstractmethod
+    def job_messages(self, job_id: str) -> set[str]:
+        """The message ids in a job's delivery log."""
+
+    @abstractmethod
+    def get(self, message_id: str) -> WebhookMessage | None: ...
+
+    @abstractmethod
+    def _update(self, message_id: str, fields: dict[str, str]) -> bool: ...
+
+    @abstractmethod
+    def record_attempt(self, message_id: str, attempt: dict[str, Any]) -> int:
+        """Append an attempt record and bump the count; returns the new count (0: no such message)."""
+
+    @abstractmethod
+    def attempts(self, message_id: str) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def acquire_lock(self, message_id: str, ttl_ms: int) -> str | None:
+        """A token if this caller now holds the message's delivery lock, else None."""
+
+    @abstractmethod
+    def release_lock(self, message_id: str, token: str) -> None: ...
+
+    def claim(self, message_id: str, ttl_ms: int) -> tuple[WebhookMessage | None, str | None]:
+        """The message, and a lock token if it is ``pending`` and this caller now holds its delivery
+        lock (None: another caller holds it, or the message is no longer pending). (None, None): no
+        such message. The Redis outbox does this in one atomic step."""
+        msg = self.get(message_id)
+        if msg is None or msg.state != "pending":
+            return msg, None
+        token = self.acquire_lock(message_id, ttl_ms)
+        if token is None:
+            return msg, None
+        return self.get(message_id), token  # re-read under the lock: another worker may have finished
+
+    def finish_attempt(self, message_id: str, attempt: dict[str, Any], fields: dict[str, str],
+                       token: str) -> int:
+        """Record an attempt, set the message's new ``fields`` (see ``*_fields``) and release the lock
+        ``token``; returns the new attempt count (0: no such message; the lock is released anyway).
+        The Redis outbox does this in one atomic step."""
+        try:
+            n = self.record_attempt(message_id, attempt)
+            if n:
+                self._update(message_id, fields)
+            return n
+        finally:
+            self.release_lock(message_id, token)
+
+    @staticmethod
+    def delivered_fields(status_code: int, at_s: float) -> dict[str, str]:
+        return {"state": "delivered", "status_code": str(status_code), "finished_at": repr(at_s), "error": ""}
+
+    @staticmethod
+    def retry_fields(next_attempt_at: float) -> dict[str, str]:
+        return {"next_attempt_at": repr(next_attempt_at)}
+
+    @staticmethod
+    def failed_fields(error: str, at_s: float, status_code: int | None = None) -> dict[str, str]:
+        return {"state": "failed", "error": error, "finished_at": repr(at_s),
+                "status_code": "" if status_code is None else str(status_code)}
+
+    def mark_delivered(self, message_id: str, status_code: int, at_s: float) -> bool:
+        return self._update(message_id, self.delivered_fields(status_code, at_s))
+
+    def mark_retry(self, message_id: str, next_attempt_at: float) -> bool:
+        """Note when the next attempt is due (epoch s); earlier (duplicate) task runs then wait."""
+        return self._update(message_id, self.retry_fields(next_attempt_at))
+
+    def mark_failed(self, message_id: str, error: str, at_s: float, status_code: int | None = None) -> bool:
+        return self._update(message_id, self.failed_fields(error, at_s, status_code))
+
+
+# HSET + EXPIRE only if EXISTS(key) == ARGV[2]: "0" creates once (HSETNX-like), "1" updates.
+_HSET_IF = """if redis.call('EXISTS', KEYS[1]) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3)); redis.call('EXPIRE', KEYS[1], ARGV[1]); return 1"""
+# Create once (as _HSET_IF with "0") and, with KEYS[2], add ARGV[2] to the job's delivery log
+# whether or not the message was new: one round trip for what the notify task stores.
+_PUT = """local created = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3)); redis.call('EXPIRE', KEYS[1], ARGV[1]); created = 1
+end
+if KEYS[2] then redis.call('SADD', KEYS[2], ARGV[2]); redis.call('EXPIRE', KEYS[2], ARGV[1]) end
+return created"""
+_RECORD = """if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1); redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[1]); redis.call('EXPIRE', KEYS[2], ARGV[1]); return n"""
+_UNLOCK = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"""
+# claim(): the message, locked (SET NX PX) only while pending; {locked, fields} ({} if missing)
+_CLAIM = """local f = redis.call('HGETALL', KEYS[1])
+if #f == 0 then return {0, f} end
+if redis.call('HGET', KEYS[1], 'state') == 'pending'
+   and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, f} end
+return {0, f}"""
+# finish_attempt(): _RECORD, then HSET of ARGV[4..] on the message, then _UNLOCK with ARGV[3]
+_FINISH = """local n = 0
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  n = redis.call('HINCRBY', KEYS[1], 'attempts', 1); redis.call('RPUSH', KEYS[2], ARGV[2])
+  if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
+  redis.call('EXPIRE', KEYS[1], ARGV[1]); redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
+return n"""
+
+
+def _lock_key(message_id: str) -> str:
+    return keys.webhook_lock(message_id)
+
+
+class WebhookOutbox(BaseWebhookOutbox):
+    """The outbox on Redis (``keys.webhook_message``/``webhook_attempts``); works with either
+    ``decode_responses`` setting. Raises redis.RedisError when Redis is unreachable."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int = DEFAULT_TTL_S) -> None:
+        super().__init__(ttl_s)
+        self.r = client
+
+    def _eval(self, script: str, keys_: list[str], args: list[Any]) -> int:
+        return int(self.r.eval(script, len(keys_), *keys_, *args))
+
+    def put(self, message_id: str, url: str, body: bytes, tenant: str, job_id: str | None = None) -> bool:
+        flat = [x for kv in self._new_fields(message_id, url, body, tenant).items() for x in kv]
+        ks = [keys.webhook_message(message_id), *([keys.job_webhooks(job_id)] if job_id else [])]
+        return self._eval(_PUT, ks, [self.ttl_s, message_id, *flat]) == 1
+
+    def job_messages(self, job_id: str) -> set[str]:
+        return {m.decode() if isinstance(m, bytes) else m
+                for m in self.r.smembers(keys.job_webhooks(job_id))}  # type: ignore[union-attr]
+
+    def claim(self, message_id: str, ttl_ms: int) -> tuple[WebhookMessage | None, str | None]:
+        token = _secrets.token_hex(8)
+        locked, flat = self.r.eval(_CLAIM, 2, keys.webhook_message(message_id), _lock_key(message_id),
+                                   token, ttl_ms)  # type: ignore[misc]
+        if not flat:
+            return None, None
+        msg = self._parse(message_id, dict(zip(flat[::2], flat[1::2])))
+        return msg, token if locked else None
+
+    def finish_attempt(self, message_id: str, attempt: dict[str, Any], fields: dict[str, str],
+                       token: str) -> int:
+        ks = [keys.webhook_message(message_id), keys.webhook_attempts(message_id), _lock_key(message_id)]
+        flat = [x for kv in fields.items() for x in kv]
+        return self._eval(_FINISH, ks, [self.ttl_s, json.dumps(attempt, separators=(",", ":")), token, *flat])
+
+    def get(self, message_id: str) -> WebhookMessage | None:
+        raw = self.r.hgetall(keys.webhook_message(message_id))
+        return self._parse(message_id, raw) if raw else None  # type: ignore[arg-type]
+
+    def _update(self, message_id: str, fields: dict[str, str]) -> bool:
+        flat = [x for kv in fields.items() for x in kv]
+        return self._eval(_HSET_IF, [keys.webhook_message(message_id)], [self.ttl_s, 1, *flat]) == 1
+
+    def record_attempt(self, message_id: str, attempt: dict[str, Any]) -> int:
+        ks = [keys.webhook_message(message_id), keys.webhook_attempts(message_id)]
+        return self._eval(_RECORD, ks, [self.ttl_s, json.dumps(attempt, separators=(",", ":"))])
+
+    def attempts(self, message_id: str) -> list[dict[str, Any]]:
+        raw = self.r.lrange(keys.webhook_attempts(message_id), 0, -1)
+        return [json.loads(x) for x in raw]  # type: ignore[union-attr]
+
+    def acquire_lock(self, message_id: str, ttl_ms: int) -> str | None:
+        token = _secrets.token_hex(8)
+        return token if self.r.set(_lock_key(message_id), token, nx=True, px=ttl_ms) else None
+
+    def release_lock(self, message_id: str, token: str) -> None:
+        self._eval(_UNLOCK, [_lock_key(message_id)], [token])
+
+
+class InMemoryWebhookOutbox(BaseWebhookOutbox):
+    """Process-local stand-in for unit tests (no TTLs, locks expire by monotonic clock)."""
+
+    def __init__(self, ttl_s: int = DEFAULT_TTL_S) -> None:
+        super().__init__(ttl_s)
+        self._mu = threading.Lock()
+        self.messages: dict[str, dict[str, Any]] = {}
+        self.attempt_log: dict[str, list[str]] = {}
+        self.locks: dict[str, tuple[str, float]] = {}
+        self.links: dict[str, set[str]] = {}
+
+    def put(self, message_id: str, url: str, body: bytes, tenant: str, job_id: str | None = None) -> bool:
+        fields = self._new_fields(message_id, url, body, tenant)
+        with self._mu:
+            if job_id:
+                self.links.setdefault(job_id, set()).add(message_id)
+            return self.messages.setdefault(message_id, fields) is fields
+
+    def job_messages(self, job_id: str) -> set[str]:
+        with self._mu:
+            return set(self.links.get(job_id, ()))
+
+    def get(self, message_id: str) -> WebhookMessage | None:
+        with self._mu:
+            raw = dict(self.messages.get(message_id) or {})
+        return self._parse(message_id, raw) if raw else None
+
+    def _update(self, message_id: str, fields: dict[str, str]) -> bool:
+        with self._mu:
+            if message_id in self.messages:
+                self.messages[message_id].update(fields)
+            return message_id in self.messages
+
+    def record_attempt(self, message_id: str, attempt: dict[str, Any]) -> int:
+        with self._mu:
+            if message_id not in self.messages:
+                return 0
+            self.attempt_log.setdefault(message_id, []).append(json.dumps(attempt))
+            n = int(self.messages[message_id]["attempts"]) + 1
+            self.messages[message_id]["attempts"] = str(n)
+            return n
+
+    def attempts(self, message_id: str) -> list[dict[str, Any]]:
+        with self._mu:
+            return [json.loads(x) for x in self.attempt_log.get(message_id, [])]
+
+    def acquire_lock(self, message_id: str, ttl_ms: int) -> str | None:
+        with self._mu:
+            held = self.locks.get(message_id)
+            if held and held[1] > time.monotonic():
+                return None
+            token = _secrets.token_hex(8)
+            self.locks[message_id] = (token, time.monotonic() + ttl_ms / 1000)
+            return token
+
+    def release_lock(self, message_id: str, token: str) -> None:
+        with self._mu:
+            if self.locks.get(message_id, ("",))[0] == token:
+                del self.locks[message_id]
