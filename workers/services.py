@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -78,16 +79,34 @@ def outbox() -> WebhookOutbox:
     return WebhookOutbox(redis_client())
 
 
+# A tenant's signing secrets are read from Redis at most once per this many seconds per process,
+# not on every delivery attempt: a rotation (`editfarm secrets rotate`) reaches deliveries within
+# this delay, during which messages carry the previous secret's signature only (still valid: a
+# rotation keeps the previous secret through its overlap, 24 h by default).
+WEBHOOK_CONFIG_CACHE_S = 5.0
+_webhook_configs: dict[str, tuple[float, WebhookConfig]] = {}  # tenant ("": none) → (expires, config)
+_clock = time.monotonic  # the cache's clock (tests move it)
+
+
 def webhook_config(tenant: str | None = None) -> WebhookConfig:
-    """Delivery settings; a tenant with its own (rotated) secrets signs with those."""
+    """Delivery settings; a tenant with its own (rotated) secrets signs with those. Cached for
+    WEBHOOK_CONFIG_CACHE_S (see there). Raises redis.RedisError."""
+    now = _clock()
+    cached = _webhook_configs.get(tenant or "")
+    if cached is not None and now < cached[0]:
+        return cached[1]
     s = settings()
     secrets = [s.webhook_secret.get_secret_value()] if s.webhook_secret else []
     if tenant:
         secrets = RedisTenantStore(redis_client()).signing_secrets(tenant) or secrets
-    return WebhookConfig(secrets=secrets, timeout_s=s.webhook_timeout_s,
-                         max_attempts=len(s.webhook_retry_schedule_s),
-                         retry_schedule_s=tuple(s.webhook_retry_schedule_s),
-                         allow_private=s.webhook_allow_private, allow_http=s.webhook_allow_http)
+    config = WebhookConfig(secrets=secrets, timeout_s=s.webhook_timeout_s,
+                           max_attempts=len(s.webhook_retry_schedule_s),
+                           retry_schedule_s=tuple(s.webhook_retry_schedule_s),
+                           allow_private=s.webhook_allow_private, allow_http=s.webhook_allow_http)
+    if len(_webhook_configs) > 10_000:  # bound the cache (tenants come and go)
+        _webhook_configs.clear()
+    _webhook_configs[tenant or ""] = (now + WEBHOOK_CONFIG_CACHE_S, config)
+    return config
 
 
 @functools.cache
@@ -183,8 +202,24 @@ def requeue(job: Job) -> None:
     enqueue_render(celery_app(), job.id, job.params.priority.value)
 
 
+@functools.cache
+def _notify_app():  # type: ignore[no-untyped-def]
+    # The same broker, without Celery's task-sent event: that event is one more Redis publish after
+    # the message on the path that ends every job (a GPU worker's). Flower still sees the notify
+    # task from the webhook worker's task-received/started/succeeded events.
+    s = settings()
+    app = make_celery(s.redis_url, s.visibility_timeout_s, s.unacked_restore_interval_s)
+    app.conf.task_send_sent_event = False
+    return app
+
+
 def notify_via_queue(job: Job, event: str) -> None:
-    enqueue_notify(celery_app(), job.id, event)
+    enqueue_notify(_notify_app(), job.id, event)
+
+
+def queue_webhook(message_id: str, countdown_s: float = 0) -> None:
+    """Queue a delivery attempt of a stored message (the webhook task), ``countdown_s`` from now."""
+    enqueue_webhook(celery_app(), message_id, countdown_s=countdown_s)
 
 
 def _drain_key() -> str:
@@ -232,18 +267,12 @@ def runner() -> Runner:
                   pipelining=pipelining())
 
 
-def notifier() -> WebhookNotifier:
+def notifier(deliver: Callable[[str], None]) -> WebhookNotifier:
+    """The notify task's notifier; ``deliver(message_id)`` sends a message it has stored."""
     s = settings()
     objs = objects()
-    app = celery_app()
-    def link(job_id: str, message_id: str) -> None:
-        pipe = redis_client().pipeline()
-        pipe.sadd(keys.job_webhooks(job_id), message_id)
-        pipe.expire(keys.job_webhooks(job_id), 7 * 24 * 3600)
-        pipe.execute()
-    return WebhookNotifier(outbox(), lambda key: objs.presign_get(key, s.presign_expiry_s),
-                           lambda message_id: enqueue_webhook(app, message_id), webhook_config(), http_client(),
-                           link=link)
+    return WebhookNotifier(outbox(), lambda key: objs.presign_get(key, s.presign_expiry_s), deliver,
+                           webhook_config, http_client())
 
 
 def reaper() -> Reaper:

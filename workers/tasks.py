@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 
+import redis
 from celery import Celery, Task
 
 from broker.celery_app import NOTIFY_TASK, RENDER_TASK, WEBHOOK_TASK
 from workers import metrics, services
 from workers.runner import EXIT_GPU_BROKEN, GpuBroken, RetryLater
-from workers.webhooks import deliver_once
+from workers.webhooks import DeliveryResult, deliver_once
 
 log = logging.getLogger("editfarm.tasks")
 
@@ -28,20 +29,40 @@ def render(task: Task, job_id: str) -> None:
         os._exit(EXIT_GPU_BROKEN)
 
 
-def deliver_webhook(task: Task, message_id: str) -> None:
-    outbox = services.outbox()
-    message = outbox.get(message_id)
-    if message is None:
-        log.warning("webhook message %s is gone (expired?); dropping", message_id)
-        return
+def attempt_delivery(message_id: str) -> DeliveryResult | None:
+    """One delivery attempt of a stored message, signed for its tenant and counted in the metrics;
+    None if the message is gone. Raises redis.RedisError."""
     try:
-        result = deliver_once(outbox, message_id, services.webhook_config(message.tenant), services.http_client())
+        result = deliver_once(services.outbox(), message_id, services.webhook_config(), services.http_client(),
+                              config_for=services.webhook_config)
     except LookupError:
         log.warning("webhook message %s is gone (expired?); dropping", message_id)
-        return
+        return None
     metrics.WEBHOOKS.labels(outcome=result.outcome).inc()
-    if result.outcome == "retry" and result.retry_in_s is not None:
+    return result
+
+
+def deliver_webhook(task: Task, message_id: str) -> None:
+    """A queued (re)delivery: retries of first attempts, and redeliveries asked through the API."""
+    result = attempt_delivery(message_id)
+    if result is not None and result.outcome == "retry" and result.retry_in_s is not None:
         raise task.retry(countdown=result.retry_in_s, max_retries=None)
+
+
+def deliver_first(message_id: str) -> None:
+    """The first attempt of a message the notify task has just stored, made right here rather than
+    queued as a webhook task: one Celery hop less between a job's end and its webhook. A retry is
+    queued with its countdown, as the webhook task would reschedule itself. If no attempt could be
+    made (Redis blinked), the delivery is queued instead, so the message is never left without one;
+    the message's lock and state keep a queued run from sending what this one sent."""
+    try:
+        result = attempt_delivery(message_id)
+    except redis.RedisError as exc:
+        log.warning("webhook %s: first attempt not made (%s); queued instead", message_id, type(exc).__name__)
+        services.queue_webhook(message_id)
+        return
+    if result is not None and result.outcome == "retry" and result.retry_in_s is not None:
+        services.queue_webhook(message_id, result.retry_in_s)
 
 
 def notify(task: Task, job_id: str, event: str) -> None:
@@ -49,7 +70,7 @@ def notify(task: Task, job_id: str, event: str) -> None:
     if job is None:
         log.warning("notify %s: job %s is unknown", event, job_id)
         return
-    services.notifier()(job, event)
+    services.notifier(deliver_first)(job, event)
 
 
 def register(app: Celery) -> None:
