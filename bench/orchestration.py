@@ -1,6 +1,6 @@
 """Orchestration overhead: submit → signed webhook received, with a render stand-in that takes no time.
 
-    python -m bench.orchestration           # 200 jobs per variant (~2 min)
+    python -m bench.orchestration           # 200 jobs (~1 min)
     python -m bench.orchestration --quick
 
 A whole local cluster (Redis, S3 server, API, one render worker with the stand-in at
@@ -10,16 +10,16 @@ terminal webhook arrives. Side by side, alternating one for one with the jobs, t
 baseline: a bare Celery ``apply_async(...).get()`` of a no-op task on the same Redis
 (``bench.noop_celery``, a prefork worker with one child and a Redis result backend).
 
-``--variants current,proposed`` (the default) runs two clusters side by side and alternates
-jobs between them: ``current`` is the code as it is; ``proposed`` runs the prototypes of the
-proposed changes: the submission fast path (``bench.lean_api``, ``POST /v1/jobs-lean``) and
-the first webhook attempt made by the notify task itself (``bench.fast_webhooks``). The
+``--variants`` names the clusters run side by side, jobs alternating between them (``VARIANTS``:
+an API app, its submit path and a webhook worker app, so that a prototype can be measured beside
+the code as it is); ``current``, the code as it is, is the only one now (the prototypes of the
+submission fast path and of the notify task's own first delivery attempt are in the product). The
 top-level figures are those of the first variant; ``by_variant`` has each.
 
 The breakdown of each job comes from its record (``created_at``, ``started_at``,
 ``finished_at``, epoch seconds) and the receiver's clock: POST answered, queued → started,
 started → finished (fetch, render, encode, upload, terminal transition), finished →
-webhook arrived (notify task, outbox, delivery task, HTTP POST).
+webhook arrived (the notify message, the notify task: outbox and first delivery attempt, HTTP POST).
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ def start_noop_worker(redis_url: str, log_path: Path) -> subprocess.Popen[bytes]
 VARIANTS = {
     # name: (API app, submit path, webhook worker app)
     "current": ("api.app:create_app", "/v1/jobs", "workers.celery_worker:app"),
-    "proposed": ("bench.lean_api:create_app", "/v1/jobs-lean", "bench.fast_webhooks:app"),
 }
 
 
@@ -82,13 +81,12 @@ def breakdown(rows: list[dict[str, Any]], records: dict[str, dict[str, Any]]) ->
 def main() -> int:
     p = parser("orchestration", __doc__)
     p.add_argument("--jobs", type=int, default=200)
-    p.add_argument("--variants", default="", help="current (the code as it is) and/or proposed (the prototypes: "
-                                                   "bench.lean_api + bench.fast_webhooks); default both "
-                                                   "(--quick: current)")
+    p.add_argument("--variants", default="current", help="comma-separated names from VARIANTS "
+                                                          "(current: the code as it is)")
     args = p.parse_args()
     if args.quick:
         args.jobs = 10
-    variants = (args.variants or ("current" if args.quick else "current,proposed")).split(",")
+    variants = args.variants.split(",")
     import contextlib
 
     import httpx
