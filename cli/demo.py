@@ -55,28 +55,27 @@ class WebhookReceiver:
 
 def run_demo(workdir: Path, out: Path) -> int:
     """Run the demo; returns a process exit code (0 = everything checked out)."""
+    from editfarm_client import Client
     from standardwebhooks.webhooks import Webhook
 
-    from cli.client import JobsClient
-    from cli.progress import follow
+    from cli.jobs import follow
 
     print("starting a local cluster (Redis, S3 server, API, render worker, webhook worker)…")
-    with LocalCluster(ClusterConfig(workdir=workdir)) as cluster, WebhookReceiver() as receiver:
+    with LocalCluster(ClusterConfig(workdir=workdir)) as cluster, WebhookReceiver() as receiver, \
+            Client(cluster.api_url, api_key=cluster.api_key()) as client:
         print(f"API {cluster.api_url}  docs {cluster.api_url}/docs")
-        client = JobsClient(cluster.api_url, cluster.api_key())
-        job = client.submit_file(SAMPLE, {"operation": "edit", "prompt": "make the sky purple", "seed": 7,
-                                          "steps": 8, "true_cfg_scale": 4.0, "output_format": "png",
-                                          "webhook": receiver.url})
-        print(f"submitted job {job['id']}")
-        job = follow(client, job["id"], timeout_s=600)
-        if job["status"] != "succeeded":
-            print(f"job ended {job['status']}: {job['error']}")
+        job = client.edit(SAMPLE, "make the sky purple", seed=7, steps=8, true_cfg_scale=4.0,
+                          output_format="png", webhook=receiver.url)
+        print(f"submitted job {job.id}")
+        job = follow(client, job)  # the SDK's live event stream, with a progress bar
+        if job.status != "succeeded":
+            print(f"job ended {job.status}: {job.error}")
             return 1
         headers, body = receiver.received.get(timeout=60)
         payload = Webhook(cluster.webhook_secret).verify(body, headers)
         print(f"webhook {headers['webhook-id']} received: {payload['type']} — signature verified")
-        output = job["outputs"][0]
-        path = client.download(output["url"], out / f"{job['id']}.png")
-        print(json.dumps({"output": str(path), "url": output["url"], "width": output["width"],
-                          "height": output["height"], "sha256": output["sha256"]}, indent=2))
+        output = job.outputs[0]
+        (path,) = client.download(output, out)  # checked against the job's sha256 and size
+        print(json.dumps({"output": str(path), "url": output.url, "width": output.width,
+                          "height": output.height, "sha256": output.sha256}, indent=2))
         return 0
