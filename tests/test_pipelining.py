@@ -266,3 +266,30 @@ def test_wait_reports_a_finish_still_running_after_its_timeout() -> None:
     assert finisher.wait(0.05) is False and finisher.busy
     gate.set()
     assert finisher.wait(5) and not finisher.busy
+
+
+def test_a_job_taken_while_the_device_was_busy_gives_way_to_a_higher_priority_one() -> None:
+    p = Pipelined()
+    job = p.submit("a")
+    gave_way: list[str] = []
+    p.runner.give_way = lambda j: gave_way.append(j.id) is None  # type: ignore[assignment]
+    assert p.runner.run(job.id) is JobStatus.QUEUED
+    back = p.job(job.id)
+    assert gave_way == [job.id] and back.status is JobStatus.QUEUED and back.attempts == 0
+    assert "render a" not in p.log
+
+
+def test_give_way_puts_the_job_first_in_its_queue_only_when_a_higher_message_waits(
+        redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.celery_app import RENDER_QUEUES, render_job_id
+    from workers import services
+
+    monkeypatch.setattr(services, "redis_client", lambda: redis_client)
+    normal = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="n", seed=1, priority="normal"))  # type: ignore[arg-type]
+    high = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="h", seed=1, priority="high"))  # type: ignore[arg-type]
+    redis_client.lpush(RENDER_QUEUES["normal"], "a later normal message")
+    assert services.give_way(normal) is False and redis_client.llen(RENDER_QUEUES["normal"]) == 1
+    redis_client.lpush(RENDER_QUEUES["high"], "a high message")
+    assert services.give_way(high) is False  # nothing outranks high
+    assert services.give_way(normal) is True
+    assert render_job_id(redis_client.rpop(RENDER_QUEUES["normal"])) == normal.id  # next one popped

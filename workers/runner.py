@@ -59,6 +59,10 @@ Notify = Callable[[Job, str], None]
 Requeue = Callable[[Job], None]
 """Sends a fresh render message for a job that was handed back."""
 
+GiveWay = Callable[[Job], bool]
+"""If a job of a higher priority than this one's waits in the queue, puts this job back first in its
+own queue and returns True (this job had been taken while the device was busy)."""
+
 DrainCheck = Callable[[], bool]
 """True once this worker must hand back its running job (graceful shutdown window over)."""
 
@@ -133,7 +137,8 @@ class Runner:
                  renderer: Renderer | None, notify: Notify, config: RunnerConfig,
                  requeue: Requeue | None = None, draining: DrainCheck | None = None,
                  observe: Callable[[str, float], None] | None = None,
-                 loras: LoraResolver | None = None, pipelining: Pipelining | None = None) -> None:
+                 loras: LoraResolver | None = None, pipelining: Pipelining | None = None,
+                 give_way: GiveWay | None = None) -> None:
         self.store, self.objects, self.publisher = store, objects, publisher
         self.renderer, self.config = renderer, config
         self._notify = notify
@@ -145,6 +150,7 @@ class Runner:
         self._loras = loras
         # background finish + next-input prefetch (workers/pipelining.py); None: one job at a time, in order
         self.pipelining = pipelining
+        self.give_way = give_way or (lambda job: False)
 
     def notify(self, job: Job, event: str) -> None:
         if wants_event(job, event):
@@ -200,6 +206,8 @@ class Runner:
         deadline = queue_deadline_at(job)
         if job.status is JobStatus.QUEUED and deadline is not None and time.time() > deadline:
             return self.expired(job)
+        if job.status is JobStatus.QUEUED and self._gave_way(job):
+            return JobStatus.QUEUED
         try:
             return self._start_and_render(job, ready, began)
         except GpuBroken:
@@ -214,6 +222,16 @@ class Runner:
                 raise  # the task's thread sorts it (retry later, store errors)
             log.exception("job %s: left to its lease after an error on the render thread", job_id)
             return None
+
+    def _gave_way(self, job: Job) -> bool:
+        """Strict priority: a job taken while the device was busy yields to a higher one queued since."""
+        try:
+            if self.give_way(job):
+                log.info("job %s gave way to a job of higher priority", job.id)
+                return True
+        except STORE_ERRORS:  # can't tell: render it (priority is an order, not a guarantee)
+            log.warning("job %s: could not look for jobs of higher priority", job.id)
+        return False
 
     def _start_and_render(self, job: Job, ready: RenderRequest | Exception | None = None,
                           began: threading.Event | None = None) -> JobStatus | None:

@@ -18,7 +18,15 @@ import httpx
 import redis
 
 from broker import keys
-from broker.celery_app import enqueue_notify, enqueue_render, enqueue_webhook, make_celery
+from broker.celery_app import (
+    RENDER_QUEUE_ORDER,
+    RENDER_QUEUES,
+    RenderMessages,
+    enqueue_notify,
+    enqueue_render,
+    enqueue_webhook,
+    make_celery,
+)
 from broker.events import RedisEventPublisher
 from broker.schema import Job
 from broker.store import RedisJobStore
@@ -261,10 +269,37 @@ def pipelining() -> Pipelining:
     return for_this_process(lambda: Pipelining(s.finish_in_background, s.render_lane))
 
 
+@functools.cache
+def _render_messages() -> RenderMessages:
+    return RenderMessages()
+
+
+def give_way(job: Job) -> bool:
+    """If a render message of a higher priority than ``job``'s waits in Celery's Redis lists, put
+    ``job``'s message back first in its own queue (RPUSH: the consumer pops from the right) and say so.
+
+    Only messages no worker has taken are in those lists, so jobs waiting in other workers' render
+    lanes do not count. Raises redis errors.
+    """
+    mine = RENDER_QUEUES[job.params.priority.value]
+    higher = RENDER_QUEUE_ORDER[:RENDER_QUEUE_ORDER.index(mine)]
+    if not higher:
+        return False
+    client = redis_client()
+    pipe = client.pipeline(transaction=False)
+    for queue in higher:
+        pipe.llen(queue)
+    if not any(pipe.execute()):
+        return False
+    queue, message = _render_messages().build(job.id, job.params.priority.value)
+    client.rpush(queue, message)
+    return True
+
+
 def runner() -> Runner:
     return Runner(store(), objects(), RedisEventPublisher(redis_client()), renderer(), notify_via_queue,
                   runner_config(), requeue=requeue, draining=draining, observe=metrics.observe,
-                  pipelining=pipelining())
+                  pipelining=pipelining(), give_way=give_way)
 
 
 def notifier(deliver: Callable[[str], None]) -> WebhookNotifier:
