@@ -71,13 +71,6 @@ class JobStore(abc.ABC):
         """0-based place of a queued job in the strict-priority render order; None if not queued."""
 
     @abc.abstractmethod
-    def next_queued(self, exclude: str | None = None) -> str | None:
-        """The id of the job first in the strict-priority render order (skipping ``exclude``), or None.
-
-        A hint, not a claim: another worker may start that job first.
-        """
-
-    @abc.abstractmethod
     def queued_count(self, priority: Priority) -> int:
         """Jobs queued at ``priority``."""
 
@@ -369,17 +362,6 @@ class RedisJobStore(JobStore):
             ahead += int(size)
         return None
 
-    def next_queued(self, exclude: str | None = None) -> str | None:
-        pipe = self.redis.pipeline(transaction=False)
-        for priority in PRIORITY_ORDER:
-            pipe.zrange(keys.queued(priority.value), 0, 1)  # two: the first may be ``exclude``
-        for heads in pipe.execute():
-            for raw in heads:
-                job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-                if job_id != exclude:
-                    return job_id
-        return None
-
     def queued_count(self, priority: Priority) -> int:
         return int(self.redis.zcard(keys.queued(priority.value)))
 
@@ -463,9 +445,6 @@ class InMemoryJobStore(JobStore):
     def queue_position(self, job_id: str) -> int | None:
         ids = [j.id for j in self._queue()]
         return ids.index(job_id) if job_id in ids else None
-
-    def next_queued(self, exclude: str | None = None) -> str | None:
-        return next((j.id for j in self._queue() if j.id != exclude), None)
 
     def queued_count(self, priority: Priority) -> int:
         return sum(1 for j in self._queue() if j.params.priority is priority)

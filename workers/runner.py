@@ -421,6 +421,7 @@ class Runner:
         if moved is None:
             log.info("job %s was not started here (changed meanwhile)", job.id)
             return None
+        log.info("job %s started (attempt %d)", job.id, moved.attempts)
         self.publisher.publish(job.id, events.STATUS, {"status": "running", "attempt": moved.attempts})
         self.observe("queue_wait", max(0.0, now - job.created_at))
         self.notify(moved, "job.started")
