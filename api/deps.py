@@ -15,6 +15,8 @@ from typing import Annotated, Any
 import redis
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 
 from api.delivery_log import DeliveryLog, InMemoryDeliveryLog, RedisDeliveryLog
 from api.events import EventSource, RedisEventSource
@@ -79,8 +81,12 @@ class Services:
         # Connections are made on first use, on the loop of the server process (one per process).
         # No socket_timeout: the store and the limiter bound each call themselves (10 s), which costs
         # no task per command as redis-py's own timeout does
+        # After a Redis restart every pooled connection is dead and fails its next command once:
+        # retry those on a fresh connection (redis.asyncio does not by default)
         on_loop = aioredis.Redis.from_url(
             settings.redis_url, socket_connect_timeout=5, socket_timeout=None, health_check_interval=30,
+            retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
+            retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
         )
         celery = make_celery(settings.redis_url, settings.visibility_timeout_s)
         return cls(

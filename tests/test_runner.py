@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
 from PIL import Image
 
 from broker.events import InMemoryEventPublisher
@@ -279,3 +280,36 @@ def test_previews_are_stored_and_announced_every_n_steps() -> None:
         assert Image.open(io.BytesIO(h.objects.get(preview["key"]))).format == "JPEG"
         assert preview["key"].startswith(f"tenants/acme/jobs/{job.id}/")
     assert h.renderer.preview_sink is None  # handed back after the job
+
+
+class _StoreDownFor:
+    """Wraps a job store so its first ``calls`` reads raise a Redis connection error."""
+
+    def __init__(self, store: InMemoryJobStore, calls: int) -> None:
+        self._store, self.left = store, calls
+
+    def get(self, job_id: str) -> Job | None:
+        if self.left > 0:
+            self.left -= 1
+            raise redis.exceptions.ConnectionError("Connection refused")
+        return self._store.get(job_id)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_a_delivery_waits_out_a_job_store_outage_and_then_runs_the_job_once() -> None:
+    h = Harness()
+    job = h.submit()
+    h.runner.store = _StoreDownFor(h.store, calls=3)  # type: ignore[assignment]
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED
+    assert h.job(job.id).attempts == 1 and h.renderer.calls == 1
+
+
+def test_a_delivery_gives_up_on_a_job_store_that_stays_down() -> None:
+    h = Harness(store_outage_wait_s=0.3)
+    job = h.submit()
+    h.runner.store = _StoreDownFor(h.store, calls=10_000)  # type: ignore[assignment]
+    with pytest.raises(redis.exceptions.ConnectionError):
+        h.runner.run(job.id)
+    assert h.renderer.calls == 0

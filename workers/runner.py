@@ -100,6 +100,8 @@ class RunnerConfig:
     heartbeat_interval_s: float = 10.0
     max_attempts: int = 3
     transient_retry_s: float = 5.0
+    # how long a delivery waits for an unreachable job store (Redis restarting) before it gives up
+    store_outage_wait_s: float = 120.0
     # progress webhooks are best effort and throttled to one per this many seconds
     progress_webhook_interval_s: float = 2.0
     # a small preview image every this many denoising steps (0: none); renderers that can't are skipped
@@ -167,8 +169,23 @@ class Runner:
         With a render lane this returns (``RUNNING``) once the job's render has started, and with
         a finisher once it has rendered: the rest happens in the background, under the job's lease.
         A job waits for the lane still queued (its inputs fetched): a cancel meanwhile simply wins.
-        Raises RetryLater when the job must be delivered again later.
+        Raises RetryLater when the job must be delivered again later. While the job store is
+        unreachable this waits for it (up to ``store_outage_wait_s``): the message stays unacked,
+        so the job is neither lost nor run twice; then the store error is raised.
         """
+        waited_s, delay_s = 0.0, 0.1
+        while True:
+            try:
+                return self._run(job_id)
+            except STORE_ERRORS:
+                if waited_s >= self.config.store_outage_wait_s:
+                    raise
+                log.warning("job %s: job store unreachable; trying again in %.1f s", job_id, delay_s)
+            time.sleep(delay_s)
+            waited_s += delay_s
+            delay_s = min(delay_s * 2, 2.0)
+
+    def _run(self, job_id: str) -> JobStatus | None:
         job = self.store.get(job_id)
         if job is None:
             log.warning("job %s is unknown; dropping its message", job_id)
