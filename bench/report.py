@@ -71,7 +71,7 @@ def orchestration_rows(orch: dict[str, Any]) -> list[Row]:
         value = (f"p50 {t['p50']:.0f} ms = **{v['ratio_p50']}×** Celery's {b['p50']:.1f} ms; p99 {t['p99']:.0f} ms "
                  f"(POST {parts['post_answered']['p50']:.0f}, queue {parts['queued_to_started']['p50']:.0f}, "
                  f"run {parts['started_to_finished']['p50']:.0f}, webhook {parts['finished_to_webhook']['p50']:.0f} ms)")
-        label = "Submit → webhook, stand-in 0 s" + (" (today)" if name == "current" else " (proposed, prototypes)")
+        label = "Submit → webhook, stand-in 0 s" + ("" if name == "current" else f" ({name})")
         met = v["goals"]["p50_le_3x_baseline"] and v["goals"]["p99_le_50_ms"]
         out.append((label, value, "p50 ≤ 3× bare Celery, p99 ≤ 50 ms", yes(met), cmd))
     return out
@@ -82,7 +82,7 @@ def duty_rows(duty: dict[str, Any]) -> list[Row]:
     for r in duty["results"]:
         parts = r.get("gap_parts_ms", {})
         detail = ""
-        if parts:
+        if parts and r["runner"] != "pipelined":  # pipelined: the task returns at render start; parts don't apply
             detail = (f" (finish {parts['render_end_to_task_return'].get('p50', 0):.0f} + Celery "
                       f"{parts['task_return_to_next_task'].get('p50', 0):.0f} + fetch/decode/lease "
                       f"{parts['next_task_to_render_start'].get('p50', 0):.0f} ms)")

@@ -92,6 +92,16 @@ class Pipelined:
         time.sleep(0.002)  # distinct created_at: queue order
         return job
 
+    def one_renders_one_waits(self) -> tuple[Job, threading.Thread]:
+        """Job a renders (0.6 s); job b's task has fetched its inputs and waits for the lane."""
+        self.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]
+        a, b = self.submit("a"), self.submit("b")
+        self.runner.run(a.id)
+        waiting = threading.Thread(target=self.runner.run, args=(b.id,))
+        waiting.start()
+        time.sleep(0.2)
+        return b, waiting
+
     def settle(self) -> None:
         assert self.pipelining.drain(10)
 
@@ -145,12 +155,7 @@ def test_a_job_is_taken_and_its_inputs_fetched_while_the_previous_one_renders() 
 
 def test_a_job_waiting_for_the_device_stays_queued_with_its_inputs_fetched() -> None:
     p = Pipelined()
-    p.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]
-    a, b = p.submit("a"), p.submit("b")
-    p.runner.run(a.id)
-    waiting = threading.Thread(target=p.runner.run, args=(b.id,))
-    waiting.start()
-    time.sleep(0.2)  # a renders; b's task has fetched its inputs and waits for the lane
+    b, waiting = p.one_renders_one_waits()
     held = p.job(b.id)
     assert held.status is JobStatus.QUEUED and held.attempts == 0 and "get in/b.png" in p.log
     waiting.join(10)
@@ -160,12 +165,7 @@ def test_a_job_waiting_for_the_device_stays_queued_with_its_inputs_fetched() -> 
 
 def test_a_job_canceled_while_it_waits_for_the_device_is_never_rendered() -> None:
     p = Pipelined()
-    p.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]
-    a, b = p.submit("a"), p.submit("b")
-    p.runner.run(a.id)
-    waiting = threading.Thread(target=p.runner.run, args=(b.id,))
-    waiting.start()
-    time.sleep(0.2)
+    b, waiting = p.one_renders_one_waits()
     assert p.store.transition(b.id, JobStatus.CANCELED, {}, from_=[JobStatus.QUEUED]) is not None
     waiting.join(10)
     p.settle()
