@@ -75,13 +75,17 @@ def enqueue_render(app: Celery, job_id: str, priority: str = "normal", countdown
                   countdown=countdown_s or None)
 
 
-# Placeholders in the captured template, replaced per message (JSON-escaped).
+# Placeholders in a captured template, replaced per message (JSON-escaped).
 _TASK_ID, _TAG, _BODY, _ARGSREPR, _QUEUE = (f"@@editfarm-{name}@@" for name in ("id", "tag", "body", "args", "queue"))
 
 
+def _arg_marker(index: int) -> str:
+    return f"@@editfarm-arg{index}@@"
+
+
 @functools.cache
-def _render_template() -> tuple[str, str, str]:
-    """(message JSON with placeholders, body JSON before the job id, body JSON after it).
+def _task_template(task: str, arity: int) -> tuple[str, str]:
+    """(message JSON with placeholders, body JSON with one placeholder per positional argument).
 
     Made once per process by a real ``send_task`` on kombu's in-memory transport: the virtual
     transports share kombu's message envelope code with the Redis one (``prepare_message`` +
@@ -90,16 +94,14 @@ def _render_template() -> tuple[str, str, str]:
     """
     app = make_celery("memory://")
     app.conf.task_send_sent_event = False
-    marker = "job_" + "0" * 24
     try:
-        app.send_task(RENDER_TASK, args=[marker], queue=_QUEUE)
+        app.send_task(task, args=[_arg_marker(i) for i in range(arity)], queue=_QUEUE)
         with app.connection_for_write() as conn:
             message: dict[str, Any] = conn.default_channel._get(_QUEUE)
     finally:
         app.close()
     body = base64.b64decode(message["body"]).decode()
-    before, sep, after = body.partition(json.dumps(marker))
-    assert sep, "the job id is not in the captured message body"
+    assert all(json.dumps(_arg_marker(i)) in body for i in range(arity)), "an argument is not in the body"
     task_id = message["headers"]["id"]
     message["body"] = _BODY
     message["headers"].update(id=_TASK_ID, root_id=_TASK_ID, argsrepr=_ARGSREPR)
@@ -107,35 +109,61 @@ def _render_template() -> tuple[str, str, str]:
     message["properties"]["delivery_info"]["routing_key"] = _QUEUE
     text = json.dumps(message)
     assert task_id not in text, "the task id is somewhere the template does not replace it"
-    return text, before, after
+    return text, body
 
 
 def _json_text(value: str) -> str:
     return json.dumps(value)[1:-1]
 
 
-class RenderMessages:
-    """The Celery message of a render task, built without ``send_task`` (for ``LPUSH`` by a Lua script).
+class TaskMessages:
+    """Celery messages of one task, built without ``send_task`` (for ``LPUSH`` inside a Lua script).
 
-    ``send_task`` costs ~1 ms of CPU per message in kombu and needs its own round trip; the API
-    instead pushes this message in the same Redis script that records the job, so a job never
-    exists without its message. The message is byte-for-byte what ``enqueue_render`` would push
-    (protocol 2, JSON, base64 body, priority 0) but for the ids, and without Celery's
-    ``task-sent`` event: Flower still sees ``task-received`` / ``task-started`` from the workers.
+    ``send_task`` costs ~1 ms of CPU per message in kombu and needs its own round trip; instead the
+    message is pushed in the same Redis script that changes the job, so the two happen together or
+    not at all. The message is byte-for-byte what ``send_task`` would push (protocol 2, JSON, base64
+    body, priority 0) but for the ids, and without Celery's ``task-sent`` event: Flower still sees
+    ``task-received`` / ``task-started`` from the workers.
     """
 
+    def __init__(self, task: str, arity: int) -> None:
+        self.arity = arity
+        self._template, self._body = _task_template(task, arity)
+
+    def message(self, queue: str, *args: str) -> str:
+        """The message carrying ``args`` (strings) for ``queue``."""
+        assert len(args) == self.arity
+        body = self._body
+        for index, arg in enumerate(args):
+            body = body.replace(json.dumps(_arg_marker(index)), json.dumps(arg))
+        task_id = str(uuid.uuid4())
+        return (self._template.replace(_TASK_ID, task_id).replace(_TAG, str(uuid.uuid4()))
+                .replace(_BODY, base64.b64encode(body.encode()).decode())
+                .replace(_ARGSREPR, _json_text(repr(list(args)))).replace(_QUEUE, _json_text(queue)))
+
+
+class RenderMessages:
+    """Render task messages (see :class:`TaskMessages`): the API pushes one with each job's record."""
+
     def __init__(self) -> None:
-        self._template, self._body_before, self._body_after = _render_template()
+        self._messages = TaskMessages(RENDER_TASK, 1)
 
     def build(self, job_id: str, priority: str = "normal") -> tuple[str, str]:
         """(the Redis list of ``priority``'s render queue, the message to LPUSH onto it)."""
         queue = RENDER_QUEUES.get(priority, RENDER_QUEUE)
-        body = f"{self._body_before}{json.dumps(job_id)}{self._body_after}".encode()
-        task_id = str(uuid.uuid4())
-        text = (self._template.replace(_TASK_ID, task_id).replace(_TAG, str(uuid.uuid4()))
-                .replace(_BODY, base64.b64encode(body).decode())
-                .replace(_ARGSREPR, _json_text(repr([job_id]))).replace(_QUEUE, _json_text(queue)))
-        return queue, text
+        return queue, self._messages.message(queue, job_id)
+
+
+class NotifyMessages:
+    """Notify task messages (see :class:`TaskMessages`): a worker pushes one with a job's terminal
+    transition, so a job never ends without its webhook being asked for."""
+
+    def __init__(self) -> None:
+        self._messages = TaskMessages(NOTIFY_TASK, 2)
+
+    def build(self, job_id: str, event: str) -> tuple[str, str]:
+        """(the webhook queue's Redis list, the message to LPUSH onto it)."""
+        return WEBHOOK_QUEUE, self._messages.message(WEBHOOK_QUEUE, job_id, event)
 
 
 def render_job_id(message: str | bytes) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import json
 import threading
 from collections.abc import Iterable, Mapping
@@ -126,20 +127,37 @@ class JobStore(abc.ABC):
         *,
         from_: Iterable[JobStatus] | None = None,
         expect: Expect | None = None,
+        push: tuple[str, str] | None = None,
     ) -> Job | None:
         """Move a job to ``to`` atomically; returns the new job, or None if the move was not legal now.
 
         ``from_`` narrows the legal source statuses; ``expect`` adds other checks
-        (for example that ``worker`` is still the caller).
+        (for example that ``worker`` is still the caller). ``push``: a ``(list, message)`` to LPUSH
+        in the same atomic step, only if the move happens (a Celery message that must go with it).
         """
-        sources = set(sources_of(to)) if from_ is None else set(from_) & sources_of(to)
-        checks: dict[str, list[Any]] = {"status": [s.value for s in sources]}
-        for name, values in (expect or {}).items():
-            checks[name] = list(values)
-        changes = {"status": to.value, **(fields or {})}
-        if not self.compare_and_set(job_id, checks, changes):
-            return None
+        checks, changes = _transition_checks(to, fields, from_, expect)
+        with self._push_lock():
+            if not self.compare_and_set(job_id, checks, changes):
+                return None
+            if push is not None:
+                self._push(*push)
         return self.get(job_id)
+
+    def _push_lock(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def _push(self, queue: str, message: str) -> None:
+        raise NotImplementedError("this store cannot push messages")
+
+
+def _transition_checks(to: JobStatus, fields: Mapping[str, Any] | None, from_: Iterable[JobStatus] | None,
+                       expect: Expect | None) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """A transition's compare-and-set: the legal source statuses and ``expect``; the fields to set."""
+    sources = set(sources_of(to)) if from_ is None else set(from_) & sources_of(to)
+    checks: dict[str, list[Any]] = {"status": [s.value for s in sources]}
+    for name, values in (expect or {}).items():
+        checks[name] = list(values)
+    return checks, {"status": to.value, **(fields or {})}
 
 
 def _encode(value: Any) -> str:
@@ -215,6 +233,31 @@ end
 return 1
 """
 
+# The compare-and-set above, returning the whole job (HGETALL) so a transition is one round trip,
+# and LPUSHing ARGV[2] onto KEYS[8] when it is not empty. ARGV = id, message, then as above.
+_TRANSITION_SCRIPT = _REINDEX + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local i = 4
+for _ = 1, tonumber(ARGV[3]) do
+  local field = ARGV[i]
+  local n = tonumber(ARGV[i + 1])
+  local current = redis.call('HGET', KEYS[1], field)
+  if current == false then current = 'null' end
+  local ok = false
+  for j = i + 2, i + 1 + n do
+    if ARGV[j] == current then ok = true end
+  end
+  if not ok then return false end
+  i = i + 2 + n
+end
+if i <= #ARGV then
+  redis.call('HSET', KEYS[1], unpack(ARGV, i, #ARGV))
+  reindex(ARGV[1])
+end
+if ARGV[2] ~= '' then redis.call('LPUSH', KEYS[8], ARGV[2]) end
+return redis.call('HGETALL', KEYS[1])
+"""
+
 # ARGV = id, created_at, then field/value pairs; KEYS[8] is the tenant's job list.
 _CREATE_SCRIPT = _REINDEX + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -280,6 +323,7 @@ class RedisJobStore(JobStore):
         self._async_timeout_s = async_timeout_s
         self.redis = client
         self._cas = client.register_script(_CAS_SCRIPT)
+        self._transition = client.register_script(_TRANSITION_SCRIPT)
         self._create = client.register_script(_CREATE_SCRIPT)
         self._create_and_enqueue = client.register_script(_CREATE_AND_ENQUEUE_SCRIPT)
         self._create_and_enqueue_on_loop = (async_client.register_script(_CREATE_AND_ENQUEUE_SCRIPT)
@@ -320,6 +364,29 @@ class RedisJobStore(JobStore):
         for name, value in fields.items():
             args += [name, _encode(value)]
         return bool(self._cas(keys=[keys.job(job_id), *_INDEX_KEYS], args=args))
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        fields: Mapping[str, Any] | None = None,
+        *,
+        from_: Iterable[JobStatus] | None = None,
+        expect: Expect | None = None,
+        push: tuple[str, str] | None = None,
+    ) -> Job | None:
+        checks, changes = _transition_checks(to, fields, from_, expect)
+        args: list[Any] = [job_id, push[1] if push else "", len(checks)]
+        for name, values in checks.items():
+            encoded = [_encode(v) for v in values]
+            args += [name, len(encoded), *encoded]
+        for name, value in changes.items():
+            args += [name, _encode(value)]
+        script_keys = [keys.job(job_id), *_INDEX_KEYS, push[0] if push else keys.job(job_id)]
+        raw = self._transition(keys=script_keys, args=args)
+        if not raw:
+            return None
+        return _decode_job(dict(zip(raw[0::2], raw[1::2], strict=True)))
 
     def tenant_job_ids(self, tenant: str, offset: int = 0, limit: int = 50) -> list[str]:
         ids: list[Any] = list(self.redis.zrevrange(keys.tenant_jobs(tenant), offset, offset + limit - 1))
@@ -384,7 +451,8 @@ class RedisJobStore(JobStore):
 class InMemoryJobStore(JobStore):
     """A thread-safe dict-backed store with the same semantics, for unit tests.
 
-    ``pushed`` holds the ``(queue, message)`` pairs of :meth:`create_and_enqueue`, oldest first:
+    ``pushed`` holds the ``(queue, message)`` pairs of :meth:`create_and_enqueue` and of
+    transitions with ``push``, oldest first:
     the broker lists of this stand-in.
     """
 
@@ -424,6 +492,12 @@ class InMemoryJobStore(JobStore):
                     return False
             raw.update({k: _encode(v) for k, v in fields.items()})
             return True
+
+    def _push_lock(self) -> contextlib.AbstractContextManager[Any]:
+        return self._lock
+
+    def _push(self, queue: str, message: str) -> None:
+        self.pushed.append((queue, message))
 
     def tenant_job_ids(self, tenant: str, offset: int = 0, limit: int = 50) -> list[str]:
         with self._lock:

@@ -12,7 +12,16 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from broker.celery_app import RENDER_QUEUES, RenderMessages, enqueue_render, make_celery, render_job_id
+from broker.celery_app import (
+    RENDER_QUEUES,
+    WEBHOOK_QUEUE,
+    NotifyMessages,
+    RenderMessages,
+    enqueue_notify,
+    enqueue_render,
+    make_celery,
+    render_job_id,
+)
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
 from broker.store import InMemoryJobStore, JobStore, RedisJobStore
 
@@ -120,3 +129,36 @@ def test_the_hand_built_message_is_what_send_task_pushes_but_for_its_ids(redis_c
         data["properties"].update(correlation_id=None, delivery_tag=None, reply_to=None)
     assert built == real
     assert len({RenderMessages().build("job_0123")[1] for _ in range(3)}) == 3  # fresh ids each time
+
+
+def test_the_hand_built_notify_message_is_what_send_task_pushes_but_for_its_ids(redis_client: redis.Redis) -> None:
+    url = "redis://{host}:{port}/{db}".format(**redis_client.connection_pool.connection_kwargs)
+    app = make_celery(url)
+    app.conf.task_send_sent_event = False
+    try:
+        enqueue_notify(app, "job_0123", "job.succeeded")
+    finally:
+        app.close()
+    real = _decoded(redis_client.rpop(WEBHOOK_QUEUE) or b"")
+    queue, text = NotifyMessages().build("job_0123", "job.succeeded")
+    built = _decoded(text)
+    assert queue == WEBHOOK_QUEUE
+    for data in (real, built):
+        data["headers"].update(id=None, root_id=None)
+        data["properties"].update(correlation_id=None, delivery_tag=None, reply_to=None)
+    assert built == real
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+def test_a_transition_pushes_its_message_only_when_it_happens(kind: str, redis_client: redis.Redis) -> None:
+    store: JobStore = RedisJobStore(redis_client) if kind == "redis" else InMemoryJobStore()
+    job = Job(id=new_job_id(), tenant="acme", params=JobParams(prompt="p", seed=1))
+    store.create(job)
+    pushed = (lambda: [m.decode() for m in redis_client.lrange("to-list", 0, -1)]) if kind == "redis" else (
+        lambda: [m for q, m in store.pushed if q == "to-list"])  # type: ignore[attr-defined]
+    refused = store.transition(job.id, JobStatus.SUCCEEDED, {}, from_=[JobStatus.RUNNING], push=("to-list", "m1"))
+    assert refused is None and pushed() == []
+    moved = store.transition(job.id, JobStatus.CANCELED, {"error": {"code": "canceled", "message": "x"}},
+                             push=("to-list", "m2"))
+    assert moved is not None and moved.status is JobStatus.CANCELED and moved.error is not None
+    assert moved == store.get(job.id) and pushed() == ["m2"]

@@ -293,3 +293,14 @@ def test_give_way_puts_the_job_first_in_its_queue_only_when_a_higher_message_wai
     assert services.give_way(high) is False  # nothing outranks high
     assert services.give_way(normal) is True
     assert render_job_id(redis_client.rpop(RENDER_QUEUES["normal"])) == normal.id  # next one popped
+
+
+def test_a_terminal_webhook_is_asked_for_in_the_terminal_transition_itself() -> None:
+    p = Pipelined()
+    p.runner.terminal_message = lambda job_id, event: ("webhooks", f"{job_id} {event}")
+    started = p.submit("a")
+    p.runner.run(started.id)
+    p.settle()
+    assert p.job(started.id).status is JobStatus.SUCCEEDED
+    assert p.store.pushed == [("webhooks", f"{started.id} job.succeeded")]
+    assert p.notified == []  # not sent a second time after the transition

@@ -17,7 +17,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +28,8 @@ from broker.events import EventPublisher
 from broker.schema import (
     ErrorCode,
     Job,
-    JobError,
     JobStatus,
     Output,
-    Progress,
     queue_deadline_at,
 )
 from broker.store import JobStore
@@ -48,13 +45,11 @@ from workers.pipeline.base import (
     RenderRequest,
 )
 from workers.pipelining import Pipelining
+from workers.transitions import Notify, RetryLater, RunnerConfig, Transitions
 
 log = logging.getLogger("editfarm.runner")
 
 STORE_ERRORS = (redis.exceptions.RedisError,)
-
-Notify = Callable[[Job, str], None]
-"""Called with a job and a webhook event ("job.started", "job.progress", "job.succeeded", ...)."""
 
 Requeue = Callable[[Job], None]
 """Sends a fresh render message for a job that was handed back."""
@@ -67,45 +62,12 @@ DrainCheck = Callable[[], bool]
 """True once this worker must hand back its running job (graceful shutdown window over)."""
 
 
-def wants_event(job: Job, event: str) -> bool:
-    """Whether ``job``'s webhook subscribed to ``event`` (terminal events always, if a webhook is set)."""
-    if not job.params.webhook:
-        return False
-    if event in ("job.started", "job.progress"):
-        return event.removeprefix("job.") in {e.value for e in job.params.webhook_events}
-    return True
-
-
 def _planned_steps(request: RenderRequest) -> int:
     """The request's progress total (imported here: workers.operations needs numpy, which the slim
     CPU image of webhook workers, importing this module, does not have)."""
     from workers.operations import planned_steps
 
     return planned_steps(request)
-
-
-class RetryLater(Exception):
-    """The job can't run here now; deliver it again in ``delay_s`` seconds."""
-
-    def __init__(self, delay_s: float, reason: str) -> None:
-        super().__init__(reason)
-        self.delay_s = delay_s
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    worker_name: str
-    lease_s: float = 60.0
-    heartbeat_interval_s: float = 10.0
-    max_attempts: int = 3
-    transient_retry_s: float = 5.0
-    # how long a delivery waits for an unreachable job store (Redis restarting) before it gives up
-    store_outage_wait_s: float = 120.0
-    # progress webhooks are best effort and throttled to one per this many seconds
-    progress_webhook_interval_s: float = 2.0
-    # a small preview image every this many denoising steps (0: none); renderers that can't are skipped
-    preview_every_n_steps: int = 0
 
 
 EXIT_GPU_BROKEN = 70
@@ -134,32 +96,25 @@ class _Rendered:
     total: int
 
 
-class Runner:
+class Runner(Transitions):
+    """Runs a job's deliveries: fetch inputs, render, encode and upload, through its transitions."""
+
     def __init__(self, store: JobStore, objects: ObjectStore, publisher: EventPublisher,
                  renderer: Renderer | None, notify: Notify, config: RunnerConfig,
                  requeue: Requeue | None = None, draining: DrainCheck | None = None,
                  observe: Callable[[str, float], None] | None = None,
                  loras: LoraResolver | None = None, pipelining: Pipelining | None = None,
-                 give_way: GiveWay | None = None) -> None:
-        self.store, self.objects, self.publisher = store, objects, publisher
-        self.renderer, self.config = renderer, config
-        self._notify = notify
+                 give_way: GiveWay | None = None,
+                 terminal_message: Callable[[str, str], tuple[str, str]] | None = None) -> None:
+        super().__init__(store, publisher, notify, config, observe, terminal_message)
+        self.objects, self.renderer = objects, renderer
         self.requeue = requeue or (lambda job: None)
         self.draining = draining or (lambda: False)
-        # observe(metric, seconds): "queue_wait", "render", "upload"; and ("job", status) counts
-        self.observe = observe or (lambda name, value: None)
         # a job's LoRA uris → local files; built from the EDITFARM_ settings on first use if not given
         self._loras = loras
         # background finish + next-input prefetch (workers/pipelining.py); None: one job at a time, in order
         self.pipelining = pipelining
         self.give_way = give_way or (lambda job: False)
-
-    def notify(self, job: Job, event: str) -> None:
-        if wants_event(job, event):
-            try:
-                self._notify(job, event)
-            except Exception:  # a webhook must never fail the job; the outbox sweeper retries
-                log.exception("could not queue webhook %s of job %s", event, job.id)
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -412,92 +367,6 @@ class Runner:
                 self.renderer.healthcheck()
         except Exception as broken:
             raise GpuBroken(f"device failed its health check after {type(exc).__name__}") from broken
-        return status
-
-    # -- transitions: the one place each side effect happens -----------------------------------
-
-    def started(self, job: Job) -> _Lease | None:
-        """queued → running (or take over a running job whose lease lapsed). None if not taken."""
-        now = time.time()
-        token = f"{self.config.worker_name}/{uuid.uuid4().hex[:12]}"
-        expect: dict[str, list[object]] = {"attempts": [job.attempts]}
-        if job.status is JobStatus.RUNNING:
-            if job.lease_until is not None and job.lease_until > now:
-                # its first run may still be alive: come back when the lease would have lapsed
-                raise RetryLater(job.lease_until - now + 0.5, "job is running elsewhere")
-            expect.update(worker=[job.worker], lease_until=[job.lease_until])
-            deaths = job.attempts - job.handbacks
-            if deaths >= self.config.max_attempts:
-                self._terminal(job, JobStatus.FAILED, expect, error=JobError(
-                    code="worker_lost", message=f"the job's worker died {deaths} times"))
-                return None
-        fields = {"worker": token, "lease_until": now + self.config.lease_s, "started_at": now,
-                  "attempts": job.attempts + 1, "progress": Progress(total=job.params.steps).model_dump()}
-        moved = self.store.transition(job.id, JobStatus.RUNNING, fields,
-                                      from_=[job.status], expect=expect)
-        if moved is None:
-            log.info("job %s was not started here (changed meanwhile)", job.id)
-            return None
-        log.info("job %s started (attempt %d)", job.id, moved.attempts)
-        self.publisher.publish(job.id, events.STATUS, {"status": "running", "attempt": moved.attempts})
-        self.observe("queue_wait", max(0.0, now - job.created_at))
-        self.notify(moved, "job.started")
-        return _Lease(self.store, moved, token, self.config)
-
-    def expired(self, job: Job) -> JobStatus | None:
-        """queued → canceled: the job was not started within its queue deadline."""
-        return self._terminal(job, JobStatus.CANCELED, {"attempts": [job.attempts]}, error=JobError(
-            code=ErrorCode.QUEUE_DEADLINE.value,
-            message=f"not started within queue_deadline_s={job.params.queue_deadline_s:g}"))
-
-    def succeeded(self, job: Job, lease: _Lease, outputs: list[Output],
-                  total: int | None = None) -> JobStatus | None:
-        """running → succeeded; ``total``: the job's denoising steps (``operations.planned_steps``)."""
-        total = job.params.steps if total is None else total
-        return self._terminal(job, JobStatus.SUCCEEDED, lease.expect(), outputs=outputs,
-                              progress=Progress(step=total, total=total))
-
-    def failed(self, job: Job, lease: _Lease, code: ErrorCode | str, message: str) -> JobStatus | None:
-        code_value = code.value if isinstance(code, ErrorCode) else code
-        return self._terminal(job, JobStatus.FAILED, lease.expect(),
-                              error=JobError(code=code_value, message=message))
-
-    def canceled(self, job: Job, lease: _Lease, reason: str) -> JobStatus | None:
-        if lease.lost.is_set():  # someone else (a cancel request) already ended it
-            current = self.store.get(job.id)
-            return current.status if current else None
-        return self._terminal(job, JobStatus.CANCELED, lease.expect(),
-                              error=JobError(code="canceled", message=reason))
-
-    def handed_back(self, job: Job, lease: _Lease, reason: str) -> bool:
-        """running → queued: a transient failure or a drain; the job will be delivered again."""
-        moved = self.store.transition(job.id, JobStatus.QUEUED, {"worker": None, "lease_until": None,
-                                                                 "handbacks": job.handbacks + 1},
-                                      from_=[JobStatus.RUNNING], expect={"worker": [lease.token]})
-        if moved is not None:
-            log.warning("job %s handed back: %s", job.id, reason)
-            self.publisher.publish(job.id, events.STATUS, {"status": "queued", "reason": reason})
-        return moved is not None
-
-    def _terminal(self, job: Job, status: JobStatus, expect: dict[str, list[object]],
-                  error: JobError | None = None, outputs: list[Output] | None = None,
-                  progress: Progress | None = None) -> JobStatus | None:
-        fields: dict[str, object] = {"finished_at": time.time(), "lease_until": None,
-                                     "error": error.model_dump() if error else None}
-        if outputs is not None:
-            fields["outputs"] = [o.model_dump() for o in outputs]
-        if progress is not None:
-            fields["progress"] = progress.model_dump()
-        moved = self.store.transition(job.id, status, fields, expect=expect)
-        if moved is None:
-            current = self.store.get(job.id)
-            log.info("job %s not moved to %s (now %s)", job.id, status.value,
-                     current.status.value if current else "gone")
-            return current.status if current else None
-        self.publisher.publish(job.id, events.STATUS, {"status": status.value,
-                                                        "error": fields["error"]})
-        self.observe(f"job.{status.value}", 1.0)
-        self.notify(moved, f"job.{status.value}")
         return status
 
     # -- steps ---------------------------------------------------------------------------------

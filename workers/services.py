@@ -21,6 +21,7 @@ from broker import keys
 from broker.celery_app import (
     RENDER_QUEUE_ORDER,
     RENDER_QUEUES,
+    NotifyMessages,
     RenderMessages,
     enqueue_notify,
     enqueue_render,
@@ -296,10 +297,20 @@ def give_way(job: Job) -> bool:
     return True
 
 
+@functools.cache
+def _notify_messages() -> NotifyMessages:
+    return NotifyMessages()
+
+
+def terminal_message(job_id: str, event: str) -> tuple[str, str]:
+    """The notify task's message for a job's terminal event, pushed with the transition itself."""
+    return _notify_messages().build(job_id, event)
+
+
 def runner() -> Runner:
     return Runner(store(), objects(), RedisEventPublisher(redis_client()), renderer(), notify_via_queue,
                   runner_config(), requeue=requeue, draining=draining, observe=metrics.observe,
-                  pipelining=pipelining(), give_way=give_way)
+                  pipelining=pipelining(), give_way=give_way, terminal_message=terminal_message)
 
 
 def notifier(deliver: Callable[[str], None]) -> WebhookNotifier:
@@ -314,7 +325,7 @@ def reaper() -> Reaper:
     s = settings()
     # expiring needs no model: a runner without a renderer only makes transitions
     finisher = Runner(store(), objects(), RedisEventPublisher(redis_client()), None, notify_via_queue,
-                      runner_config(), observe=metrics.observe)
+                      runner_config(), observe=metrics.observe, terminal_message=terminal_message)
 
     def claim(job_id: str, lease_until: float) -> bool:
         return bool(redis_client().set(keys.reaped(job_id, lease_until), "1", nx=True, ex=3600))
