@@ -304,3 +304,15 @@ def test_a_terminal_webhook_is_asked_for_in_the_terminal_transition_itself() -> 
     assert p.job(started.id).status is JobStatus.SUCCEEDED
     assert p.store.pushed == [("webhooks", f"{started.id} job.succeeded")]
     assert p.notified == []  # not sent a second time after the transition
+
+
+@pytest.mark.parametrize(("lead_s", "steps_done_at_return"), [(1.0, 1), (0.1, 2)])
+def test_the_next_job_is_taken_only_once_the_render_is_within_its_lead_of_the_end(
+        lead_s: float, steps_done_at_return: int) -> None:
+    p = Pipelined()
+    p.runner.config = RunnerConfig(worker_name="w@test", heartbeat_interval_s=0.05, lease_s=30, lane_lead_s=lead_s)
+    p.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]  # 2 steps: 0.3 s left after the first
+    job = p.submit("a")
+    assert p.runner.run(job.id) is JobStatus.RUNNING
+    assert p.job(job.id).progress.step == steps_done_at_return
+    p.settle()

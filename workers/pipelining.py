@@ -7,9 +7,11 @@ inputs downloaded and decoded: hundreds of milliseconds per job at 1024² (bench
 Two helpers, one of each per worker process (made after fork, see :func:`for_this_process`):
 
 * :class:`RenderLane` — one thread that renders. A render task fetches and decodes its job's
-  inputs, hands the job to the lane and returns once its render has *started*: Celery acks
-  and hands the pool child the next message while the device is busy, and that task fetches
-  its job's inputs and waits for the lane. The waiting job stays ``queued`` (a cancel simply
+  inputs, hands the job to the lane and returns once its render is *nearly done* (within
+  ``lane_lead_s``, estimated from its steps): Celery acks and hands the pool child the next
+  message while the device is still busy, and that task fetches its job's inputs and waits for
+  the lane. (Taking the next job only near the end keeps a busy worker from holding a job for
+  long while another worker is free.) The waiting job stays ``queued`` (a cancel simply
   wins; its message is not acked) and is started, leased and rendered the moment the device
   is free, so the device goes from one render to the next with only that transition between.
   A rendering job's lease beats; a process that dies leaves it to lapse and the reaper
@@ -87,18 +89,19 @@ class RenderLane:
         self._last: Future[Any] | None = None
 
     def run(self, render: Callable[[threading.Event], T], running: T) -> T:
-        """Run ``render(began)`` on the lane, after the render before it; return ``running`` once it
-        set ``began``, or what it returned (or raise what it raised) if it ended first.
+        """Run ``render(ready)`` on the lane, after the render before it; return ``running`` once it
+        set ``ready``, or what it returned (or raise what it raised) if it ended first.
 
-        ``render`` sets ``began`` as the device starts on its job; after that it must sort its own errors.
+        ``render`` sets ``ready`` when the next job may be taken (its render nearly done); after that
+        it must sort its own errors.
         """
-        began = threading.Event()
-        done = self._pool.submit(render, began)
+        ready = threading.Event()
+        done = self._pool.submit(render, ready)
         self._last = done  # type: ignore[assignment]
-        while not began.wait(0.5):
+        while not ready.wait(0.5):
             if done.done():
                 break
-        if began.is_set():
+        if ready.is_set():
             return running
         return done.result()
 

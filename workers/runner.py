@@ -168,10 +168,10 @@ class Runner(Transitions):
         except Exception as exc:  # noqa: BLE001 - sorted by _prepare once the job is started
             return exc
 
-    def _in_lane(self, job_id: str, ready: RenderRequest | Exception | None,
-                 began: threading.Event) -> JobStatus | None:
+    def _in_lane(self, job_id: str, request: RenderRequest | Exception | None,
+                 ready: threading.Event) -> JobStatus | None:
         """On the render thread, once the device is free: start the job (it may have changed while it
-        waited) and render it. Raises to the task's thread until ``began``; never after."""
+        waited) and render it. Raises to the task's thread until ``ready``; never after."""
         job = self.store.get(job_id)
         if job is None or job.status.is_terminal:
             return job.status if job else None
@@ -181,16 +181,16 @@ class Runner(Transitions):
         if job.status is JobStatus.QUEUED and self._gave_way(job):
             return JobStatus.QUEUED
         try:
-            return self._start_and_render(job, ready, began)
+            return self._start_and_render(job, request, ready)
         except GpuBroken:
-            if not began.is_set():
+            if not ready.is_set():
                 raise
             # the job is already ended; this process's device is not trustworthy any more.
             # Exiting makes Celery start a fresh child (which reloads the model).
             log.critical("device broken; exiting so the worker restarts", exc_info=True)
             os._exit(EXIT_GPU_BROKEN)
         except Exception:
-            if not began.is_set():
+            if not ready.is_set():
                 raise  # the task's thread sorts it (retry later, store errors)
             log.exception("job %s: left to its lease after an error on the render thread", job_id)
             return None
@@ -205,21 +205,21 @@ class Runner(Transitions):
             log.warning("job %s: could not look for jobs of higher priority", job.id)
         return False
 
-    def _start_and_render(self, job: Job, ready: RenderRequest | Exception | None = None,
-                          began: threading.Event | None = None) -> JobStatus | None:
+    def _start_and_render(self, job: Job, request: RenderRequest | Exception | None = None,
+                          ready: threading.Event | None = None) -> JobStatus | None:
         """queued → running, then prepare, render and finish (the finish maybe in the background)."""
         lease = self.started(job)
         if lease is None:
             current = self.store.get(job.id)
             return current.status if current else None
-        background = began is not None
+        background = ready is not None
         owns_lease = True
         lease.__enter__()
         try:
-            prepared = self._prepare(lease.job, lease, ready)
+            prepared = self._prepare(lease.job, lease, request)
             if not isinstance(prepared, _Prepared):
                 return prepared
-            rendered = self._render(prepared, lease, background, began)
+            rendered = self._render(prepared, lease, background, ready)
             if not isinstance(rendered, _Rendered):
                 return rendered
             if self._finish_later(rendered, lease):
@@ -231,12 +231,12 @@ class Runner(Transitions):
                 lease.release()
 
     def _prepare(self, job: Job, lease: _Lease,
-                 ready: RenderRequest | Exception | None = None) -> _Prepared | JobStatus | None:
-        """The job's request (``ready``: fetched early, or the error that raised), its errors sorted."""
+                 early: RenderRequest | Exception | None = None) -> _Prepared | JobStatus | None:
+        """The job's request (``early``: fetched before, or the error that raised), its errors sorted."""
         try:
-            if isinstance(ready, Exception):
-                raise ready
-            request = ready if ready is not None else self._request(job)
+            if isinstance(early, Exception):
+                raise early
+            request = early if early is not None else self._request(job)
             total = _planned_steps(request)
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
@@ -253,16 +253,18 @@ class Runner(Transitions):
         return _Prepared(job, request, total)
 
     def _render(self, prepared: _Prepared, lease: _Lease, background: bool,
-                began: threading.Event | None = None) -> _Rendered | JobStatus | None:
-        """Render on the device; ``began`` is set as the device starts. Raises GpuBroken, store errors."""
+                ready: threading.Event | None = None) -> _Rendered | JobStatus | None:
+        """Render on the device. ``ready`` is set once the render is within ``lane_lead_s`` of its end
+        (estimated from its steps so far), or has ended: the worker may take its next job then.
+        Raises GpuBroken, store errors."""
         assert self.renderer is not None, "a runner without a renderer can only expire jobs"
         job = prepared.job
         try:
-            if began is not None:
-                began.set()
             started = time.monotonic()
             with self._previews(job):
-                images = self.renderer.render(prepared.request, self._progress(job, lease))
+                images = self.renderer.render(prepared.request, self._progress(job, lease, ready))
+            if ready is not None:
+                ready.set()
             self.observe("render", time.monotonic() - started)
         except InvalidRequest as exc:
             return self.failed(job, lease, ErrorCode.INVALID_INPUT, str(exc)[:500])
@@ -381,11 +383,20 @@ class Runner(Transitions):
         """The job's RenderRequest (see jobio.render_request for what it raises)."""
         return jobio.render_request(job, self.objects, self.loras)
 
-    def _progress(self, job: Job, lease: _Lease) -> Callable[[int, int], bool]:
+    def _progress(self, job: Job, lease: _Lease,
+                  ready: threading.Event | None = None) -> Callable[[int, int], bool]:
         started = time.monotonic()
         last_webhook = [0.0]
 
         def on_step(step: int, total: int) -> bool:
+            keep_going = record(step, total)
+            if keep_going and ready is not None and not ready.is_set() and step > 0:
+                left_s = (time.monotonic() - started) / step * (total - step)
+                if left_s <= self.config.lane_lead_s:  # the next job may be taken now
+                    ready.set()
+            return keep_going
+
+        def record(step: int, total: int) -> bool:
             if job.params.timeout_s is not None and time.monotonic() - started > job.params.timeout_s:
                 lease.stop("timeout")
             try:

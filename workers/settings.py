@@ -43,6 +43,8 @@ class WorkerSettings(ClusterSettings):
     # Keep the device busy between jobs (workers/pipelining.py): a render task returns once its render has
     # started, so the next job is taken, leased and its inputs fetched while this one renders ...
     render_lane: bool = True
+    # ... once the render is within this long of its end (seconds; estimated from its steps so far)
+    lane_lead_s: float = 1.0
     # ... and a rendered job's encode + upload + terminal transition run on a background thread while
     # the next job renders (both under the job's lease)
     finish_in_background: bool = True

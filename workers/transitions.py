@@ -46,6 +46,10 @@ class RunnerConfig:
     heartbeat_interval_s: float = 10.0
     max_attempts: int = 3
     transient_retry_s: float = 5.0
+    # with a render lane: take the next job once the render is within this long of its end (seconds).
+    # Enough to fetch and decode the next job's inputs; short, so that a job is not held by a busy
+    # worker while another one is free
+    lane_lead_s: float = 1.0
     # how long a delivery waits for an unreachable job store (Redis restarting) before it gives up
     store_outage_wait_s: float = 120.0
     # progress webhooks are best effort and throttled to one per this many seconds
