@@ -207,23 +207,32 @@ local function reindex(id)
 end
 """
 
-# ARGV = id, n_checks, then per check: field, n_values, values..., then field/value
-# pairs to set. Values are JSON-encoded by the caller, so the checks compare strings.
-_CAS_SCRIPT = _REINDEX + """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local i = 3
-for _ = 1, tonumber(ARGV[2]) do
-  local field = ARGV[i]
-  local n = tonumber(ARGV[i + 1])
-  local current = redis.call('HGET', KEYS[1], field)
-  if current == false then current = 'null' end
-  local ok = false
-  for j = i + 2, i + 1 + n do
-    if ARGV[j] == current then ok = true end
+# ARGV[first] = n_checks, then per check: field, n_values, values... Values are JSON-encoded by
+# the caller, so the checks compare strings. Returns the index after the checks, or nil if one fails.
+_CHECKS = """
+local function checks_hold(first)
+  local i = first + 1
+  for _ = 1, tonumber(ARGV[first]) do
+    local field = ARGV[i]
+    local n = tonumber(ARGV[i + 1])
+    local current = redis.call('HGET', KEYS[1], field)
+    if current == false then current = 'null' end
+    local ok = false
+    for j = i + 2, i + 1 + n do
+      if ARGV[j] == current then ok = true end
+    end
+    if not ok then return nil end
+    i = i + 2 + n
   end
-  if not ok then return 0 end
-  i = i + 2 + n
+  return i
 end
+"""
+
+# ARGV = id, then the checks (see _CHECKS), then field/value pairs to set.
+_CAS_SCRIPT = _REINDEX + _CHECKS + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local i = checks_hold(2)
+if not i then return 0 end
 if i <= #ARGV then
   redis.call('HSET', KEYS[1], unpack(ARGV, i, #ARGV))
   for j = i, #ARGV, 2 do
@@ -235,21 +244,10 @@ return 1
 
 # The compare-and-set above, returning the whole job (HGETALL) so a transition is one round trip,
 # and LPUSHing ARGV[2] onto KEYS[8] when it is not empty. ARGV = id, message, then as above.
-_TRANSITION_SCRIPT = _REINDEX + """
+_TRANSITION_SCRIPT = _REINDEX + _CHECKS + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local i = 4
-for _ = 1, tonumber(ARGV[3]) do
-  local field = ARGV[i]
-  local n = tonumber(ARGV[i + 1])
-  local current = redis.call('HGET', KEYS[1], field)
-  if current == false then current = 'null' end
-  local ok = false
-  for j = i + 2, i + 1 + n do
-    if ARGV[j] == current then ok = true end
-  end
-  if not ok then return false end
-  i = i + 2 + n
-end
+local i = checks_hold(3)
+if not i then return false end
 if i <= #ARGV then
   redis.call('HSET', KEYS[1], unpack(ARGV, i, #ARGV))
   reindex(ARGV[1])
