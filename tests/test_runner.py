@@ -313,3 +313,11 @@ def test_a_delivery_gives_up_on_a_job_store_that_stays_down() -> None:
     with pytest.raises(redis.exceptions.ConnectionError):
         h.runner.run(job.id)
     assert h.renderer.calls == 0
+
+
+def test_progress_is_written_at_most_once_per_interval_and_always_at_the_last_step() -> None:
+    h = Harness(progress_interval_s=10.0)
+    job = h.submit(steps=5)
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED
+    steps = [e["data"]["step"] for e in h.events.events if e["type"] == "progress"]
+    assert steps == [1, 5]

@@ -387,6 +387,7 @@ class Runner(Transitions):
                   ready: threading.Event | None = None) -> Callable[[int, int], bool]:
         started = time.monotonic()
         last_webhook = [0.0]
+        last_recorded = [0.0]
 
         def on_step(step: int, total: int) -> bool:
             keep_going = record(step, total)
@@ -406,6 +407,10 @@ class Runner(Transitions):
                 log.warning("job %s: drain check failed (job store unreachable)", job.id)
             if lease.lost.is_set():
                 return False
+            now = time.monotonic()
+            if step < total and now - last_recorded[0] < self.config.progress_interval_s:
+                return True  # recorded a moment ago; the heartbeat still watches the lease
+            last_recorded[0] = now
             try:
                 kept = self.store.compare_and_set(job.id, lease.expect(),
                                                   {"progress": {"step": step, "total": total}})

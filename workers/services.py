@@ -262,7 +262,7 @@ def runner_config() -> RunnerConfig:
     return RunnerConfig(worker_name=s.process_name(), lease_s=s.lease_s,
                         heartbeat_interval_s=s.heartbeat_interval_s, max_attempts=s.max_attempts,
                         transient_retry_s=s.transient_retry_s, preview_every_n_steps=s.preview_every_n_steps,
-                        lane_lead_s=s.lane_lead_s)
+                        lane_lead_s=s.lane_lead_s, progress_interval_s=s.progress_interval_s)
 
 
 def pipelining() -> Pipelining:

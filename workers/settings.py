@@ -36,6 +36,8 @@ class WorkerSettings(ClusterSettings):
     heartbeat_file: str = "/tmp/editfarm/heartbeat"
     # Prometheus /metrics port of this process; 0 turns it off
     metrics_port: int = 0
+    # a step's progress (and the cancel check that goes with it) is written at most this often (seconds)
+    progress_interval_s: float = 0.1
     # a small preview image (JPEG, from the latents) every this many denoising steps; 0: none
     preview_every_n_steps: int = 0
     # after SIGTERM, a running job may finish for this long before it is handed back (seconds)

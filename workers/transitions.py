@@ -50,6 +50,9 @@ class RunnerConfig:
     # Enough to fetch and decode the next job's inputs; short, so that a job is not held by a busy
     # worker while another one is free
     lane_lead_s: float = 1.0
+    # a step's progress (and the lease check that goes with it) is written at most this often (s);
+    # 0: every step. Fast steps then cost one Redis round trip per interval, not per step
+    progress_interval_s: float = 0.0
     # how long a delivery waits for an unreachable job store (Redis restarting) before it gives up
     store_outage_wait_s: float = 120.0
     # progress webhooks are best effort and throttled to one per this many seconds
