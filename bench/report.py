@@ -99,7 +99,7 @@ def duty_rows(duty: dict[str, Any]) -> list[Row]:
 def scale_rows(scale: dict[str, Any]) -> list[Row]:
     cmd, out = f"`{scale['command']}`", []
     for runner, table in scale.get("by_runner", {"current": scale["results"]}).items():
-        cells = ", ".join(f"{r['workers']}: {r['jobs_per_s']:.2f} ({r['efficiency']:.2f})" for r in table)
+        cells = ", ".join(f"{r['workers']}: {r['jobs_per_s']:.2f} ({r['efficiency']:.3f})" for r in table)
         worst = min(r["efficiency"] for r in table)
         label = {"serial": "pipelining off", "pipelined": "pipelined, the default"}.get(runner, runner)
         out.append((f"Scale-out, T = {scale['render_s']:g} s ({label}): workers: jobs/s (efficiency)", cells,
