@@ -316,3 +316,25 @@ def test_the_next_job_is_taken_only_once_the_render_is_within_its_lead_of_the_en
     assert p.runner.run(job.id) is JobStatus.RUNNING
     assert p.job(job.id).progress.step == steps_done_at_return
     p.settle()
+
+
+def test_with_no_job_waiting_the_task_returns_only_when_its_render_ends() -> None:
+    p = Pipelined()
+    p.runner.jobs_waiting = lambda: False
+    p.runner.renderer.step_s = 0.2  # type: ignore[attr-defined]
+    job = p.submit("a")
+    assert p.runner.run(job.id) is JobStatus.RUNNING
+    assert p.job(job.id).progress.step == 2  # not returned at step 1, although within the lead
+    p.settle()
+    assert p.job(job.id).status is JobStatus.SUCCEEDED
+
+
+def test_jobs_waiting_sees_render_messages_no_worker_has_taken(
+        redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker.celery_app import RENDER_QUEUES
+    from workers import services
+
+    monkeypatch.setattr(services, "redis_client", lambda: redis_client)
+    assert services.jobs_waiting() is False
+    redis_client.lpush(RENDER_QUEUES["low"], "a message")
+    assert services.jobs_waiting() is True

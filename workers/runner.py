@@ -104,7 +104,7 @@ class Runner(Transitions):
                  requeue: Requeue | None = None, draining: DrainCheck | None = None,
                  observe: Callable[[str, float], None] | None = None,
                  loras: LoraResolver | None = None, pipelining: Pipelining | None = None,
-                 give_way: GiveWay | None = None,
+                 give_way: GiveWay | None = None, jobs_waiting: Callable[[], bool] | None = None,
                  terminal_message: Callable[[str, str], tuple[str, str]] | None = None) -> None:
         super().__init__(store, publisher, notify, config, observe, terminal_message)
         self.objects, self.renderer = objects, renderer
@@ -115,6 +115,8 @@ class Runner(Transitions):
         # background finish + next-input prefetch (workers/pipelining.py); None: one job at a time, in order
         self.pipelining = pipelining
         self.give_way = give_way or (lambda job: False)
+        # whether render messages wait in the broker (the lane takes the next job early only then)
+        self.jobs_waiting = jobs_waiting or (lambda: True)
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -194,6 +196,13 @@ class Runner(Transitions):
                 raise  # the task's thread sorts it (retry later, store errors)
             log.exception("job %s: left to its lease after an error on the render thread", job_id)
             return None
+
+    def _jobs_waiting(self) -> bool:
+        """Whether a render message waits (if none, returning early would only take CPU from the render)."""
+        try:
+            return self.jobs_waiting()
+        except STORE_ERRORS:
+            return True
 
     def _gave_way(self, job: Job) -> bool:
         """Strict priority: a job taken while the device was busy yields to a higher one queued since."""
@@ -393,7 +402,7 @@ class Runner(Transitions):
             keep_going = record(step, total)
             if keep_going and ready is not None and not ready.is_set() and step > 0:
                 left_s = (time.monotonic() - started) / step * (total - step)
-                if left_s <= self.config.lane_lead_s:  # the next job may be taken now
+                if left_s <= self.config.lane_lead_s and self._jobs_waiting():  # take the next one now
                     ready.set()
             return keep_going
 

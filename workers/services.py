@@ -308,10 +308,19 @@ def terminal_message(job_id: str, event: str) -> tuple[str, str]:
     return _notify_messages().build(job_id, event)
 
 
+def jobs_waiting() -> bool:
+    """Whether any render message waits in Celery's Redis lists (not yet taken by a worker)."""
+    pipe = redis_client().pipeline(transaction=False)
+    for queue in RENDER_QUEUE_ORDER:
+        pipe.llen(queue)
+    return any(pipe.execute())
+
+
 def runner() -> Runner:
     return Runner(store(), objects(), RedisEventPublisher(redis_client()), renderer(), notify_via_queue,
                   runner_config(), requeue=requeue, draining=draining, observe=metrics.observe,
-                  pipelining=pipelining(), give_way=give_way, terminal_message=terminal_message)
+                  pipelining=pipelining(), give_way=give_way, jobs_waiting=jobs_waiting,
+                  terminal_message=terminal_message)
 
 
 def notifier(deliver: Callable[[str], None]) -> WebhookNotifier:
