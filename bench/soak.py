@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/soak.py` as well as `python -m bench.soak`
     sys.path.insert(0, str(ROOT))
 
-import httpx
-import redis
+import httpx  # noqa: E402 - after the sys.path line above
+import redis  # noqa: E402 - after the sys.path line above
 
-from broker import keys
-from cli.cluster import ClusterConfig, LocalCluster
+from broker import keys  # noqa: E402 - after the sys.path line above
+from cli.cluster import ClusterConfig, LocalCluster  # noqa: E402 - after the sys.path line above
 
 TERMINAL = ("succeeded", "failed", "canceled")
 TERMINAL_TYPES = ("job.succeeded", "job.failed", "job.canceled")

@@ -228,7 +228,8 @@ def test_s3_down_during_uploads_jobs_wait_and_retry_and_never_succeed_without_th
     s3 = s3_client(cluster)
     jobs = [submit(cluster, steps=8, seed=i, webhook=faults.receiver.url) for i in range(max(6, TRIALS))]
     wait_n_running(cluster, jobs, 2, min_step=6)  # renders about to upload
-    failed_uploads = lambda: sum(cluster.log(n).count("handed back: put") for n in STANDIN)
+    def failed_uploads() -> int:
+        return sum(cluster.log(n).count("handed back: put") for n in STANDIN)
     before = failed_uploads()
     down_at = time.monotonic()
     faults.s3_proxy.set_mode("refuse")
