@@ -164,6 +164,17 @@ def _encode(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
+def _cas_args(expect: Expect, fields: Mapping[str, Any]) -> list[Any]:
+    """The compare-and-set part of a script's ARGV (see _CHECKS): the checks, then field/value pairs."""
+    args: list[Any] = [len(expect)]
+    for name, values in expect.items():
+        encoded = [_encode(v) for v in values]
+        args += [name, len(encoded), *encoded]
+    for name, value in fields.items():
+        args += [name, _encode(value)]
+    return args
+
+
 def _decode_job(raw: Mapping[Any, Any]) -> Job:
     data = {
         (k.decode() if isinstance(k, bytes) else k): json.loads(v)
@@ -355,13 +366,7 @@ class RedisJobStore(JobStore):
         return _decode_job(raw) if raw else None
 
     def compare_and_set(self, job_id: str, expect: Expect, fields: Mapping[str, Any]) -> bool:
-        args: list[Any] = [job_id, len(expect)]
-        for name, values in expect.items():
-            encoded = [_encode(v) for v in values]
-            args += [name, len(encoded), *encoded]
-        for name, value in fields.items():
-            args += [name, _encode(value)]
-        return bool(self._cas(keys=[keys.job(job_id), *_INDEX_KEYS], args=args))
+        return bool(self._cas(keys=[keys.job(job_id), *_INDEX_KEYS], args=[job_id, *_cas_args(expect, fields)]))
 
     def transition(
         self,
@@ -374,12 +379,7 @@ class RedisJobStore(JobStore):
         push: tuple[str, str] | None = None,
     ) -> Job | None:
         checks, changes = _transition_checks(to, fields, from_, expect)
-        args: list[Any] = [job_id, push[1] if push else "", len(checks)]
-        for name, values in checks.items():
-            encoded = [_encode(v) for v in values]
-            args += [name, len(encoded), *encoded]
-        for name, value in changes.items():
-            args += [name, _encode(value)]
+        args = [job_id, push[1] if push else "", *_cas_args(checks, changes)]
         script_keys = [keys.job(job_id), *_INDEX_KEYS, push[0] if push else keys.job(job_id)]
         raw = self._transition(keys=script_keys, args=args)
         if not raw:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
+from celery import Celery
 
 from broker.celery_app import (
     RENDER_QUEUES,
@@ -108,15 +110,26 @@ def _decoded(message: str | bytes) -> dict[str, Any]:
     return data
 
 
-def test_the_hand_built_message_is_what_send_task_pushes_but_for_its_ids(redis_client: redis.Redis) -> None:
+def _sent_by_celery(redis_client: redis.Redis, send: Callable[[Celery], None], queue: str) -> dict[str, Any]:
+    """The message ``send`` pushes with Celery's own ``send_task`` (no task-sent event), decoded."""
     url = "redis://{host}:{port}/{db}".format(**redis_client.connection_pool.connection_kwargs)
     app = make_celery(url)
     app.conf.task_send_sent_event = False
     try:
-        enqueue_render(app, "job_0123", "low")
+        send(app)
     finally:
         app.close()
-    real = _decoded(redis_client.rpop(RENDER_QUEUES["low"]) or b"")
+    return _decoded(redis_client.rpop(queue) or b"")
+
+
+def _without_ids(data: dict[str, Any]) -> dict[str, Any]:
+    data["headers"].update(id=None, root_id=None)
+    data["properties"].update(correlation_id=None, delivery_tag=None, reply_to=None)
+    return data
+
+
+def test_the_hand_built_message_is_what_send_task_pushes_but_for_its_ids(redis_client: redis.Redis) -> None:
+    real = _sent_by_celery(redis_client, lambda app: enqueue_render(app, "job_0123", "low"), RENDER_QUEUES["low"])
     queue, text = RenderMessages().build("job_0123", "low")
     built = _decoded(text)
     assert queue == RENDER_QUEUES["low"] and render_job_id(text) == "job_0123"
@@ -124,29 +137,16 @@ def test_the_hand_built_message_is_what_send_task_pushes_but_for_its_ids(redis_c
     assert task_id != real["headers"]["id"]
     assert built["headers"]["root_id"] == built["properties"]["correlation_id"] == task_id
     assert built["properties"]["delivery_tag"] != real["properties"]["delivery_tag"]
-    for data in (real, built):
-        data["headers"].update(id=None, root_id=None)
-        data["properties"].update(correlation_id=None, delivery_tag=None, reply_to=None)
-    assert built == real
+    assert _without_ids(built) == _without_ids(real)
     assert len({RenderMessages().build("job_0123")[1] for _ in range(3)}) == 3  # fresh ids each time
 
 
 def test_the_hand_built_notify_message_is_what_send_task_pushes_but_for_its_ids(redis_client: redis.Redis) -> None:
-    url = "redis://{host}:{port}/{db}".format(**redis_client.connection_pool.connection_kwargs)
-    app = make_celery(url)
-    app.conf.task_send_sent_event = False
-    try:
-        enqueue_notify(app, "job_0123", "job.succeeded")
-    finally:
-        app.close()
-    real = _decoded(redis_client.rpop(WEBHOOK_QUEUE) or b"")
+    real = _sent_by_celery(redis_client, lambda app: enqueue_notify(app, "job_0123", "job.succeeded"),
+                           WEBHOOK_QUEUE)
     queue, text = NotifyMessages().build("job_0123", "job.succeeded")
-    built = _decoded(text)
     assert queue == WEBHOOK_QUEUE
-    for data in (real, built):
-        data["headers"].update(id=None, root_id=None)
-        data["properties"].update(correlation_id=None, delivery_tag=None, reply_to=None)
-    assert built == real
+    assert _without_ids(_decoded(text)) == _without_ids(real)
 
 
 @pytest.mark.parametrize("kind", ["redis", "memory"])

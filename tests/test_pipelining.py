@@ -19,7 +19,8 @@ from broker.events import InMemoryEventPublisher
 from broker.schema import Job, JobParams, JobStatus, new_job_id
 from broker.store import InMemoryJobStore
 from storage import InMemoryObjectStore, StorageUnavailable
-from workers.pipeline.base import Renderer, RenderInterrupted, RenderRequest
+from tests.test_runner import FakeRenderer
+from workers.pipeline.base import RenderRequest
 from workers.pipelining import Finisher, Pipelining, RenderLane
 from workers.runner import RetryLater, Runner, RunnerConfig
 
@@ -47,26 +48,17 @@ class RecordingObjects(InMemoryObjectStore):
         return super().put(key, data, content_type)
 
 
-class LoggingRenderer(Renderer):
-    device = "cpu"
+class LoggingRenderer(FakeRenderer):
+    """tests/test_runner.py's fake renderer (one solid image, a sleep per step), logging each render."""
 
     def __init__(self, log: list[str]) -> None:
+        super().__init__()
         self.log = log
-        self.step_s = 0.01
+        self.step_sleep_s = 0.01
 
     def render(self, request: RenderRequest, on_step=None):  # type: ignore[no-untyped-def]
         self.log.append(f"render {request.prompt}")
-        for step in range(1, request.steps + 1):
-            time.sleep(self.step_s)
-            if on_step and not on_step(step, request.steps):
-                raise RenderInterrupted(step, request.steps)
-        return [Image.new("RGB", request.images[0].size, (request.seed % 255, 0, 0))]
-
-    def healthcheck(self) -> None:
-        pass
-
-    def warmup(self) -> None:
-        pass
+        return super().render(request, on_step)
 
 
 class Pipelined:
@@ -94,7 +86,7 @@ class Pipelined:
 
     def one_renders_one_waits(self) -> tuple[Job, threading.Thread]:
         """Job a renders (0.6 s); job b's task has fetched its inputs and waits for the lane."""
-        self.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]
+        self.runner.renderer.step_sleep_s = 0.3  # type: ignore[attr-defined]
         a, b = self.submit("a"), self.submit("b")
         self.runner.run(a.id)
         waiting = threading.Thread(target=self.runner.run, args=(b.id,))
@@ -141,7 +133,7 @@ def test_the_lease_keeps_beating_while_the_finish_runs() -> None:
 
 def test_a_job_is_taken_and_its_inputs_fetched_while_the_previous_one_renders() -> None:
     p = Pipelined()
-    p.runner.renderer.step_s = 0.2  # type: ignore[attr-defined]
+    p.runner.renderer.step_sleep_s = 0.2  # type: ignore[attr-defined]
     a, b = p.submit("a"), p.submit("b")
     assert p.runner.run(a.id) is JobStatus.RUNNING  # returns once a's render has started
     assert p.log[-1] == "render a"
@@ -311,7 +303,7 @@ def test_the_next_job_is_taken_only_once_the_render_is_within_its_lead_of_the_en
         lead_s: float, steps_done_at_return: int) -> None:
     p = Pipelined()
     p.runner.config = RunnerConfig(worker_name="w@test", heartbeat_interval_s=0.05, lease_s=30, lane_lead_s=lead_s)
-    p.runner.renderer.step_s = 0.3  # type: ignore[attr-defined]  # 2 steps: 0.3 s left after the first
+    p.runner.renderer.step_sleep_s = 0.3  # type: ignore[attr-defined]  # 2 steps: 0.3 s left after the first
     job = p.submit("a")
     assert p.runner.run(job.id) is JobStatus.RUNNING
     assert p.job(job.id).progress.step == steps_done_at_return
@@ -321,7 +313,7 @@ def test_the_next_job_is_taken_only_once_the_render_is_within_its_lead_of_the_en
 def test_with_no_job_waiting_the_task_returns_only_when_its_render_ends() -> None:
     p = Pipelined()
     p.runner.jobs_waiting = lambda: False
-    p.runner.renderer.step_s = 0.2  # type: ignore[attr-defined]
+    p.runner.renderer.step_sleep_s = 0.2  # type: ignore[attr-defined]
     job = p.submit("a")
     assert p.runner.run(job.id) is JobStatus.RUNNING
     assert p.job(job.id).progress.step == 2  # not returned at step 1, although within the lead

@@ -1,7 +1,8 @@
 """The runner: owns a job's state machine on a worker.
 
-load job → start (take the lease) → fetch input → render → encode → upload →
-succeeded | failed | canceled. Each transition is a compare-and-set in the
+load job → fetch input → start (take the lease) → render → encode → upload →
+succeeded | failed | canceled (with a render lane and a finisher, workers/pipelining.py, the
+fetch, the render and the encode + upload of consecutive jobs overlap). Each transition is a compare-and-set in the
 JobStore, and each transition method below is the one place its side effects
 (events, webhooks) happen — the cog way. While a job runs, a heartbeat thread
 renews its lease; a second delivery of the same job (Celery redelivers unacked
@@ -112,7 +113,7 @@ class Runner(Transitions):
         self.draining = draining or (lambda: False)
         # a job's LoRA uris → local files; built from the EDITFARM_ settings on first use if not given
         self._loras = loras
-        # background finish + next-input prefetch (workers/pipelining.py); None: one job at a time, in order
+        # render lane + background finisher (workers/pipelining.py); None: one job at a time, in order
         self.pipelining = pipelining
         self.give_way = give_way or (lambda job: False)
         # whether render messages wait in the broker (the lane takes the next job early only then)
@@ -150,16 +151,15 @@ class Runner(Transitions):
         if job.status.is_terminal:
             log.info("job %s already %s; duplicate delivery dropped", job_id, job.status.value)
             return job.status
-        deadline = queue_deadline_at(job)
-        if job.status is JobStatus.QUEUED and deadline is not None and time.time() > deadline:
+        if self._past_queue_deadline(job):
             return self.expired(job)
         lane = self.pipelining.lane if self.pipelining is not None else None
         if lane is None:
             return self._start_and_render(job)
         # fetched now, while the device may still render the job before; errors are sorted once started
-        ready = self._fetch_early(job) if job.status is JobStatus.QUEUED else None
+        early = self._fetch_early(job) if job.status is JobStatus.QUEUED else None
         running: JobStatus | None = JobStatus.RUNNING
-        return lane.run(functools.partial(self._in_lane, job_id, ready), running=running)
+        return lane.run(functools.partial(self._in_lane, job_id, early), running=running)
 
     def _fetch_early(self, job: Job) -> RenderRequest | Exception:
         """The job's request, or the error building it raised (store errors propagate)."""
@@ -177,8 +177,7 @@ class Runner(Transitions):
         job = self.store.get(job_id)
         if job is None or job.status.is_terminal:
             return job.status if job else None
-        deadline = queue_deadline_at(job)
-        if job.status is JobStatus.QUEUED and deadline is not None and time.time() > deadline:
+        if self._past_queue_deadline(job):
             return self.expired(job)
         if job.status is JobStatus.QUEUED and self._gave_way(job):
             return JobStatus.QUEUED
@@ -196,6 +195,11 @@ class Runner(Transitions):
                 raise  # the task's thread sorts it (retry later, store errors)
             log.exception("job %s: left to its lease after an error on the render thread", job_id)
             return None
+
+    @staticmethod
+    def _past_queue_deadline(job: Job) -> bool:
+        deadline = queue_deadline_at(job)
+        return job.status is JobStatus.QUEUED and deadline is not None and time.time() > deadline
 
     def _jobs_waiting(self) -> bool:
         """Whether a render message waits (if none, returning early would only take CPU from the render)."""
@@ -219,8 +223,7 @@ class Runner(Transitions):
         """queued → running, then prepare, render and finish (the finish maybe in the background)."""
         lease = self.started(job)
         if lease is None:
-            current = self.store.get(job.id)
-            return current.status if current else None
+            return self._status_now(job.id)
         background = ready is not None
         owns_lease = True
         lease.__enter__()
@@ -303,8 +306,7 @@ class Runner(Transitions):
             raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
         if handed_back:
             self.requeue(job)
-        current = self.store.get(job.id)
-        return current.status if current else None
+        return self._status_now(job.id)
 
     def _finish(self, rendered: _Rendered, lease: _Lease, background: bool) -> JobStatus | None:
         """Encode and upload a rendered job's outputs, then succeeded (or failed / handed back).
@@ -361,8 +363,7 @@ class Runner(Transitions):
         if lease.stop_reason == "drain":
             if self.handed_back(job, lease, "worker shutting down"):
                 self.requeue(job)
-            current = self.store.get(job.id)
-            return current.status if current else None
+            return self._status_now(job.id)
         return self.canceled(job, lease, "canceled while rendering")
 
     def _render_error(self, job: Job, lease: _Lease, exc: Exception) -> JobStatus | None:
@@ -433,7 +434,6 @@ class Runner(Transitions):
                 self.publisher.publish(job.id, events.PROGRESS, {"step": step, "total": total})
             except STORE_ERRORS:
                 pass
-            now = time.monotonic()
             if step < total and now - last_webhook[0] >= self.config.progress_webhook_interval_s:
                 last_webhook[0] = now
                 self.notify(job, "job.progress")

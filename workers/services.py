@@ -284,18 +284,21 @@ def give_way(job: Job) -> bool:
     lanes do not count. Raises redis errors.
     """
     mine = RENDER_QUEUES[job.params.priority.value]
-    higher = RENDER_QUEUE_ORDER[:RENDER_QUEUE_ORDER.index(mine)]
-    if not higher:
-        return False
-    client = redis_client()
-    pipe = client.pipeline(transaction=False)
-    for queue in higher:
-        pipe.llen(queue)
-    if not any(pipe.execute()):
+    if not _messages_wait(RENDER_QUEUE_ORDER[:RENDER_QUEUE_ORDER.index(mine)]):
         return False
     queue, message = _render_messages().build(job.id, job.params.priority.value)
-    client.rpush(queue, message)
+    redis_client().rpush(queue, message)
     return True
+
+
+def _messages_wait(queues: tuple[str, ...]) -> bool:
+    """Whether any of these Celery Redis lists holds a message no worker has taken yet."""
+    if not queues:
+        return False
+    pipe = redis_client().pipeline(transaction=False)
+    for queue in queues:
+        pipe.llen(queue)
+    return any(pipe.execute())
 
 
 @functools.cache
@@ -310,10 +313,7 @@ def terminal_message(job_id: str, event: str) -> tuple[str, str]:
 
 def jobs_waiting() -> bool:
     """Whether any render message waits in Celery's Redis lists (not yet taken by a worker)."""
-    pipe = redis_client().pipeline(transaction=False)
-    for queue in RENDER_QUEUE_ORDER:
-        pipe.llen(queue)
-    return any(pipe.execute())
+    return _messages_wait(RENDER_QUEUE_ORDER)
 
 
 def runner() -> Runner:

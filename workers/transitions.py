@@ -128,10 +128,14 @@ class Transitions:
         return self._terminal(job, JobStatus.FAILED, lease.expect(),
                               error=JobError(code=code_value, message=message))
 
+    def _status_now(self, job_id: str) -> JobStatus | None:
+        """The job's status as the store has it now (None if it is gone)."""
+        current = self.store.get(job_id)
+        return current.status if current else None
+
     def canceled(self, job: Job, lease: _Lease, reason: str) -> JobStatus | None:
         if lease.lost.is_set():  # someone else (a cancel request) already ended it
-            current = self.store.get(job.id)
-            return current.status if current else None
+            return self._status_now(job.id)
         return self._terminal(job, JobStatus.CANCELED, lease.expect(),
                               error=JobError(code="canceled", message=reason))
 
@@ -161,10 +165,9 @@ class Transitions:
                 if self.terminal_message is not None and wants_event(job, event) else None)
         moved = self.store.transition(job.id, status, fields, expect=expect, push=push)
         if moved is None:
-            current = self.store.get(job.id)
-            log.info("job %s not moved to %s (now %s)", job.id, status.value,
-                     current.status.value if current else "gone")
-            return current.status if current else None
+            now = self._status_now(job.id)
+            log.info("job %s not moved to %s (now %s)", job.id, status.value, now.value if now else "gone")
+            return now
         self.publisher.publish(job.id, events.STATUS, {"status": status.value,
                                                         "error": fields["error"]})
         self.observe(f"job.{status.value}", 1.0)
