@@ -318,8 +318,9 @@ def test_finish_attempt_of_a_vanished_message_records_nothing_and_still_unlocks(
     mid = prefix + "_vanished"
     outbox.put(mid, "https://example.com/a", BODY, "t")
     _, token = outbox.claim(mid, 5000)
+    assert token is not None and r.exists(keys.webhook_lock(mid)) == 1
     r.delete(keys.webhook_message(mid))
-    assert outbox.finish_attempt(mid, {"attempt": 1}, outbox.retry_fields(1.0), token or "") == 0
+    assert outbox.finish_attempt(mid, {"attempt": 1}, outbox.retry_fields(1.0), token) == 0
     assert r.exists(keys.webhook_lock(mid)) == 0 and r.exists(keys.webhook_message(mid)) == 0
 
 

@@ -274,3 +274,27 @@ def test_deliveries_reuse_the_receivers_keep_alive_connection(worker_services: N
         result = tasks.attempt_delivery(message_id)
         assert result is not None and result.outcome == "delivered"
     assert receiver.connections - before <= 1
+
+
+def test_the_notify_task_is_retried_while_redis_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unit level: a job store that raises a Redis error makes the task ask Celery for a retry
+    instead of failing (and its message being acked with no webhook stored)."""
+    from workers import services, tasks
+
+    class DownStore:
+        def get(self, job_id: str) -> None:
+            raise redis.exceptions.ConnectionError("Connection refused")
+
+    class Retry(Exception):
+        pass
+
+    class TaskStub:
+        def retry(self, **options: object) -> Retry:
+            self.options = options
+            return Retry()
+
+    monkeypatch.setattr(services, "store", lambda: DownStore())
+    task = TaskStub()
+    with pytest.raises(Retry):
+        tasks.notify(task, "job_0123", "job.succeeded")  # type: ignore[arg-type]
+    assert isinstance(task.options["exc"], redis.exceptions.ConnectionError) and task.options["countdown"] == 2

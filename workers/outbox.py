@@ -109,7 +109,11 @@ class BaseWebhookOutbox(ABC):
         token = self.acquire_lock(message_id, ttl_ms)
         if token is None:
             return msg, None
-        return self.get(message_id), token  # re-read under the lock: another worker may have finished
+        msg = self.get(message_id)  # re-read under the lock: another worker may have finished
+        if msg is None or msg.state != "pending":
+            self.release_lock(message_id, token)
+            return msg, None
+        return msg, token
 
     def finish_attempt(self, message_id: str, attempt: dict[str, Any], fields: dict[str, str],
                        token: str) -> int:
@@ -191,9 +195,16 @@ class WebhookOutbox(BaseWebhookOutbox):
     def __init__(self, client: redis.Redis, ttl_s: int = DEFAULT_TTL_S) -> None:
         super().__init__(ttl_s)
         self.r = client
+        self._scripts: dict[str, Any] = {}
+
+    def _script(self, source: str) -> Any:
+        """The script, registered once (EVALSHA: its source is not sent on every call)."""
+        if source not in self._scripts:
+            self._scripts[source] = self.r.register_script(source)
+        return self._scripts[source]
 
     def _eval(self, script: str, keys_: list[str], args: list[Any]) -> int:
-        return int(self.r.eval(script, len(keys_), *keys_, *args))
+        return int(self._script(script)(keys=keys_, args=args))
 
     def put(self, message_id: str, url: str, body: bytes, tenant: str, job_id: str | None = None) -> bool:
         flat = [x for kv in self._new_fields(message_id, url, body, tenant).items() for x in kv]
@@ -206,8 +217,8 @@ class WebhookOutbox(BaseWebhookOutbox):
 
     def claim(self, message_id: str, ttl_ms: int) -> tuple[WebhookMessage | None, str | None]:
         token = _secrets.token_hex(8)
-        locked, flat = self.r.eval(_CLAIM, 2, keys.webhook_message(message_id), _lock_key(message_id),
-                                   token, ttl_ms)  # type: ignore[misc]
+        locked, flat = self._script(_CLAIM)(keys=[keys.webhook_message(message_id), _lock_key(message_id)],
+                                            args=[token, ttl_ms])
         if not flat:
             return None, None
         msg = self._parse(message_id, dict(zip(flat[::2], flat[1::2])))

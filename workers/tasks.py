@@ -66,11 +66,17 @@ def deliver_first(message_id: str) -> None:
 
 
 def notify(task: Task, job_id: str, event: str) -> None:
-    job = services.store().get(job_id)
-    if job is None:
-        log.warning("notify %s: job %s is unknown", event, job_id)
-        return
-    services.notifier(deliver_first)(job, event)
+    """Store a job's webhook message for ``event`` and make its first attempt. While Redis is
+    unreachable the task is retried (storing is idempotent: one message per job and event)."""
+    try:
+        job = services.store().get(job_id)
+        if job is None:
+            log.warning("notify %s: job %s is unknown", event, job_id)
+            return
+        services.notifier(deliver_first)(job, event)
+    except redis.RedisError as exc:
+        log.warning("notify %s of job %s: Redis unreachable; retrying", event, job_id)
+        raise task.retry(exc=exc, countdown=2, max_retries=60) from None
 
 
 def register(app: Celery) -> None:

@@ -79,7 +79,7 @@ class Transitions:
         if wants_event(job, event):
             try:
                 self._notify(job, event)
-            except Exception:  # a webhook must never fail the job; the outbox sweeper retries
+            except Exception:  # a started/progress webhook is best effort and must never fail the job
                 log.exception("could not queue webhook %s of job %s", event, job.id)
 
     def started(self, job: Job) -> _Lease | None:

@@ -188,9 +188,7 @@ def deliver_once(outbox: BaseWebhookOutbox, message_id: str, config: WebhookConf
     msg, token = outbox.claim(message_id, config.lock_ttl_ms)
     if msg is None:
         raise LookupError(f"webhook message {message_id!r} not found")
-    if msg.state != "pending":
-        if token is not None:
-            outbox.release_lock(message_id, token)
+    if msg.state != "pending":  # claim locks pending messages only
         return DeliveryResult("done", status_code=msg.status_code)
     if token is None:
         return DeliveryResult("retry", retry_in_s=config.busy_retry_s, error="locked")
