@@ -115,9 +115,3 @@ async def get_services(request: Request) -> Services:
 
 ServicesDep = Annotated[Services, Depends(get_services)]
 
-
-async def get_settings(services: ServicesDep) -> ApiSettings:
-    return services.settings
-
-
-SettingsDep = Annotated[ApiSettings, Depends(get_settings)]

@@ -29,16 +29,15 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import anyio
 import redis
-from fastapi import Depends, Header, Request
+from fastapi import Header
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import TenantDep
 from api.errors import ApiError, ErrorResponse
 from api.models import JobOut
 from broker import keys
@@ -236,11 +235,6 @@ class IdempotencyScope:
         except STORE_ERRORS as exc:
             logger.warning("could not record the %s of %s: %s", HEADER, job_id, type(exc).__name__)
 
-    @property
-    def holding(self) -> bool:
-        """Whether this request holds its key unfinished (:meth:`release` has work to do)."""
-        return self._held is not None
-
     async def release(self) -> None:
         """Free the key if this request still holds it unfinished (it ended without a job)."""
         if self._held is None:
@@ -271,21 +265,6 @@ IdempotencyKeyHeader = Annotated[str | None, Header(
 )]
 """The ``Idempotency-Key`` request header, as a route or dependency parameter (default None)."""
 
-
-async def idempotency_scope(
-    request: Request, tenant: TenantDep, key: IdempotencyKeyHeader = None,
-) -> AsyncIterator[IdempotencyScope]:
-    """The request's :class:`IdempotencyScope`; whatever it still holds when the route ends is released."""
-    # app.state, not api.deps: api.deps imports this module for the store classes
-    scope = IdempotencyScope(request.app.state.services, tenant, check_key(key))
-    try:
-        yield scope
-    finally:
-        with anyio.CancelScope(shield=True):
-            await scope.release()
-
-
-IdempotencyDep = Annotated[IdempotencyScope, Depends(idempotency_scope, scope="function")]
 
 IDEMPOTENCY_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": JobOut, "description": f"Replayed: the job an earlier request with this {HEADER} and "

@@ -27,7 +27,7 @@ from typing import Any
 
 import redis
 import redis.asyncio as aioredis
-from fastapi import Depends, Request
+from fastapi import Request
 
 from api.auth import TenantDep
 from api.errors import ApiError, ErrorResponse
@@ -247,9 +247,6 @@ async def enforce_submission_limits(request: Request, tenant: TenantDep) -> None
         raise _too_many(ErrorCode.RATE_LIMITED, f"more than {limit} job submissions per minute; retry in "
                                                 f"{admission.retry_after_s} s", admission.retry_after_s)
 
-
-SUBMISSION_LIMITS = Depends(enforce_submission_limits)
-"""For a route's ``dependencies=[...]``."""
 
 LIMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"model": ErrorResponse, "description": "rate_limited / too_many_jobs (see the Retry-After header)",

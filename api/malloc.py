@@ -13,12 +13,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
+from typing import Any
 
 logger = logging.getLogger("editfarm.api")
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
+@functools.cache
+def _glibc_mallopt() -> Any:
+    """glibc's ``mallopt``, or None on another C library (looked up once: ``find_library`` runs ldconfig)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    if not hasattr(libc, "gnu_get_libc_version"):  # glibc only
+        return None
+    return libc.mallopt
 
 
 def fix_mmap_threshold(threshold_bytes: int) -> bool:
@@ -29,13 +43,9 @@ def fix_mmap_threshold(threshold_bytes: int) -> bool:
     """
     if threshold_bytes <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only
-    except (OSError, AttributeError):
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    del gnu_get_libc_version
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     done = bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))

@@ -83,10 +83,9 @@ async def submit_job(request: Request, submission: Annotated[Submission, Depends
     try:
         return await _submit(request, submission)
     finally:
-        idempotency = submission.idempotency
-        if idempotency.holding:  # it ended without a job: free the key, even if the client went away
-            with anyio.CancelScope(shield=True):
-                await idempotency.release()
+        # a key still held means the request ended without a job: free it, even if the client went away
+        with anyio.CancelScope(shield=True):
+            await submission.idempotency.release()
 
 
 async def _take_in(request: Request, submission: Submission, base_url: str) -> JSONResponse | tuple[JobParams, Intake]:
