@@ -330,3 +330,33 @@ def test_jobs_waiting_sees_render_messages_no_worker_has_taken(
     assert services.jobs_waiting() is False
     redis_client.lpush(RENDER_QUEUES["low"], "a message")
     assert services.jobs_waiting() is True
+
+
+def test_starting_a_pipelining_runs_its_render_and_finisher_threads_before_any_job() -> None:
+    before = set(threading.enumerate())
+    Pipelining().start()
+    started = {t.name for t in set(threading.enumerate()) - before}
+    assert any(name.startswith("render") for name in started)
+    assert any(name.startswith("finisher") for name in started)
+
+
+def test_warming_the_job_path_survives_an_unreachable_redis_and_object_store(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import redis
+
+    from workers import services
+
+    class DownRedis:
+        def ping(self) -> None:
+            raise redis.ConnectionError("down")
+
+    class DownObjects:
+        def check(self) -> None:
+            raise StorageUnavailable("down")
+
+    made: list[Pipelining] = []
+    monkeypatch.setattr(services, "redis_client", DownRedis)
+    monkeypatch.setattr(services, "objects", DownObjects)
+    monkeypatch.setattr(services, "pipelining", lambda: made.append(Pipelining()) or made[-1])
+    services.warm_job_path()
+    assert len(made) == 1

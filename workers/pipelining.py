@@ -69,6 +69,10 @@ class Finisher:
         self.wait()
         self._pending = self._pool.submit(finish)
 
+    def start(self) -> None:
+        """Start the background thread (at warm-up) instead of on the first finish."""
+        self._pool.submit(lambda: None).result()
+
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait for the pending finish; False if it is still running after ``timeout_s``."""
         if not _wait(self._pending, timeout_s):
@@ -105,6 +109,10 @@ class RenderLane:
             return running
         return done.result()
 
+    def start(self) -> None:
+        """Start the render thread (at warm-up) instead of on the first job."""
+        self._pool.submit(lambda: None).result()
+
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait for the last render handed to the lane; False if it still runs after ``timeout_s``."""
         return _wait(self._last, timeout_s)
@@ -116,6 +124,12 @@ class Pipelining:
     def __init__(self, finish_in_background: bool = True, render_lane: bool = True) -> None:
         self.finisher = Finisher() if finish_in_background else None
         self.lane = RenderLane() if render_lane else None
+
+    def start(self) -> None:
+        """Start the threads now (at warm-up) rather than on the first job."""
+        for pool in (self.lane, self.finisher):
+            if pool is not None:
+                pool.start()
 
     def drain(self, timeout_s: float | None = None) -> bool:
         """Wait for the render in the lane, then the pending finish (at process shutdown).
