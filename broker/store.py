@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 from collections.abc import Iterable, Mapping
@@ -277,43 +278,108 @@ return 1
 """
 
 # The create script, then LPUSH of the job's Celery message onto KEYS[9] and the job's place in
-# the strict-priority render order (KEYS[2..4]: queued high, normal, low), in one round trip.
-# Returns the position, -1 if the id is taken (nothing written), -2 if the job is not queued.
-# A Lua script is not rolled back when a command fails, so what could fail (a wrong-type key) is
-# checked before the first write: both or neither.
+# the strict-priority render order (KEYS[2..4]: queued high, normal, low), in one round trip; first
+# the tenant's submission limits (see Quota), checked and counted in the same atomic step.
+# KEYS[10] is the tenant's active set, KEYS[11..12] this and the previous rate window's counters.
+# ARGV = id, created_at, message, max in flight (0: off), rate limit (0: off), weight of the previous
+# window, counter ttl, '1' to count this submission toward the rate ('0': counted already), then
+# field/value pairs. Returns {position (-2: not queued), active, previous, current}, {-1} if the id
+# is taken, {-3, active} over the in-flight cap, {-4, active, previous, current} over the rate:
+# nothing is written in those three cases. A Lua script is not rolled back when a command fails,
+# so what could fail (a wrong-type key) is checked before the first write: all or nothing.
 _CREATE_AND_ENQUEUE_SCRIPT = _REINDEX + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
 local kind = redis.call('TYPE', KEYS[9])['ok']
 if kind ~= 'list' and kind ~= 'none' then return redis.error_reply('WRONGTYPE the queue key is a ' .. kind) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4, #ARGV))
+local cap, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
+local active, previous, current = -1, 0, 0
+if cap > 0 then
+  active = redis.call('SCARD', KEYS[10])
+  if active >= cap then return {-3, active} end
+end
+if limit > 0 then
+  current = tonumber(redis.call('GET', KEYS[11]) or '0')
+  previous = tonumber(redis.call('GET', KEYS[12]) or '0')
+  if ARGV[8] == '1' then
+    if previous * tonumber(ARGV[6]) + current > limit - 1 then return {-4, active, previous, current} end
+    current = redis.call('INCR', KEYS[11])
+    redis.call('EXPIRE', KEYS[11], ARGV[7])
+  end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 9, #ARGV))
 redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
 reindex(ARGV[1])
 redis.call('LPUSH', KEYS[9], ARGV[3])
+if cap > 0 then active = active + 1 end
 local ahead = 0
 for i = 2, 4 do
   local rank = redis.call('ZRANK', KEYS[i], ARGV[1])
-  if rank then return ahead + rank end
+  if rank then return {ahead + rank, active, previous, current} end
   ahead = ahead + redis.call('ZCARD', KEYS[i])
 end
-return -2
+return {-2, active, previous, current}
 """
 
 _INDEX_KEYS = (*keys.QUEUED_ALL, keys.RUNNING, keys.INFLIGHT, keys.DEADLINES)
 
 
-def _create_args(job: Job, queue: str, message: str) -> tuple[list[str], list[str]]:
+@dataclasses.dataclass(frozen=True)
+class Quota:
+    """A tenant's submission limits, checked by :meth:`RedisJobStore.create_and_enqueue_within` in the
+    same atomic step as the create (built by :mod:`api.limits`, which owns their meaning).
+
+    Refused when the tenant's active set holds ``max_in_flight`` jobs or more (0: off), or, when
+    ``count``, when ``previous × previous_weight + current > rate_limit - 1`` over the two counters
+    ``rate_keys`` (this window's, the previous one's; ``rate_limit`` 0: off); an admitted
+    submission with ``count`` increments this window's counter (TTL ``counter_ttl_s``).
+    """
+
+    max_in_flight: int = 0
+    rate_limit: int = 0
+    rate_keys: tuple[str, str] | None = None
+    previous_weight: float = 0.0
+    counter_ttl_s: int = 0
+    count: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class QuotaAnswer:
+    """What :meth:`RedisJobStore.create_and_enqueue_within` did: ``refused`` is None (created, at
+    ``position``), ``"in_flight"`` or ``"rate"`` (nothing written). ``active`` is the tenant's queued
+    and running jobs (this one included when created; -1: not read, the cap is off); ``previous`` and
+    ``current`` the rate counters (``current`` after counting this one; 0 when the rate is off)."""
+
+    refused: str | None
+    position: int | None = None
+    active: int = -1
+    previous: int = 0
+    current: int = 0
+
+
+_NO_QUOTA = Quota()
+
+
+def _create_args(job: Job, queue: str, message: str, quota: Quota = _NO_QUOTA) -> tuple[list[str], list[str]]:
     """(KEYS, ARGV) of the create-and-enqueue script."""
-    flat = [job.id, repr(job.created_at), message]
+    rate_keys = quota.rate_keys or (keys.job(job.id), keys.job(job.id))  # not read when the rate is off
+    flat = [job.id, repr(job.created_at), message, str(quota.max_in_flight), str(quota.rate_limit),
+            repr(quota.previous_weight), str(quota.counter_ttl_s), "1" if quota.count else "0"]
     for name, value in dump_fields(job).items():
         flat += [name, _encode(value)]
-    return [keys.job(job.id), *_INDEX_KEYS, keys.tenant_jobs(job.tenant), queue], flat
+    return [keys.job(job.id), *_INDEX_KEYS, keys.tenant_jobs(job.tenant), queue,
+            keys.tenant_active(job.tenant), *rate_keys], flat
 
 
-def _position(answer: Any, job_id: str) -> int | None:
-    position = int(answer)
-    if position == -1:
+def _quota_answer(answer: Any, job_id: str) -> QuotaAnswer:
+    code = int(answer[0])
+    if code == -1:
         raise KeyError(f"job {job_id} already exists")
-    return position if position >= 0 else None
+    if code == -3:
+        return QuotaAnswer("in_flight", active=int(answer[1]))
+    numbers = [int(v) for v in answer[1:4]]
+    if code == -4:
+        return QuotaAnswer("rate", None, *numbers)
+    return QuotaAnswer(None, code if code >= 0 else None, *numbers)
 
 
 class RedisJobStore(JobStore):
@@ -350,16 +416,26 @@ class RedisJobStore(JobStore):
             raise KeyError(f"job {job.id} already exists")
 
     def create_and_enqueue(self, job: Job, queue: str, message: str) -> int | None:
-        script_keys, args = _create_args(job, queue, message)
-        return _position(self._create_and_enqueue(keys=script_keys, args=args), job.id)
+        return self.create_and_enqueue_within(job, queue, message, _NO_QUOTA).position
 
     async def create_and_enqueue_async(self, job: Job, queue: str, message: str) -> int | None:
+        return (await self.create_and_enqueue_within_async(job, queue, message, _NO_QUOTA)).position
+
+    def create_and_enqueue_within(self, job: Job, queue: str, message: str, quota: Quota) -> QuotaAnswer:
+        """:meth:`create_and_enqueue` if the tenant's ``quota`` admits it, checked (and counted) in the
+        same script: refused, nothing is written. Raises ``KeyError`` if the id is taken."""
+        script_keys, args = _create_args(job, queue, message, quota)
+        return _quota_answer(self._create_and_enqueue(keys=script_keys, args=args), job.id)
+
+    async def create_and_enqueue_within_async(self, job: Job, queue: str, message: str,
+                                              quota: Quota) -> QuotaAnswer:
+        """:meth:`create_and_enqueue_within` on the event loop (in a thread without ``async_client``)."""
         if self._create_and_enqueue_on_loop is None:
-            return await super().create_and_enqueue_async(job, queue, message)
-        script_keys, args = _create_args(job, queue, message)
+            return await asyncio.to_thread(self.create_and_enqueue_within, job, queue, message, quota)
+        script_keys, args = _create_args(job, queue, message, quota)
         async with asyncio.timeout(self._async_timeout_s):
             answer = await self._create_and_enqueue_on_loop(keys=script_keys, args=args)
-        return _position(answer, job.id)
+        return _quota_answer(answer, job.id)
 
     def get(self, job_id: str) -> Job | None:
         raw = self.redis.hgetall(keys.job(job_id))

@@ -47,6 +47,10 @@ class ObjectStore(abc.ABC):
         """Whether ``key`` exists. Raises StorageUnavailable."""
 
     @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (a missing key is no error). Raises StorageUnavailable."""
+
+    @abc.abstractmethod
     def presign_get(self, key: str, expires_s: int) -> str:
         """A URL anyone holding it can GET for ``expires_s`` seconds (no network call)."""
 
@@ -124,6 +128,12 @@ class S3ObjectStore(ObjectStore):
         except botocore.exceptions.BotoCoreError as exc:
             raise StorageUnavailable(f"head {key!r} failed") from exc
 
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise StorageUnavailable(f"delete {key!r} failed: {type(exc).__name__}") from exc
+
     def presign_get(self, key: str, expires_s: int) -> str:
         return str(self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_s,
@@ -172,6 +182,11 @@ class InMemoryObjectStore(ObjectStore):
         self._up()
         with self._lock:
             return key in self.objects
+
+    def delete(self, key: str) -> None:
+        self._up()
+        with self._lock:
+            self.objects.pop(key, None)
 
     def presign_get(self, key: str, expires_s: int) -> str:
         return f"memory://objects/{urllib.parse.quote(key)}?expires_s={expires_s}"

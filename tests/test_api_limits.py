@@ -264,3 +264,140 @@ def test_reference_images_and_boxes_are_counted_before_any_image_is_read() -> No
 def test_limits_cannot_exceed_the_job_schema(name: str, value: int) -> None:
     with pytest.raises(ValidationError):
         ApiSettings(**{name: value})  # type: ignore[arg-type]
+
+
+# -- the limits inside the create (one round trip), and the early check for tenants near them -------
+
+
+def _job(tenant: str = "acme") -> Job:
+    return Job(id=new_job_id(), tenant=tenant, params=JobParams(prompt="p", seed=1))
+
+
+def _create(pair: tuple[RateLimiter, JobStore, str], job: Job, cap: int, limit: int, now: float,
+            counted: bool = False) -> Any:
+    limiter, store, kind = pair
+    if kind != "redis-on-loop":
+        return limiter.admit_and_create(job.tenant, store, cap, limit, now, job, "q", "m-" + job.id, counted)
+    assert isinstance(store, RedisJobStore)
+
+    async def on_loop() -> Any:
+        client = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+            **store.redis.connection_pool.connection_kwargs))
+        try:
+            return await RedisRateLimiter(store.redis, client).admit_and_create_async(
+                job.tenant, RedisJobStore(store.redis, client), cap, limit, now, job, "q", "m-" + job.id, counted)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(on_loop())
+
+
+def _messages(store: JobStore) -> list[str]:
+    if isinstance(store, InMemoryJobStore):
+        return [message for _, message in store.pushed]
+    assert isinstance(store, RedisJobStore)
+    return [m.decode() for m in store.redis.lrange("q", 0, -1)]  # type: ignore[union-attr]
+
+
+def test_a_tenant_over_its_rate_limit_is_refused_inside_the_create_and_no_job_or_message_is_left(
+        admit_pair: tuple[RateLimiter, JobStore, str]) -> None:
+    limiter, store, _ = admit_pair
+    first, second, third = _job(), _job(), _job()
+    created = _create(admit_pair, first, 0, 2, T0)
+    assert created.admission.allowed and created.position == 0
+    assert created.admission.rate_room == pytest.approx(1.0)
+    assert _create(admit_pair, second, 0, 2, T0 + 1).admission.allowed
+    refused = _create(admit_pair, third, 0, 2, T0 + 2)
+    assert not refused.admission.allowed and refused.position is None
+    assert refused.admission.retry_after_s == retry_after_s(0, 2, T0 + 2 - int(T0 // WINDOW_S) * WINDOW_S, 2)
+    assert store.get(third.id) is None
+    assert sorted(_messages(store)) == sorted([f"m-{first.id}", f"m-{second.id}"])
+    assert store.tenant_active_count("acme") == 2
+    # refused: not counted (one more fits in the next window's second half, as for admit)
+    assert limiter.hit("acme", 2, T0 + 2, count=False).allowed is False
+
+
+def test_a_tenant_at_its_in_flight_cap_is_refused_inside_the_create_and_not_counted(
+        admit_pair: tuple[RateLimiter, JobStore, str]) -> None:
+    limiter, store, _ = admit_pair
+    assert _create(admit_pair, _job(), 1, 5, T0).admission.in_flight_room == 0
+    late = _job()
+    refused = _create(admit_pair, late, 1, 5, T0 + 1)
+    assert not refused.admission.allowed and refused.admission.active == 1
+    assert store.get(late.id) is None and len(_messages(store)) == 1
+    assert limiter.hit("acme", 5, T0 + 1, count=False).room == pytest.approx(4.0)  # only the created one counted
+    # counted already (the early check): the create re-checks the cap only, and counts nothing more
+    assert _create(admit_pair, _job("globex"), 1, 5, T0 + 2, counted=True).admission.allowed
+    assert limiter.hit("globex", 5, T0 + 2, count=False).room == pytest.approx(5.0)
+
+
+class _CountingLimiter(InMemoryRateLimiter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.early_checks = 0  # the route's checks before the body (admit_and_create calls admit itself)
+
+    async def admit_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
+                          now: float) -> Admission:
+        self.early_checks += 1
+        return await super().admit_async(tenant, store, max_in_flight, limit, now)
+
+
+def test_a_tenant_far_from_its_limits_skips_the_early_check_and_each_request_still_counts_once() -> None:
+    client, services = make_client(rate_limit_per_min=1000, max_jobs_in_flight=1000)
+    services.limiter = limiter = _CountingLimiter()
+    assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+    assert limiter.early_checks == 1  # a tenant this process has no answer for: checked early
+    assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+    assert client.post("/v1/jobs", json={**GENERATE, "steps": 0}, headers=ACME).status_code == 422
+    assert limiter.early_checks == 1  # far from both limits: the create checked them
+    # counted once each: early, by the create, and the 422 after it ended
+    assert limiter.hit("acme", 1000, time.time(), count=False).room == pytest.approx(997, abs=0.1)
+    assert len(queued(services)) == 2
+
+
+def test_a_tenant_near_its_limit_is_checked_before_its_body_is_read() -> None:
+    client, services = make_client(rate_limit_per_min=20)  # margin: 8
+    services.limiter = limiter = _CountingLimiter()
+    for _ in range(13):
+        assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+    assert limiter.early_checks == 1  # the first; then 19..8 left: at least the margin
+    for _ in range(7):  # 7..1 left: under the margin, so every request is checked early
+        assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+    assert limiter.early_checks == 1 + 7
+    # over the limit: refused before the body is read (not even JSON)
+    garbage = client.post("/v1/jobs", content=b"{", headers={**ACME, "Content-Type": "application/json"})
+    assert_error(garbage, 429, "rate_limited")
+    assert len(queued(services)) == 20
+
+
+def test_an_edit_refused_by_the_limits_at_its_create_leaves_no_job_message_or_input_object() -> None:
+    from tests.test_api_images import PNG, data_url
+
+    client, services = make_client(max_jobs_in_flight=20)
+    for _ in range(20):
+        services.store.create(_job())
+    # this process last saw plenty of room (another replica filled the cap since)
+    client.app.state.limits_memory.remember("acme", Admission(True, in_flight_room=15), time.monotonic())
+    response = client.post("/v1/jobs", json={"prompt": "p", "image": data_url(PNG)}, headers=ACME)
+    assert_error(response, 429, "too_many_jobs")
+    assert int(response.headers["Retry-After"]) > 0
+    assert queued(services) == [] and len(services.store.tenant_job_ids("acme")) == 20
+    assert services.objects.objects == {}  # type: ignore[attr-defined]
+    # and the next request of that tenant is checked before its body
+    garbage = client.post("/v1/jobs", content=b"{", headers={**ACME, "Content-Type": "application/json"})
+    assert_error(garbage, 429, "too_many_jobs")
+
+
+def test_the_redis_create_script_checks_and_counts_the_limits_with_the_create(redis_client: redis.Redis) -> None:
+    services = fake_services(make_settings(rate_limit_per_min=1000, max_jobs_in_flight=2))
+    services.store = RedisJobStore(redis_client)
+    services.limiter = RedisRateLimiter(redis_client)
+    client = TestClient(create_app(services=services))
+    for _ in range(2):
+        assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
+    client.app.state.limits_memory.remember("acme", Admission(True, rate_room=500, in_flight_room=500),  # type: ignore[attr-defined]
+                                            time.monotonic())
+    assert_error(client.post("/v1/jobs", json=GENERATE, headers=ACME), 429, "too_many_jobs")
+    assert redis_client.scard(keys.tenant_active("acme")) == 2
+    window = keys.rate_window("acme", int(time.time() // WINDOW_S))
+    assert int(redis_client.get(window) or 0) == 2  # type: ignore[arg-type]

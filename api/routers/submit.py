@@ -2,12 +2,14 @@
 
 POST takes ``application/json`` or ``multipart/form-data`` on the same route, so the body is
 parsed by :mod:`api.intake` (not by FastAPI) and declared to OpenAPI via ``openapi_extra``.
-Order: auth → submission limits → size/content type → parse → Idempotency-Key → params
-(+ webhook and LoRA policy) → image intake → object store → job record + render message.
+Order: auth → submission limits (unless this process knows the tenant is far from them; see
+:mod:`api.limits`) → size/content type → parse → Idempotency-Key → params (+ webhook and LoRA
+policy) → image intake → object store → submission limits + job record + render message.
 
-The job record and its Celery message are written by one Redis script
-(:meth:`broker.store.JobStore.create_and_enqueue`) on the event loop: a job never exists without
-its message, and a submission without input images makes no thread-pool hop.
+The limits, the job record and its Celery message are checked and written by one Redis script
+(:meth:`broker.store.RedisJobStore.create_and_enqueue_within`) on the event loop: a job never
+exists without its message, a refusal writes nothing (and deletes the inputs already stored), and
+a submission without input images makes one Redis round trip and no thread-pool hop.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import TenantDep
 from api.deps import Services
+from api.errors import ApiError
 from api.fetch import check_url_policy
 from api.idempotency import IDEMPOTENCY_RESPONSES, IdempotencyKeyHeader, IdempotencyScope, check_key
 from api.intake import (
@@ -35,11 +38,17 @@ from api.intake import (
     store_inputs,
     validate_params,
 )
-from api.limits import LIMIT_RESPONSES, check_input_limits, enforce_submission_limits
+from api.limits import (
+    LIMIT_RESPONSES,
+    check_input_limits,
+    count_submission,
+    create_within_limits,
+    enforce_submission_limits,
+)
 from api.models import JobOut
 from api.views import ERRORS, STORE_ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
 from broker.schema import Job, JobParams, new_job_id
-from storage.store import StorageUnavailable
+from storage.store import ObjectStore, StorageUnavailable
 
 logger = logging.getLogger("editfarm.api")
 router = APIRouter(tags=["jobs"])
@@ -57,15 +66,17 @@ class Submission:
     tenant: str
     services: Services
     idempotency: IdempotencyScope
+    # counted toward the rate limit (by the early check, or by the create once tried), or nothing to count
+    counted: bool = True
 
 
 async def admit_submission(request: Request, tenant: TenantDep, key: IdempotencyKeyHeader = None) -> Submission:
     """Authentication, then the per-tenant submission limits (before the body is read), then the
     Idempotency-Key's syntax: one dependency where there were five (the limits, the services, the
     idempotency scope, ...): FastAPI spends ~25 µs of CPU on each dependency it solves per request."""
-    await enforce_submission_limits(request, tenant)
+    counted = await enforce_submission_limits(request, tenant)
     services: Services = request.app.state.services
-    return Submission(tenant, services, IdempotencyScope(services, tenant, check_key(key)))
+    return Submission(tenant, services, IdempotencyScope(services, tenant, check_key(key)), counted)
 
 
 @router.post(
@@ -86,6 +97,8 @@ async def submit_job(request: Request, submission: Annotated[Submission, Depends
         # a key still held means the request ended without a job: free it, even if the client went away
         with anyio.CancelScope(shield=True):
             await submission.idempotency.release()
+            if not submission.counted:  # ended before the create (4xx, replay): counted now
+                await count_submission(request, submission.tenant)
 
 
 async def _take_in(request: Request, submission: Submission, base_url: str) -> JSONResponse | tuple[JobParams, Intake]:
@@ -130,11 +143,17 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
             raise unavailable("the object store") from None
     job = Job(id=job_id, tenant=tenant, params=params, input_keys=input_keys, mask_key=mask_key)
     queue, message = services.render_messages.build(job_id, params.priority.value)
+    counted, submission.counted = submission.counted, True
+    stored = [*input_keys, *([mask_key] if mask_key else [])]
     try:
-        # the record, its message and its queue position in one atomic step: both or neither
-        position = await services.store.create_and_enqueue_async(job, queue, message)
+        # the limits, the record, its message and its queue position in one atomic step: all or nothing
+        position = await create_within_limits(request, tenant, job, queue, message, counted)
+    except ApiError:  # refused by the limits: no job, so no inputs either
+        await _discard(services.objects, stored)
+        raise
     except STORE_ERRORS as exc:
         logger.warning("job store unavailable creating %s: %s", job_id, type(exc).__name__)
+        await _discard(services.objects, stored)
         raise unavailable("the job store") from None
     await idempotency.complete(job_id)
     metrics_of(request).job_submitted()
@@ -143,3 +162,19 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
                 len(input_keys), ", a mask" if mask_key else "")
     return JSONResponse(view, status_code=202,
                         headers={"Location": view["urls"]["self"], "Cache-Control": "no-store"})
+
+
+async def _discard(objects: ObjectStore, stored: list[str]) -> None:
+    """Delete the input objects of a job that was not created (best effort: logged, not raised)."""
+    if not stored:
+        return
+
+    def delete_all() -> None:
+        for key in stored:
+            objects.delete(key)
+
+    try:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(delete_all)
+    except StorageUnavailable:
+        logger.warning("object store unavailable deleting %d input(s) of a job not created", len(stored))
