@@ -357,3 +357,39 @@ def test_openapi_documents_both_body_types_and_bearer_auth(client_services: Any)
     assert "/v1/jobs/{job_id}" in spec["paths"]
     assert any(s.get("scheme") == "bearer" for s in spec["components"]["securitySchemes"].values())
     assert client.get("/docs").status_code == 200
+
+
+def test_the_submit_handler_calls_exactly_the_dependencies_the_route_declares() -> None:
+    """POST /v1/jobs's handler calls its dependencies itself (no dependency solving per request), so
+    the graph its OpenAPI operation is built from must stay the one the handler calls."""
+    from fastapi.routing import APIRoute
+
+    from api.auth import _bearer, current_tenant
+    from api.routers.submit import _SubmitRoute, admit_submission, router
+
+    (route,) = [r for r in router.routes if isinstance(r, APIRoute) and r.path == "/v1/jobs"]
+    assert isinstance(route, _SubmitRoute) and route.methods == {"POST"}
+
+    def graph(dependant: Any) -> list[Any]:
+        return [(d.call, [p.alias for p in d.header_params], graph(d)) for d in dependant.dependencies]
+
+    assert graph(route.dependant) == [
+        (admit_submission, ["Idempotency-Key"], [(current_tenant, [], [(_bearer, [], [])])])]
+    assert not route.dependant.body_params and not route.dependant.query_params
+
+
+def test_the_submit_route_reads_the_key_and_the_idempotency_key_as_declared() -> None:
+    client, services = make_client()
+    assert client.post("/v1/jobs", json={"prompt": "p", "operation": "generate"}).status_code == 401
+    basic = client.post("/v1/jobs", json={"prompt": "p", "operation": "generate"},
+                        headers={"Authorization": f"Basic {TEST_KEYS['acme']}"})
+    assert basic.status_code == 401
+    bad_key = client.post("/v1/jobs", json={"prompt": "p", "operation": "generate"},
+                          headers={**ACME, "Idempotency-Key": ""})
+    assert bad_key.status_code == 422 and bad_key.json()["error"]["param"] == "Idempotency-Key"
+    first = client.post("/v1/jobs", json={"prompt": "p", "operation": "generate"},
+                        headers={**ACME, "idempotency-key": "k1"})
+    again = client.post("/v1/jobs", json={"prompt": "p", "operation": "generate"},
+                        headers={**ACME, "Idempotency-Key": "k1"})
+    assert first.status_code == 202 and again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    assert len(queued(services)) == 1

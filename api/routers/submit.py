@@ -15,19 +15,28 @@ a submission without input images makes one Redis round trip and no thread-pool 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
 
-from api.auth import TenantDep
+from api.auth import TenantDep, tenant_of
 from api.deps import Services
 from api.errors import ApiError
 from api.fetch import check_url_policy
-from api.idempotency import IDEMPOTENCY_RESPONSES, IdempotencyKeyHeader, IdempotencyScope, check_key
+from api.idempotency import (
+    HEADER,
+    IDEMPOTENCY_RESPONSES,
+    IdempotencyKeyHeader,
+    IdempotencyScope,
+    check_key,
+)
 from api.intake import (
     Intake,
     check_images,
@@ -51,7 +60,21 @@ from broker.schema import Job, JobParams, new_job_id
 from storage.store import ObjectStore, StorageUnavailable
 
 logger = logging.getLogger("editfarm.api")
-router = APIRouter(tags=["jobs"])
+
+
+class _SubmitRoute(APIRoute):
+    """The route class of ``POST /v1/jobs``. Its OpenAPI operation comes from :func:`submit_job`'s
+    declared parameters (the API key, the Idempotency-Key header), as for any route; per request,
+    :func:`_handle` calls the same functions itself instead of FastAPI solving the dependency graph
+    (~25 µs of CPU per solved dependency: a fifth of a submission's CPU). A dependency added to
+    :func:`submit_job` or :func:`admit_submission` must be added to :func:`_handle` too
+    (``tests/test_api_jobs.py`` checks the declared graph)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        return _handle
+
+
+router = APIRouter(tags=["jobs"], route_class=_SubmitRoute)
 
 _SUBMIT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
@@ -77,6 +100,14 @@ async def admit_submission(request: Request, tenant: TenantDep, key: Idempotency
     counted = await enforce_submission_limits(request, tenant)
     services: Services = request.app.state.services
     return Submission(tenant, services, IdempotencyScope(services, tenant, check_key(key)), counted)
+
+
+async def _handle(request: Request) -> Response:
+    """:func:`submit_job` with its dependencies, called as FastAPI would: the tenant
+    (:func:`api.auth.current_tenant`), then :func:`admit_submission` with the Idempotency-Key."""
+    tenant = await tenant_of(request)
+    submission = await admit_submission(request, tenant, request.headers.get(HEADER))
+    return await submit_job(request, submission)
 
 
 @router.post(
