@@ -97,7 +97,8 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
     # its own registry per app; gauges read the store of app.state.services at scrape time
     app.state.metrics = metrics = ApiMetrics(lambda: app.state.services.store, settings.metrics_store_timeout_s)
     install_error_handlers(app)
-    # outside the catch-all middleware, so answered 500s are counted too
+    # the outermost of the app's own middleware: counts every request, and answers (and counts) any
+    # unexpected exception as 500 internal_error
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.include_router(health.router)
     app.include_router(submit.router)

@@ -2,8 +2,9 @@
 
 Every error body is ``{"error": {"code": ..., "message": ..., "param"?: ...}}``
 with ``code`` from :class:`broker.schema.ErrorCode`. Handlers here translate
-FastAPI/Starlette/pydantic errors into that shape; a pure ASGI middleware turns
-any unexpected exception into a 500 ``internal_error`` (logged, never echoed).
+FastAPI/Starlette/pydantic errors into that shape; the app's outermost pure ASGI middleware
+(:class:`api.metrics.MetricsMiddleware`) turns any unexpected exception into a 500
+``internal_error`` (logged, never echoed).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from broker.schema import ErrorCode
 
@@ -146,42 +146,18 @@ _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Register the handlers and the catch-all middleware on ``app``."""
+    """Register the handlers on ``app``. The catch-all for unexpected exceptions is part of the app's
+    outermost middleware (:class:`api.metrics.MetricsMiddleware`, see :func:`internal_error`)."""
     app.add_exception_handler(ApiError, _api_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_handler)
-    app.add_middleware(CatchAllMiddleware)
 
 
-class CatchAllMiddleware:
-    """Turn an unexpected exception into 500 internal_error instead of a bare text page.
+def internal_error() -> ApiError:
+    """What an unexpected exception is answered with: 500 internal_error instead of a bare text page.
 
-    Sits inside Starlette's ServerErrorMiddleware, so the exception is answered
-    (and logged once, with its traceback but no request headers) rather than
-    re-raised to the server. If the response had already started it cannot be
-    replaced, so the exception is re-raised.
+    The catch-all sits inside Starlette's ServerErrorMiddleware, so the exception is answered (and
+    logged once, with its traceback but no request headers) rather than re-raised to the server. If
+    the response had already started it cannot be replaced, so the exception is re-raised.
     """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
-        except Exception:
-            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            if started:
-                raise
-            error = ApiError(500, ErrorCode.INTERNAL_ERROR, "internal error; the request was not completed")
-            await error.response()(scope, receive, send)
+    return ApiError(500, ErrorCode.INTERNAL_ERROR, "internal error; the request was not completed")

@@ -161,8 +161,12 @@ def _transition_checks(to: JobStatus, fields: Mapping[str, Any] | None, from_: I
     return checks, {"status": to.value, **(fields or {})}
 
 
+# json.dumps with these arguments builds a new encoder per call (~1.5 µs, ~25 calls per job)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
 def _encode(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return _ENCODER.encode(value)
 
 
 def _cas_args(expect: Expect, fields: Mapping[str, Any]) -> list[Any]:

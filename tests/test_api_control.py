@@ -530,3 +530,17 @@ def test_openapi_documents_the_new_routes(client_services: Any) -> None:
     assert {"priority", "timeout_s", "queue_deadline_s", "webhook_events"} <= set(
         schemas["JobRequest"]["properties"])
     assert "CancelRequest" in schemas
+
+
+def test_an_unexpected_exception_is_answered_500_and_counted_as_500(client_services: Any) -> None:
+    client, services = client_services
+
+    def explode(job_id: str, tenant: str) -> None:
+        raise RuntimeError("boom")
+
+    services.store.get_for_tenant = explode  # type: ignore[method-assign]
+    response = client.get("/v1/jobs/job_x", headers=ACME)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "internal_error"
+    families = scrape(client)
+    assert sample_value(families, "editfarm_http_requests", "editfarm_http_requests_total",
+                        route="/v1/jobs/{job_id}", method="GET", status="500") == 1
