@@ -34,6 +34,7 @@ from broker.store import RedisJobStore
 from broker.tenants import RedisTenantStore
 from storage import S3Config, S3ObjectStore, StorageUnavailable
 from workers import metrics
+from workers.loras import LoraResolver, LoraSettings
 from workers.notify import WebhookNotifier
 from workers.pipeline.base import Renderer
 from workers.pipelining import Pipelining, for_this_process
@@ -342,9 +343,16 @@ def jobs_waiting() -> bool:
     return _messages_wait(RENDER_QUEUE_ORDER)
 
 
+@functools.cache
+def _lora_settings() -> LoraSettings:
+    # read once per process: parsing the environment costs ~0.6 ms, and a Runner is made per task
+    return LoraSettings()
+
+
 def runner() -> Runner:
+    loras = LoraResolver.from_settings(objects(), _lora_settings())
     return Runner(store(), objects(), RedisEventPublisher(redis_client()), renderer(), notify_via_queue,
-                  runner_config(), requeue=requeue, draining=draining, observe=metrics.observe,
+                  runner_config(), requeue=requeue, draining=draining, observe=metrics.observe, loras=loras,
                   pipelining=pipelining(), give_way=give_way, jobs_waiting=jobs_waiting,
                   terminal_message=terminal_message)
 
