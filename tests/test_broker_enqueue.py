@@ -14,6 +14,7 @@ import redis
 import redis.asyncio as aioredis
 from celery import Celery
 
+from broker import keys
 from broker.celery_app import (
     RENDER_QUEUES,
     WEBHOOK_QUEUE,
@@ -162,3 +163,19 @@ def test_a_transition_pushes_its_message_only_when_it_happens(kind: str, redis_c
                              push=("to-list", "m2"))
     assert moved is not None and moved.status is JobStatus.CANCELED and moved.error is not None
     assert moved == store.get(job.id) and pushed() == ["m2"]
+
+
+def test_each_field_is_stored_exactly_as_the_store_encodes_it_whatever_the_prompt_holds(
+        redis_client: redis.Redis) -> None:
+    """The create-and-enqueue script takes the fields as one JSON array (cjson): the hash must hold the
+    same strings as a field-by-field HSET would."""
+    from broker.schema import dump_fields
+    from broker.store import _encode
+
+    store = RedisJobStore(redis_client)
+    prompt = 'quotes " and \\ backslashes, é, 漢字, emoji 🚲, a newline\n, a tab\t and \u0000'
+    job = Job(id=new_job_id(), tenant="acme", params=JobParams(prompt=prompt, negative_prompt="", seed=7))
+    enqueue(store, job)
+    stored = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.job(job.id)).items()}
+    assert stored == {name: _encode(value) for name, value in dump_fields(job).items()}
+    assert store.get(job.id) == job
