@@ -7,6 +7,7 @@ Run it with ``uvicorn --factory api.app:create_app`` (settings from
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.metadata
 import inspect
 import logging
@@ -55,6 +56,25 @@ def _version() -> str:
         return "0.0.0"
 
 
+_startup_heap_frozen = False
+
+
+def freeze_startup_heap() -> None:
+    """Once per process, when the server starts: collect, then move every object alive now (modules,
+    classes, schemas, clients: ~150k objects) to the collector's permanent generation.
+
+    Submissions in flight keep their objects alive across young collections, so they reach the
+    oldest generation and trigger a full collection every thousand or so requests; each used to walk
+    the whole startup heap (~50-100 ms, ~70 µs per request on average under load). Frozen objects are
+    never walked again (nor freed: they live as long as the process anyway).
+    """
+    global _startup_heap_frozen
+    if not _startup_heap_frozen:
+        _startup_heap_frozen = True
+        gc.collect()
+        gc.freeze()
+
+
 def create_app(settings: ApiSettings | None = None, services: Services | None = None) -> FastAPI:
     """Build the API.
 
@@ -75,6 +95,7 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        freeze_startup_heap()
         yield
         for close in services.closers:
             try:
