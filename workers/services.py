@@ -33,7 +33,7 @@ from broker.schema import Job
 from broker.store import RedisJobStore
 from broker.tenants import RedisTenantStore
 from storage import S3Config, S3ObjectStore, StorageUnavailable
-from workers import metrics
+from workers import malloc, metrics
 from workers.loras import LoraResolver, LoraSettings
 from workers.notify import WebhookNotifier
 from workers.pipeline.base import Renderer
@@ -199,12 +199,23 @@ def start_background(role: str) -> None:
         reaper().start()
 
 
+def _renders_on_cpu() -> bool:
+    """Whether this process renders a real model on the CPU (touches CUDA: child only)."""
+    s = settings()
+    return s.renderer != "standin" and resolve_device(s.device) == "cpu"
+
+
 def warm_up() -> None:
     """Load the model, check the device, run one short render, warm the rest of a job's path,
     then write the ready file."""
+    tune_malloc = _renders_on_cpu() and settings().reuse_cpu_memory
+    if tune_malloc:
+        malloc.one_arena()  # before the model load and the warm-up render start any thread
     r = renderer()
     r.healthcheck()
     r.warmup()
+    if tune_malloc and malloc.keep_freed_memory():
+        log.info("CPU rendering: freed memory is kept for the next step (EDITFARM_REUSE_CPU_MEMORY)")
     warm_job_path()
     _touch(settings().ready_file, str(os.getpid()))
     log.info("worker warm and ready")
