@@ -1,14 +1,15 @@
 """Real pipeline: the worker's time for one job against calling the same diffusers pipeline directly.
 
-    python -m bench.pipeline                     # tiny model on CPU, 8 steps at 512x512, 5 rounds (~2 min)
+    python -m bench.pipeline                     # tiny model on CPU, 8 steps at 512x512, 8 rounds (~2 min)
     python -m bench.pipeline --quick
     python -m bench.pipeline --model DIR         # any Qwen-Image-Edit folder (default: build the tiny one)
 
 A local cluster with one render worker that loads the model with ``from_pretrained`` (the
 production path: ``DiffusersRenderer``), and in this process the same folder loaded as a
-``QwenImageEditPipeline``. Rounds alternate: one edit job through the API and the worker,
-then the same edit by a direct pipeline call + PNG encode (what a script would do: same
-input image, prompt, negative prompt, CFG, steps, seed and size). Reported, as medians:
+``QwenImageEditPipeline``. Each round runs one edit job through the API and the worker and
+the same edit by a direct pipeline call + PNG encode (what a script would do: same input
+image, prompt, negative prompt, CFG, steps, seed and size), in ABBA order (odd rounds run the
+direct call first, so drift and the order hit both alike). Reported, as medians:
 
 * ``worker_job_s``: the job's ``finished_at − started_at`` (lease, input download + decode,
   render, encode, upload, terminal transition): the worker's time for one job;
@@ -79,7 +80,7 @@ def main() -> int:
     p.add_argument("--model", default="", help="model folder (default: build the tiny model in the workdir)")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--side", type=int, default=512, help="input and output side (px)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=8)
     args = p.parse_args()
     if args.quick:
         args.steps, args.side, args.rounds = 2, 128, 1
@@ -148,19 +149,30 @@ def main() -> int:
         warm = 0 if args.quick else 1
         for index in range(warm + args.rounds):  # the first `warm` rounds warm both paths up, not counted
             seed = 7 + index
-            before = render_seconds(metrics_port)
-            cpu_before = worker_cpu()
-            answer = client.post("/v1/jobs", json={**body, "seed": seed})
-            if answer.status_code != 202:
-                raise RuntimeError(f"submit answered {answer.status_code}: {answer.text[:300]}")
-            job_id = answer.json()["id"]
-            record = wait_jobs_done(cluster.redis_url, [job_id], timeout_s=600)[job_id]
-            outputs = json.loads(store.hget(keys.job(job_id), "outputs") or b"[]")
-            worker_render = render_seconds(metrics_port) - before
-            worker_cpu_s = worker_cpu() - cpu_before
-            began, cpu_began = time.perf_counter(), time.process_time()
-            png = direct(seed)
-            direct_s, direct_cpu_s = time.perf_counter() - began, time.process_time() - cpu_began
+
+            def through_worker() -> tuple[dict[str, Any], list[dict[str, Any]], float, float]:
+                before = render_seconds(metrics_port)
+                cpu_before = worker_cpu()
+                answer = client.post("/v1/jobs", json={**body, "seed": seed})
+                if answer.status_code != 202:
+                    raise RuntimeError(f"submit answered {answer.status_code}: {answer.text[:300]}")
+                job_id = answer.json()["id"]
+                record = wait_jobs_done(cluster.redis_url, [job_id], timeout_s=600)[job_id]
+                outputs = json.loads(store.hget(keys.job(job_id), "outputs") or b"[]")
+                return record, outputs, render_seconds(metrics_port) - before, worker_cpu() - cpu_before
+
+            def directly() -> tuple[bytes, float, float]:
+                began, cpu_began = time.perf_counter(), time.process_time()
+                png = direct(seed)
+                return png, time.perf_counter() - began, time.process_time() - cpu_began
+
+            # ABBA: odd rounds run the direct call first, so drift and the order itself hit both alike
+            if index % 2:
+                png, direct_s, direct_cpu_s = directly()
+                record, outputs, worker_render, worker_cpu_s = through_worker()
+            else:
+                record, outputs, worker_render, worker_cpu_s = through_worker()
+                png, direct_s, direct_cpu_s = directly()
             row = {"round": index, "status": record["status"],
                    "worker_job_s": record["finished_at"] - record["started_at"],
                    "worker_render_s": worker_render, "direct_s": direct_s,
