@@ -174,6 +174,11 @@ class IdempotencyScope:
         self.services, self.tenant, self.key = services, tenant, key
         self._held: str | None = None  # our pending marker while we own the key
 
+    @property
+    def to_release(self) -> bool:
+        """Whether :meth:`release` has anything to do (the submission's ``finally`` skips it if not)."""
+        return self._held is not None
+
     async def claim(self, fields: dict[str, Any], sources: Any,
                     render: Callable[[Job], dict[str, Any]]) -> JSONResponse | None:
         """Own the key for this request (None: go on and create the job), or the response to return:

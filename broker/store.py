@@ -163,9 +163,19 @@ def _transition_checks(to: JobStatus, fields: Mapping[str, Any] | None, from_: I
 
 # json.dumps with these arguments builds a new encoder per call (~1.5 µs, ~25 calls per job)
 _ENCODER = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+_encode_str: Any = getattr(json.encoder, "c_encode_basestring_ascii", None) or json.encoder.encode_basestring_ascii
 
 
 def _encode(value: Any) -> str:
+    """``json.dumps(value, separators=(",", ":"), sort_keys=True)``; strings, None and ints (most of
+    a job's fields) without going through the encoder object (~1 µs each)."""
+    kind = type(value)
+    if kind is str:
+        return str(_encode_str(value))
+    if value is None:
+        return "null"
+    if kind is int:
+        return int.__repr__(value)
     return _ENCODER.encode(value)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import threading
+from typing import Any
 
 import pytest
 import redis
 
-from broker.schema import Job, JobParams, JobStatus, new_job_id
+from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
 from broker.store import InMemoryJobStore, JobStore, RedisJobStore
 
 
@@ -166,3 +168,11 @@ def test_a_tenants_in_flight_count_follows_its_jobs(store: JobStore) -> None:
     store.transition(a.id, JobStatus.SUCCEEDED)
     store.transition(b.id, JobStatus.CANCELED)
     assert store.tenant_active_count("acme") == 0 and store.tenant_active_count("globex") == 1
+
+
+@pytest.mark.parametrize("value", [0, -5, 10**30, 1.5, 2.0, float("inf"), True, False, None, "", 'é"\\\n\x00🚲',
+                                   {"b": 1, "a": [1, "x", None]}, [], Priority.HIGH, JobStatus.QUEUED])
+def test_the_store_encodes_every_value_as_json_dumps_with_sorted_keys_would(value: Any) -> None:
+    from broker.store import _encode
+
+    assert _encode(value) == json.dumps(value, separators=(",", ":"), sort_keys=True)
