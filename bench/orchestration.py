@@ -16,6 +16,13 @@ the code as it is); ``current``, the code as it is, is the only one now (the pro
 submission fast path and of the notify task's own first delivery attempt are in the product). The
 top-level figures are those of the first variant; ``by_variant`` has each.
 
+Also alternating with the jobs, the parts of the path that are not ours, each measured alone
+(``parts_alone_ms``): an HTTP GET of the API's ``/healthz`` (the submit request's HTTP leg), a
+put of a 64x64 PNG (the stand-in's output) into the same S3 server through the workers' own
+``S3ObjectStore``, and a POST of a webhook-sized body to the same receiver. ``floor_ms`` adds
+their medians to the baseline's (a Celery round trip is two one-way hops, as the render and
+notify messages are): what submit → webhook would take if our own code cost nothing.
+
 The breakdown of each job comes from its record (``created_at``, ``started_at``,
 ``finished_at``, epoch seconds) and the receiver's clock: POST answered, queued → started,
 started → finished (fetch, render, encode, upload, terminal transition), finished →
@@ -24,6 +31,8 @@ webhook arrived (the notify message, the notify task: outbox and first delivery 
 
 from __future__ import annotations
 
+import io
+import json
 import subprocess
 import sys
 import time
@@ -47,6 +56,15 @@ from bench.common import (
     workdir,
     write_report,
 )
+
+
+def flat_png(side: int) -> bytes:
+    """A flat side x side PNG, as the stand-in renders (a generate job without a size is 64x64)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (side, side), (7, 0, 128)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def start_noop_worker(redis_url: str, log_path: Path) -> subprocess.Popen[bytes]:
@@ -92,6 +110,8 @@ def main() -> int:
     import httpx
     from celery import Celery
 
+    from storage import S3Config, S3ObjectStore
+
     root = workdir(args.workdir, "orchestration")
     rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     records: dict[str, dict[str, Any]] = {}
@@ -113,6 +133,28 @@ def main() -> int:
         clients = {v: stack.enter_context(httpx.Client(base_url=c.api_url, timeout=30,
                                                        headers={"Authorization": f"Bearer {c.api_key()}"}))
                    for v, c in clusters.items()}
+        parts: dict[str, list[float]] = {"api_http_get": [], "s3_put_64px_png": [], "webhook_post": []}
+        objects = S3ObjectStore(S3Config(bucket="editfarm", endpoint_url=first.s3_url, region="us-east-1",
+                                         access_key_id="test", secret_access_key="test", path_style=True))
+        png = flat_png(64)
+        post_body = json.dumps({"type": "bench.part", "data": {"id": "part", "status": "succeeded",
+                                                                "outputs": [{"url": "x" * 400}]}}).encode()
+        parts_client = stack.enter_context(httpx.Client(timeout=30))
+
+        def time_parts(index: int) -> None:
+            began = time.perf_counter()
+            clients[variants[0]].get("/healthz").raise_for_status()
+            got = {"api_http_get": time.perf_counter() - began}
+            began = time.perf_counter()
+            objects.put(f"bench/parts/{index}.png", png, "image/png")
+            got["s3_put_64px_png"] = time.perf_counter() - began
+            began = time.perf_counter()
+            parts_client.post(receiver.url, content=post_body, headers={"content-type": "application/json"})
+            got["webhook_post"] = time.perf_counter() - began
+            if index >= warm:
+                for name, took in got.items():
+                    parts[name].append(took)
+
         warm = 2 if args.quick else 5
         log(f"{args.jobs} jobs per variant {variants} ({operation}, steps=2, stand-in 0 s), alternating with "
             f"{args.jobs} no-op tasks")
@@ -122,6 +164,7 @@ def main() -> int:
             noop_s = time.perf_counter() - began
             if index >= warm:
                 baseline.append(noop_s)
+            time_parts(index)
             for variant in variants:
                 body = job_body(steps=2, seed=index, webhook=receiver.url)
                 began = time.perf_counter()
@@ -150,6 +193,8 @@ def main() -> int:
                             "goals": {"p50_le_3x_baseline": (ratio(total["p50"], base["p50"]) or 99) <= 3.0,
                                       "p99_le_50_ms": total["p99"] <= 50.0}}
     current = results[variants[0]]
+    alone = {name: summary(values, 1000) for name, values in parts.items()}
+    floor = base["p50"] + sum(part["p50"] for part in alone.values())
     report = {
         "operation": operation, "variants": variants,
         "jobs": current["jobs"], "statuses": current["statuses"],
@@ -157,6 +202,7 @@ def main() -> int:
         "baseline_celery_apply_async_get_ms": base,
         "ratio_p50": current["ratio_p50"], "ratio_p99": current["ratio_p99"],
         "breakdown_ms": current["breakdown_ms"], "goals": current["goals"],
+        "parts_alone_ms": alone, "floor_ms": round(floor, 3), "floor_over_baseline": ratio(floor, base["p50"]),
         "by_variant": results,
     }
     write_report("orchestration", report, args.out, args.quick, command_line())
