@@ -449,8 +449,15 @@ class RedisJobStore(JobStore):
         if self._create_and_enqueue_on_loop is None:
             return await asyncio.to_thread(self.create_and_enqueue_within, job, queue, message, quota)
         script_keys, args = _create_args(job, queue, message, quota)
+        script = self._create_and_enqueue_on_loop
         async with asyncio.timeout(self._async_timeout_s):
-            answer = await self._create_and_enqueue_on_loop(keys=script_keys, args=args)
+            try:
+                # EVALSHA itself: AsyncScript.__call__ adds an isinstance check against a typing
+                # Protocol subclass (its Pipeline) and two more wrappers per call
+                answer = await script.registered_client.execute_command(
+                    "EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+            except redis.exceptions.NoScriptError:  # a restarted or flushed server: load it again
+                answer = await script(keys=script_keys, args=args)
         return _quota_answer(answer, job.id)
 
     def get(self, job_id: str) -> Job | None:

@@ -105,6 +105,24 @@ def test_the_async_variant_writes_the_same(redis_client: redis.Redis) -> None:
     assert asyncio.run(run()) == [0, 1, 0]
 
 
+def test_the_async_variant_loads_its_script_again_after_the_server_forgot_it(redis_client: redis.Redis) -> None:
+    async def run() -> list[int | None]:
+        on_loop = aioredis.Redis(connection_pool=aioredis.ConnectionPool(
+            **redis_client.connection_pool.connection_kwargs))
+        try:
+            store, positions = RedisJobStore(redis_client, on_loop), []
+            for _ in range(2):
+                redis_client.script_flush()
+                job = make_job()
+                positions.append(await store.create_and_enqueue_async(job, *RenderMessages().build(job.id)))
+                assert store.get(job.id) == job
+            return positions
+        finally:
+            await on_loop.aclose()
+
+    assert asyncio.run(run()) == [0, 1]
+
+
 def _decoded(message: str | bytes) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(message)
     data["body"] = json.loads(base64.b64decode(data["body"]))
