@@ -75,6 +75,13 @@ def orchestration_rows(orch: dict[str, Any]) -> list[Row]:
         label = "Submit → webhook, stand-in 0 s" + ("" if name == "current" else f" ({name})")
         met = v["goals"]["p50_le_3x_baseline"] and v["goals"]["p99_le_50_ms"]
         out.append((label, value, "p50 ≤ 3× bare Celery, p99 ≤ 50 ms", yes(met), cmd))
+    alone = orch.get("parts_alone_ms")
+    if alone:
+        value = (f"{orch['floor_ms']:.1f} ms = **{orch['floor_over_baseline']}×** Celery's {b['p50']:.1f} ms: "
+                 f"Celery round trip + API HTTP leg {alone['api_http_get']['p50']:.1f} + S3 put "
+                 f"{alone['s3_put_64px_png']['p50']:.1f} + webhook POST {alone['webhook_post']['p50']:.1f} ms "
+                 "(each measured alone, p50)")
+        out.append(("Submit → webhook: floor of the parts that are not ours", value, "", "", cmd))
     return out
 
 
