@@ -185,8 +185,8 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
         await _discard(services.objects, stored)
         raise
     except STORE_ERRORS as exc:
+        # inputs kept: a reply lost to a timeout may hide a job that was created (and needs them)
         logger.warning("job store unavailable creating %s: %s", job_id, type(exc).__name__)
-        await _discard(services.objects, stored)
         raise unavailable("the job store") from None
     await idempotency.complete(job_id)
     metrics_of(request).job_submitted()
