@@ -334,19 +334,20 @@ def test_sigkill_of_a_tiny_model_child_mid_render_ends_the_job_once(faults: Faul
     cluster, tally = faults.cluster, Tally("kill_child_tiny_model")
     for name in TINY:
         cluster.wait_worker_ready(name, timeout_s=300)
-    # text-to-image at 64x64 keeps each step well under a second on a busy CPU
-    job_id = submit(cluster, operation="generate", width=64, height=64, steps=12, priority="low",
+    # text-to-image at 1024x1024, 100 steps: the tiny model's steps take ~20-40 ms each here, so the
+    # render lasts seconds and the kill lands mid-render (at 64x64, 12 steps it could end before the kill)
+    job_id = submit(cluster, operation="generate", width=1024, height=1024, steps=100, priority="low",
                     webhook=faults.receiver.url)
     wait_running(cluster, [job_id], min_step=2, timeout_s=120)
     victim = holder(cluster, job_id)
     assert victim in TINY
     os.kill(cluster.worker_child_pid(victim), signal.SIGKILL)
     at_kill = job_fields(cluster, [job_id], "status", "progress", "attempts")[job_id]
-    assert at_kill["status"] == "running" and at_kill["attempts"] == 1 and at_kill["progress"]["step"] < 12
+    assert at_kill["status"] == "running" and at_kill["attempts"] == 1 and at_kill["progress"]["step"] < 100
     wait_all_terminal(cluster, [job_id], timeout_s=300)
     faults.deliveries.wait_terminal([job_id])
     judge(cluster, tally, [job_id], faults.deliveries, expect_attempts=2)
-    tally.notes["renderer"] = "tiny Qwen-Image (random weights), generate 64x64, 12 steps on CPU, killed at step 2+"
+    tally.notes["renderer"] = "tiny Qwen-Image (random weights), generate 1024x1024, 100 steps on CPU, killed at step 2+"
     for name in TINY:  # their CPU is better spent on what follows
         cluster.stop_process(name, signal.SIGKILL)
     assert_all_survived(tally)
