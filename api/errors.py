@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,6 +22,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from broker.schema import ErrorCode
+
+# what the job store, the limits, the idempotency keys and the delivery log raise when Redis is
+# unreachable: a request answers 503 (retry later), never 500
+STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 
 logger = logging.getLogger("editfarm.api")
 

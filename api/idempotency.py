@@ -38,7 +38,7 @@ from fastapi import Header
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import ApiError, ErrorResponse
+from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from api.models import JobOut
 from broker import keys
 from broker.schema import ErrorCode, Job
@@ -54,7 +54,6 @@ PENDING_TTL_S = 300  # longer than any submission (image URL fetches, uploads)
 IN_PROGRESS_WAIT_S = 2.0
 _POLL_S = 0.05
 _PENDING = "pending:"
-STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 
 
 # -- storage ----------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ import redis
 import redis.asyncio as aioredis
 from fastapi import Request
 
-from api.errors import ApiError, ErrorResponse
+from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from api.settings import ApiSettings
 from broker import keys
 from broker.schema import ErrorCode, Job
@@ -59,7 +59,6 @@ IN_FLIGHT_RETRY_AFTER_S = 15
 FRESH_S = 1.0
 # the least headroom, under either limit, that lets a request skip the check before its body
 MIN_MARGIN = 8
-STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 
 
 @dataclasses.dataclass(frozen=True)

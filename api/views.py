@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from fastapi import Request
 
 from api.deps import Services
@@ -14,7 +13,6 @@ from broker.schema import ErrorCode, Job, JobStatus
 from broker.views import job_view
 
 # A job store backed by Redis fails with RedisError (or a bare socket error).
-STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text} for status, text in {
         400: "invalid_json / invalid_request", 401: "unauthorized", 404: "not_found",

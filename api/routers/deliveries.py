@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-import redis
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -19,13 +18,12 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import TenantDep
 from api.delivery_log import TERMINAL_EVENTS, Delivery
 from api.deps import Services, ServicesDep
-from api.errors import ApiError, ErrorResponse
+from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from broker.schema import ErrorCode, Job
 
 logger = logging.getLogger("editfarm.api")
 router = APIRouter(tags=["webhooks"])
 
-STORE_ERRORS = (redis.exceptions.RedisError, OSError)
 
 
 class DeliveryAttemptOut(BaseModel):

@@ -17,13 +17,12 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import TenantDep
 from api.deps import Services, ServicesDep
-from api.errors import ApiError, ErrorResponse, from_validation_errors
+from api.errors import STORE_ERRORS, ApiError, ErrorResponse, from_validation_errors
 from api.intake import capped_stream, reject_constant
 from api.models import CancelRequest, JobList, JobOut
 from api.sse import EventStreamResponse, JobEventStream
 from api.views import (
     ERRORS,
-    STORE_ERRORS,
     metrics_of,
     presign,
     public_base_url,

@@ -28,7 +28,7 @@ from starlette.responses import Response
 
 from api.auth import TenantDep, tenant_of
 from api.deps import Services
-from api.errors import ApiError
+from api.errors import STORE_ERRORS, ApiError
 from api.fetch import check_url_policy
 from api.idempotency import (
     HEADER,
@@ -55,7 +55,7 @@ from api.limits import (
     enforce_submission_limits,
 )
 from api.models import JobOut
-from api.views import ERRORS, STORE_ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
+from api.views import ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
 from broker.schema import Job, JobParams, new_job_id
 from storage.store import ObjectStore, StorageUnavailable
 
