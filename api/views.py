@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import Services
-from api.errors import ApiError, ErrorResponse
+from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from api.metrics import ApiMetrics
 from broker.schema import ErrorCode, Job, JobStatus
 from broker.views import job_view
 
-# A job store backed by Redis fails with RedisError (or a bare socket error).
+logger = logging.getLogger("editfarm.api")
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text} for status, text in {
         400: "invalid_json / invalid_request", 401: "unauthorized", 404: "not_found",
@@ -26,6 +29,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 def unavailable(what: str) -> ApiError:
     return ApiError(503, ErrorCode.UNAVAILABLE, f"{what} is unavailable; retry later")
+
+
+async def tenant_job_or_404(services: Services, job_id: str, tenant: str) -> Job:
+    """The tenant's job; 404 not_found for an unknown id or another tenant's job; 503 if the store is down."""
+    try:
+        job = await run_in_threadpool(services.store.get_for_tenant, job_id, tenant)
+    except STORE_ERRORS as exc:
+        logger.warning("job store unavailable reading a job: %s", type(exc).__name__)
+        raise unavailable("the job store") from None
+    if job is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, "no such job")
+    return job
 
 
 # (scheme, server, Host header, root path) → the request's base URL: building it with Starlette's URL

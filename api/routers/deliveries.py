@@ -19,6 +19,7 @@ from api.auth import TenantDep
 from api.delivery_log import TERMINAL_EVENTS, Delivery
 from api.deps import Services, ServicesDep
 from api.errors import STORE_ERRORS, ApiError, ErrorResponse
+from api.views import tenant_job_or_404, unavailable
 from broker.schema import ErrorCode, Job
 
 logger = logging.getLogger("editfarm.api")
@@ -55,31 +56,12 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {s: {"model": ErrorResponse, "description": text[s]} for s in statuses}
 
 
-def _unavailable(what: str) -> ApiError:
-    return ApiError(503, ErrorCode.UNAVAILABLE, f"{what} is unavailable; retry later")
-
-
-def _not_found() -> ApiError:
-    return ApiError(404, ErrorCode.NOT_FOUND, "no such job")
-
-
-async def _job(services: Services, job_id: str, tenant: str) -> Job:
-    try:
-        job = await run_in_threadpool(services.store.get_for_tenant, job_id, tenant)
-    except STORE_ERRORS as exc:
-        logger.warning("job store unavailable reading a job: %s", type(exc).__name__)
-        raise _unavailable("the job store") from None
-    if job is None:
-        raise _not_found()
-    return job
-
-
 async def _deliveries(services: Services, job: Job) -> list[Delivery]:
     try:
         return await run_in_threadpool(services.deliveries.for_job, job.id, job.tenant)
     except STORE_ERRORS as exc:
         logger.warning("webhook outbox unavailable: %s", type(exc).__name__)
-        raise _unavailable("the webhook outbox") from None
+        raise unavailable("the webhook outbox") from None
 
 
 @router.get(
@@ -91,7 +73,7 @@ async def list_deliveries(job_id: str, tenant: TenantDep, services: ServicesDep)
     """Every webhook message the job produced (`job.started`, its terminal event), with each delivery
     attempt: when, the receiver's status code, the error, how long it took. Empty for a job without a
     webhook or one whose messages expired (7 days after their last change). Another tenant's job is 404."""
-    job = await _job(services, job_id, tenant)
+    job = await tenant_job_or_404(services, job_id, tenant)
     deliveries = await _deliveries(services, job)
     return JSONResponse({"data": [d.view() for d in deliveries]}, headers={"Cache-Control": "no-store"})
 
@@ -129,7 +111,7 @@ async def redeliver(
     The message becomes `pending` with a fresh retry schedule; earlier attempts stay in the log.
     409 `job_not_finished` while the job runs, 409 `no_webhook` when it has no webhook or its message
     is not stored (yet, or any more)."""
-    job = await _job(services, job_id, tenant)
+    job = await tenant_job_or_404(services, job_id, tenant)
     if not job.params.webhook:
         raise ApiError(409, ErrorCode.NO_WEBHOOK, "the job has no webhook")
     if not job.status.is_terminal:
@@ -142,11 +124,11 @@ async def redeliver(
         current = await run_in_threadpool(services.deliveries.get, delivery.message_id)
     except STORE_ERRORS as exc:
         logger.warning("webhook outbox unavailable: %s", type(exc).__name__)
-        raise _unavailable("the webhook outbox") from None
+        raise unavailable("the webhook outbox") from None
     try:
         await run_in_threadpool(services.redeliver, delivery.message_id)
     except Exception as exc:  # noqa: BLE001 - any broker failure: the message stays pending, retry the call
         logger.warning("could not queue the redelivery of %s: %s", delivery.message_id, type(exc).__name__)
-        raise _unavailable("the webhook queue") from None
+        raise unavailable("the webhook queue") from None
     logger.info("redelivering %s of %s for tenant %s", delivery.message_id, job_id, tenant)
     return JSONResponse((current or delivery).view(), status_code=202, headers={"Cache-Control": "no-store"})

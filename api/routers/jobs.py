@@ -28,6 +28,7 @@ from api.views import (
     public_base_url,
     public_view,
     read_view,
+    tenant_job_or_404,
     unavailable,
 )
 from broker import events
@@ -45,7 +46,7 @@ async def get_job(job_id: str, request: Request, tenant: TenantDep, services: Se
     """The job with presigned output URLs and, while queued, its ``queue_position``.
 
     Another tenant's job answers exactly like an unknown id (404)."""
-    job = await _job_or_404(services, job_id, tenant)
+    job = await tenant_job_or_404(services, job_id, tenant)
     try:
         view = await run_in_threadpool(read_view, job, public_base_url(request, services), services)
     except STORE_ERRORS as exc:
@@ -53,18 +54,6 @@ async def get_job(job_id: str, request: Request, tenant: TenantDep, services: Se
         raise unavailable("the job store") from None
     # presigned URLs are credentials for a while: keep them out of shared caches
     return JSONResponse(view, headers={"Cache-Control": "no-store"})
-
-
-async def _job_or_404(services: Services, job_id: str, tenant: str) -> Job:
-    """The tenant's job; 404 not_found for an unknown id or another tenant's job; 503 if the store is down."""
-    try:
-        job = await run_in_threadpool(services.store.get_for_tenant, job_id, tenant)
-    except STORE_ERRORS as exc:
-        logger.warning("job store unavailable reading a job: %s", type(exc).__name__)
-        raise unavailable("the job store") from None
-    if job is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, "no such job")
-    return job
 
 
 # -- listing -------------------------------------------------------------------------------------
@@ -243,7 +232,7 @@ async def cancel_job(job_id: str, request: Request, tenant: TenantDep, services:
     ``status`` event and the job's webhook (if any) is sent once as
     ``job.canceled``. A job that already ended is 409 ``job_finished``.
     """
-    job = await _job_or_404(services, job_id, tenant)
+    job = await tenant_job_or_404(services, job_id, tenant)
     reason = await _cancel_reason(request)
     message = f"canceled by request: {reason}" if reason else "canceled by request"
     try:
@@ -292,7 +281,7 @@ async def job_events(job_id: str, request: Request, tenant: TenantDep, services:
     late misses nothing; a job that already ended gets ``status`` and ``done``
     and the stream closes. Unknown or another tenant's job: 404 before any stream.
     """
-    await _job_or_404(services, job_id, tenant)
+    await tenant_job_or_404(services, job_id, tenant)
     try:
         subscription = await services.events.subscribe(job_id)
     except Exception as exc:  # noqa: BLE001 - no pub/sub, no stream
@@ -300,7 +289,7 @@ async def job_events(job_id: str, request: Request, tenant: TenantDep, services:
         raise unavailable("the event feed") from None
     try:
         # subscribed first, then read: whatever changes from here on is either in this read or on the feed
-        job = await _job_or_404(services, job_id, tenant)
+        job = await tenant_job_or_404(services, job_id, tenant)
         base_url = public_base_url(request, services)
 
         async def read() -> Job | None:
