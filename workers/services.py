@@ -129,8 +129,11 @@ def http_client() -> httpx.Client:
     return _http(os.getpid())
 
 
-def resolve_device(requested: str) -> str:
-    """'auto' → 'cuda' if a GPU is visible, else 'cpu'. Touches CUDA: call only in the child."""
+@functools.cache
+def device() -> str:
+    """The device this process renders on: EDITFARM_DEVICE, with 'auto' → 'cuda' if a GPU is
+    visible, else 'cpu'. Touches CUDA: call only in the child."""
+    requested = settings().device
     if requested != "auto":
         return requested
     import torch
@@ -155,9 +158,8 @@ def renderer() -> Renderer:
         s = settings()
         if not s.model:
             raise RuntimeError("EDITFARM_MODEL is not set (a model folder or hub id)")
-        device = resolve_device(s.device)
-        log.info("loading model %s on %s", s.model, device)
-        _renderer = load_renderer(s.model, device, compile_blocks=s.compile_transformer)
+        log.info("loading model %s on %s", s.model, device())
+        _renderer = load_renderer(s.model, device(), compile_blocks=s.compile_transformer)
     return _renderer
 
 
@@ -202,7 +204,7 @@ def start_background(role: str) -> None:
 def _renders_on_cpu() -> bool:
     """Whether this process renders a real model on the CPU (touches CUDA: child only)."""
     s = settings()
-    return s.renderer != "standin" and resolve_device(s.device) == "cpu"
+    return s.renderer != "standin" and device() == "cpu"
 
 
 def warm_up() -> None:
