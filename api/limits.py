@@ -46,7 +46,7 @@ from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from api.settings import ApiSettings
 from broker import keys
 from broker.schema import ErrorCode, Job
-from broker.store import InMemoryJobStore, JobStore, Quota, QuotaAnswer, RedisJobStore
+from broker.store import QUOTA_LUA, InMemoryJobStore, JobStore, Quota, QuotaAnswer, RedisJobStore
 
 logger = logging.getLogger("editfarm.api")
 
@@ -218,18 +218,11 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 # in flight (0: off), weight of the previous window, rate limit (0: off), counter ttl.
 # Returns {1, active, previous, current} (allowed; active -1: the cap is off; current after counting),
 # {-1, active} (too many jobs) or {0, previous, current} (rate limited).
-_ADMIT = """
-local active = -1
-if tonumber(ARGV[1]) > 0 then
-  active = redis.call('SCARD', KEYS[1])
-  if active >= tonumber(ARGV[1]) then return {-1, active} end
-end
-if tonumber(ARGV[3]) == 0 then return {1, active, 0, 0} end
-local current = tonumber(redis.call('GET', KEYS[2]) or '0')
-local previous = tonumber(redis.call('GET', KEYS[3]) or '0')
-if previous * tonumber(ARGV[2]) + current > tonumber(ARGV[3]) - 1 then return {0, previous, current} end
-current = redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
+_ADMIT = QUOTA_LUA + """
+local code, active, previous, current = quota(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[3]),
+                                              tonumber(ARGV[2]), ARGV[4], true)
+if code == -3 then return {-1, active} end
+if code == -4 then return {0, previous, current} end
 return {1, active, previous, current}
 """
 

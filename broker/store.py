@@ -291,6 +291,32 @@ reindex(ARGV[1])
 return 1
 """
 
+# A tenant's submission limits in Lua (see Quota), shared by the create-and-enqueue script and the
+# API's check before a body is read (api/limits.py). quota(active set, this window's counter, the
+# previous window's, cap (0: off), rate limit (0: off), weight of the previous window, counter ttl,
+# count) returns code, active, previous, current: code 0 admitted (this window counted when
+# ``count``; the rate is only checked then), -3 over the in-flight cap, -4 over the rate; active -1
+# when the cap is off, previous and current 0 when the rate is off.
+QUOTA_LUA = """
+local function quota(active_key, now_key, previous_key, cap, limit, weight, ttl, count)
+  local active, previous, current = -1, 0, 0
+  if cap > 0 then
+    active = redis.call('SCARD', active_key)
+    if active >= cap then return -3, active, previous, current end
+  end
+  if limit > 0 then
+    current = tonumber(redis.call('GET', now_key) or '0')
+    previous = tonumber(redis.call('GET', previous_key) or '0')
+    if count then
+      if previous * weight + current > limit - 1 then return -4, active, previous, current end
+      current = redis.call('INCR', now_key)
+      redis.call('EXPIRE', now_key, ttl)
+    end
+  end
+  return 0, active, previous, current
+end
+"""
+
 # The create script, then LPUSH of the job's Celery message onto KEYS[9] and the job's place in
 # the strict-priority render order (KEYS[2..4]: queued high, normal, low), in one round trip; first
 # the tenant's submission limits (see Quota), checked and counted in the same atomic step.
@@ -302,25 +328,15 @@ return 1
 # is taken, {-3, active} over the in-flight cap, {-4, active, previous, current} over the rate:
 # nothing is written in those three cases. A Lua script is not rolled back when a command fails,
 # so what could fail (a wrong-type key) is checked before the first write: all or nothing.
-_CREATE_AND_ENQUEUE_SCRIPT = _REINDEX + """
+_CREATE_AND_ENQUEUE_SCRIPT = _REINDEX + QUOTA_LUA + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
 local kind = redis.call('TYPE', KEYS[9])['ok']
 if kind ~= 'list' and kind ~= 'none' then return redis.error_reply('WRONGTYPE the queue key is a ' .. kind) end
-local cap, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
-local active, previous, current = -1, 0, 0
-if cap > 0 then
-  active = redis.call('SCARD', KEYS[10])
-  if active >= cap then return {-3, active} end
-end
-if limit > 0 then
-  current = tonumber(redis.call('GET', KEYS[11]) or '0')
-  previous = tonumber(redis.call('GET', KEYS[12]) or '0')
-  if ARGV[8] == '1' then
-    if previous * tonumber(ARGV[6]) + current > limit - 1 then return {-4, active, previous, current} end
-    current = redis.call('INCR', KEYS[11])
-    redis.call('EXPIRE', KEYS[11], ARGV[7])
-  end
-end
+local cap = tonumber(ARGV[4])
+local code, active, previous, current = quota(KEYS[10], KEYS[11], KEYS[12], cap, tonumber(ARGV[5]),
+                                              tonumber(ARGV[6]), ARGV[7], ARGV[8] == '1')
+if code == -3 then return {-3, active} end
+if code == -4 then return {-4, active, previous, current} end
 redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[9])))
 redis.call('ZADD', KEYS[8], ARGV[2], ARGV[1])
 reindex(ARGV[1])
