@@ -23,7 +23,7 @@ direct call first, so drift and the order hit both alike). Reported, as medians:
   the ratio of the fastest rounds (``ratio_min_worker_job_over_min_direct``: the least
   disturbed run of each path).
 
-The GPU rows of the README come from ``bench/gpu_real_size.py`` (H200, full-size model).
+The GPU rows of docs/performance.md come from ``bench/gpu_real_size.py`` (H200, full-size model).
 """
 
 from __future__ import annotations

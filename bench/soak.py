@@ -1,6 +1,6 @@
 """Soak: thousands of jobs through a whole local cluster with the zero-cost render stand-in.
 
-    python -m bench.soak --jobs 3000            # the full run (README "Reliability")
+    python -m bench.soak --jobs 3000            # the full run (docs/reliability.md)
     python -m bench.soak --jobs 300             # the short run tests/test_faults.py makes
 
 Starts a LocalCluster (Redis with AOF, moto's S3 server, the API, ``--workers`` render

@@ -72,7 +72,7 @@ def sources_of(target: JobStatus) -> frozenset[JobStatus]:
 
 
 class Operation(str, enum.Enum):
-    """What a job does (see README "Operations" and workers/operations.py)."""
+    """What a job does (see docs/api.md "Operations" and workers/operations.py)."""
 
     EDIT = "edit"
     GENERATE = "generate"

@@ -8,8 +8,8 @@ injects one fault while jobs are queued and running, then judges every job it ac
 (tests/fault_support.py: survived / lost / duplicated) and writes its tally to
 ``test-artifacts/faults/<scenario>.json``.
 
-``FAULT_TRIALS`` (default 4) sets the trials per scenario (the README's "Reliability" table
-was measured with 10). The soak test runs ``bench/soak.py`` in its short mode (``SOAK_JOBS``,
+``FAULT_TRIALS`` (default 4) sets the trials per scenario (the table of docs/reliability.md was
+measured with 10). The soak test runs ``bench/soak.py`` in its short mode (``SOAK_JOBS``,
 default 300). Three of the tests (S3 hand-backs vs worker deaths, Redis errors mid-render, a
 restarted worker's drain deadline) found bugs that are fixed now.
 """
