@@ -1,13 +1,16 @@
-"""Render the README "Performance" table from the reports in ``bench/results/``: ``python -m bench.report``.
+"""Render the "Performance" table of ``docs/performance.md`` from ``bench/results/``: ``python -m bench.report``.
 
 Reads ``submit``, ``orchestration``, ``duty_cycle``, ``scaleout``, ``pipeline``, ``memory``
 (``<name>.json``, as written by each benchmark) and the GPU reports
-(``bench/results-gpu-*.json``, from ``bench/gpu_real_size.py`` on an H200), and prints
-Markdown rows: figure, value, goal, met?, and the command behind the number.
+(``bench/results-gpu-*.json``, from ``bench/gpu_real_size.py`` on an H200), and writes
+Markdown rows (figure, value, goal, met?, and the command behind the number) between the two
+marker comments of ``docs/performance.md``; the prose around the table is left alone.
+``--print`` prints the table instead; ``--check`` exits 1 when the document is out of date.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -16,6 +19,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "docs" / "performance.md"
+# The table lives between these two lines of DOC; everything else there is written by hand.
+BEGIN = "<!-- begin: table rendered by `python -m bench.report` from bench/results; edit those, not this -->"
+END = "<!-- end: table rendered by `python -m bench.report` -->"
 
 Row = tuple[str, str, str, str, str]
 
@@ -205,11 +212,46 @@ def rows() -> list[Row]:
     return out
 
 
-def main() -> int:
-    print("| figure | measured | goal | met | command |")
-    print("|---|---|---|---|---|")
-    for figure, value, goal, met, cmd in rows():
-        print(f"| {figure} | {value} | {goal} | {met} | {cmd} |")
+def table() -> str:
+    """The Markdown table of every figure in ``bench/results``, one row per figure."""
+    lines = ["| figure | measured | goal | met | command |", "|---|---|---|---|---|"]
+    lines += [f"| {figure} | {value} | {goal} | {met} | {cmd} |" for figure, value, goal, met, cmd in rows()]
+    return "\n".join(lines) + "\n"
+
+
+def render_into(document: str, rendered: str) -> str:
+    """``document`` with the text between its BEGIN and END lines replaced by ``rendered``.
+
+    Raises:
+        ValueError: the document lacks either marker line, or has them out of order.
+    """
+    head, begin, rest = document.partition(BEGIN + "\n")
+    _, end, tail = rest.partition(END + "\n")
+    if not begin or not end:
+        raise ValueError(f"the table markers are missing: a line {BEGIN!r}, then a line {END!r}")
+    return f"{head}{begin}\n{rendered}\n{end}{tail}"  # blank lines: the comments stay apart from the table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--print", action="store_true", help="print the table, write nothing")
+    mode.add_argument("--check", action="store_true", help=f"exit 1 if {DOC.relative_to(ROOT)} is out of date")
+    args = parser.parse_args(argv)
+    rendered = table()
+    if args.print:
+        sys.stdout.write(rendered)
+        return 0
+    current = DOC.read_text()
+    updated = render_into(current, rendered)
+    if args.check:
+        if updated != current:
+            print(f"{DOC.relative_to(ROOT)} is out of date: run python -m bench.report", file=sys.stderr)
+            return 1
+        return 0
+    if updated != current:
+        DOC.write_text(updated)
+    print(f"wrote the table of {DOC.relative_to(ROOT)} ({len(rendered.splitlines()) - 2} rows)")
     return 0
 
 
