@@ -452,6 +452,13 @@ def test_env_example_lists_every_setting_of_the_code() -> None:
     assert not missing_contract, f"deploy/.env.example lacks contract settings {sorted(missing_contract)}"
 
 
+def test_settings_doc_lists_every_setting_of_the_code() -> None:
+    """docs/settings.md, the settings reference, names every setting the code declares."""
+    documented = set(re.findall(r"\bEDITFARM_[A-Z0-9_]*[A-Z0-9]\b", (ROOT / "docs" / "settings.md").read_text()))
+    missing = _code_settings() - documented
+    assert not missing, f"docs/settings.md lacks {sorted(missing)}"
+
+
 def test_env_example_lists_only_known_settings() -> None:
     documented = {name for name in _env_example() if name.startswith("EDITFARM_")}
     known = _code_settings() | _code_env_literals()
