@@ -354,8 +354,8 @@ def wait_jobs_done(redis_url: str, job_ids: Sequence[str], timeout_s: float) -> 
         pipe = client.pipeline(transaction=False)
         for job_id in pending:
             pipe.hmget(keys.job(job_id), fields)
-        for job_id, values in zip(pending, pipe.execute()):
-            row = {k: (json.loads(v) if v is not None else None) for k, v in zip(fields, values)}
+        for job_id, values in zip(pending, pipe.execute(), strict=True):
+            row = {k: (json.loads(v) if v is not None else None) for k, v in zip(fields, values, strict=True)}
             if row["status"] in ("succeeded", "failed", "canceled"):
                 done[job_id] = row
         pending = [j for j in pending if j not in done]

@@ -135,7 +135,7 @@ def main() -> int:
     render_times = [float(x) for x in args.render_s.split(",")]
     counts = [int(x) for x in args.jobs.split(",")]
     counts += [counts[-1]] * (len(render_times) - len(counts))
-    results = [run_one(root, t, n, args.side, runner) for t, n in zip(render_times, counts)
+    results = [run_one(root, t, n, args.side, runner) for t, n in zip(render_times, counts, strict=False)
                for runner in args.runner.split(",")]
     goals = {}
     for runner in args.runner.split(","):

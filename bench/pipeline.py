@@ -150,7 +150,7 @@ def main() -> int:
         for index in range(warm + args.rounds):  # the first `warm` rounds warm both paths up, not counted
             seed = 7 + index
 
-            def through_worker() -> tuple[dict[str, Any], list[dict[str, Any]], float, float]:
+            def through_worker(seed: int = seed) -> tuple[dict[str, Any], list[dict[str, Any]], float, float]:
                 before = render_seconds(metrics_port)
                 cpu_before = worker_cpu()
                 answer = client.post("/v1/jobs", json={**body, "seed": seed})
@@ -161,7 +161,7 @@ def main() -> int:
                 outputs = json.loads(store.hget(keys.job(job_id), "outputs") or b"[]")
                 return record, outputs, render_seconds(metrics_port) - before, worker_cpu() - cpu_before
 
-            def directly() -> tuple[bytes, float, float]:
+            def directly(seed: int = seed) -> tuple[bytes, float, float]:
                 began, cpu_began = time.perf_counter(), time.process_time()
                 png = direct(seed)
                 return png, time.perf_counter() - began, time.process_time() - cpu_began

@@ -223,8 +223,8 @@ def _job_rows(client: redis.Redis, job_ids: list[str], fields: tuple[str, ...]) 
         pipe = client.pipeline(transaction=False)
         for job_id in chunk:
             pipe.hmget(keys.job(job_id), fields)
-        for job_id, values in zip(chunk, pipe.execute()):
-            rows[job_id] = {f: (json.loads(v) if v is not None else None) for f, v in zip(fields, values)}
+        for job_id, values in zip(chunk, pipe.execute(), strict=True):
+            rows[job_id] = {f: (json.loads(v) if v is not None else None) for f, v in zip(fields, values, strict=True)}
     return rows
 
 

@@ -16,7 +16,7 @@ from broker.schema import Job
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return dt.datetime.fromtimestamp(ts, tz=dt.timezone.utc).isoformat().replace("+00:00", "Z")
+    return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
 def job_view(job: Job, presign: Callable[[str], str], base_url: str = "") -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -103,25 +103,25 @@ def follow(client: Any, job: Any) -> Any:
 
 
 def submit(
-    image: Optional[Path] = typer.Argument(None, help="input image (all operations but generate)"),
-    prompt: Optional[str] = typer.Option(None, "--prompt", "-p"),
+    image: Path | None = typer.Argument(None, help="input image (all operations but generate)"),
+    prompt: str | None = typer.Option(None, "--prompt", "-p"),
     operation: str = typer.Option("edit", "--op", help="edit|generate|inpaint|outpaint|move|upscale"),
     ref: list[Path] = typer.Option([], "--ref", help="reference image for edit (repeat, up to 3)"),
-    mask: Optional[Path] = typer.Option(None, "--mask", help="inpaint mask (white = repaint)"),
+    mask: Path | None = typer.Option(None, "--mask", help="inpaint mask (white = repaint)"),
     box: list[str] = typer.Option([], "--box", help="x0,y0,x1,y1 relative 0..1 (repeat)"),
-    outpaint: Optional[str] = typer.Option(None, "--outpaint", help="left,top,right,bottom pixels to add"),
-    move: Optional[str] = typer.Option(None, "--move", help="x0,y0,x1,y1:dx,dy[,scale] (box relative, dx/dy px)"),
-    upscale: Optional[float] = typer.Option(None, "--upscale", help="upscale factor"),
+    outpaint: str | None = typer.Option(None, "--outpaint", help="left,top,right,bottom pixels to add"),
+    move: str | None = typer.Option(None, "--move", help="x0,y0,x1,y1:dx,dy[,scale] (box relative, dx/dy px)"),
+    upscale: float | None = typer.Option(None, "--upscale", help="upscale factor"),
     lora: list[str] = typer.Option([], "--lora", help="URI[:scale] (repeat)"),
-    negative_prompt: Optional[str] = typer.Option(None, "--negative-prompt"),
-    seed: Optional[int] = None, steps: Optional[int] = None,
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="true_cfg_scale"),
-    width: Optional[int] = None, height: Optional[int] = None, strength: Optional[float] = None,
-    num_images: Optional[int] = None,
-    output_format: Optional[str] = typer.Option(None, "--format"),
-    quality: Optional[int] = None, dpi: Optional[int] = None,
-    priority: Optional[str] = None, timeout_s: Optional[float] = None,
-    webhook: Optional[str] = None,
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt"),
+    seed: int | None = None, steps: int | None = None,
+    cfg: float | None = typer.Option(None, "--cfg", help="true_cfg_scale"),
+    width: int | None = None, height: int | None = None, strength: float | None = None,
+    num_images: int | None = None,
+    output_format: str | None = typer.Option(None, "--format"),
+    quality: int | None = None, dpi: int | None = None,
+    priority: str | None = None, timeout_s: float | None = None,
+    webhook: str | None = None,
     wait: bool = typer.Option(True, help="wait for the job and save its outputs"),
     out: Path = typer.Option(Path("out"), help="where outputs are saved"),
     api_url: str = ApiUrl, api_key: str = ApiKey, as_json: bool = AsJson,
@@ -175,7 +175,7 @@ def submit(
 
 
 @jobs_app.command("list")
-def list_jobs(status: Optional[str] = None, limit: int = 20, api_url: str = ApiUrl, api_key: str = ApiKey,
+def list_jobs(status: str | None = None, limit: int = 20, api_url: str = ApiUrl, api_key: str = ApiKey,
               as_json: bool = AsJson) -> None:
     """The tenant's jobs, newest first."""
     from editfarm_client import EditfarmError
@@ -205,7 +205,7 @@ def get_job(job_id: str, api_url: str = ApiUrl, api_key: str = ApiKey, as_json: 
 
 
 @jobs_app.command("cancel")
-def cancel_job(job_id: str, reason: Optional[str] = None, api_url: str = ApiUrl, api_key: str = ApiKey,
+def cancel_job(job_id: str, reason: str | None = None, api_url: str = ApiUrl, api_key: str = ApiKey,
                as_json: bool = AsJson) -> None:
     """Cancel a queued or running job (exit 2 if it had already finished)."""
     from editfarm_client import EditfarmError

@@ -161,8 +161,8 @@ def job_fields(cluster: LocalCluster, job_ids: list[str], *names: str) -> dict[s
         rows = pipe.execute()
     finally:
         client.close()
-    return {j: {n: (json.loads(v) if v is not None else None) for n, v in zip(names, row)}
-            for j, row in zip(job_ids, rows)}
+    return {j: {n: (json.loads(v) if v is not None else None) for n, v in zip(names, row, strict=True)}
+            for j, row in zip(job_ids, rows, strict=True)}
 
 
 def wait_running(cluster: LocalCluster, job_ids: list[str], min_step: int = 1, timeout_s: float = 90) -> None:

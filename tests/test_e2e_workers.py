@@ -261,7 +261,7 @@ def test_a_drain_window_that_runs_out_hands_the_job_to_another_worker(cluster: L
         handed = get(cluster, job["id"])
         assert handed["status"] == "queued" and handed["progress"]["step"] < 40
     finally:
-        for index, other in enumerate(others):
+        for index in range(len(others)):
             cluster.start_render_worker(index)
     final = wait_terminal(cluster.api_url, job["id"], timeout_s=180)
     assert final["status"] == "succeeded" and final["attempts"] == 2

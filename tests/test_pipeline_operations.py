@@ -202,7 +202,7 @@ def test_upscale_is_the_feathered_blend_of_the_refined_tiles(renderer: Diffusers
     plan = g.tile_plan((256, 192), 128, 32)
     assert len(tiles) == len(plan) == 6
     assert out.tobytes() == runs["upscale"][0][0].tobytes()
-    assert out.tobytes() == g.blend_tiles((256, 192), list(zip(plan, tiles))).tobytes()
+    assert out.tobytes() == g.blend_tiles((256, 192), list(zip(plan, tiles, strict=True))).tobytes()
     # where only the first two tiles overlap (x in [64, 128), y < 64) the output mixes both
     left, right = arr(tiles[0])[:64, 64:128].astype(int), arr(tiles[1])[:64, :64].astype(int)
     mixed = arr(out)[:64, 64:128].astype(int)

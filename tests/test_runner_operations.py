@@ -343,7 +343,7 @@ def test_the_lora_cache_is_trimmed_to_its_size_least_recently_used_first(tmp_pat
     objects = InMemoryObjectStore()
     resolver = LoraResolver(objects, bucket="editfarm", cache_dir=tmp_path, max_cache_bytes=25)
     paths: list[Path] = []
-    for index, name in enumerate(("a", "b", "c")):
+    for name in ("a", "b", "c"):
         for older, path in enumerate(paths):  # distinct use times, whatever the file system's clock resolution
             os.utime(path, (1000 + older, 1000 + older))
         objects.put(f"{name}.safetensors", name.encode() * 10, "application/octet-stream")

@@ -221,7 +221,7 @@ class WebhookOutbox(BaseWebhookOutbox):
                                             args=[token, ttl_ms])
         if not flat:
             return None, None
-        msg = self._parse(message_id, dict(zip(flat[::2], flat[1::2])))
+        msg = self._parse(message_id, dict(zip(flat[::2], flat[1::2], strict=True)))
         return msg, token if locked else None
 
     def finish_attempt(self, message_id: str, attempt: dict[str, Any], fields: dict[str, str],
