@@ -61,11 +61,11 @@ _startup_heap_frozen = False
 
 def freeze_startup_heap() -> None:
     """Once per process, when the server starts: collect, then move every object alive now (modules,
-    classes, schemas, clients: ~150k objects) to the collector's permanent generation.
+    classes, schemas, clients: most of the process's objects) to the collector's permanent generation.
 
     Submissions in flight keep their objects alive across young collections, so they reach the
     oldest generation and trigger a full collection every thousand or so requests; each used to walk
-    the whole startup heap (~50-100 ms, ~70 µs per request on average under load). Frozen objects are
+    the whole startup heap, a pause that grows with the heap (docs/performance.md). Frozen objects are
     never walked again (nor freed: they live as long as the process anyway).
     """
     global _startup_heap_frozen

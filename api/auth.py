@@ -95,7 +95,8 @@ async def current_tenant(
     is unreachable)."""
     if credentials is None or not credentials.credentials:
         raise _unauthorized("missing API key; send 'Authorization: Bearer <key>'")
-    # called, not declared as a dependency: FastAPI spends ~25 µs of CPU per solved dependency
+    # called, not declared as a dependency: FastAPI's per-request dependency solving is a large share
+    # of a submission's CPU (docs/performance.md, "Costs behind choices in the code")
     api_keys = await get_api_keys(request)
     tenant = api_keys.tenant_for(credentials.credentials)
     if tenant is None and credentials.credentials.startswith(KEY_PREFIX):

@@ -3,7 +3,7 @@
 An upload passes through several multi-megabyte buffers (the body, the data URL, the decoded bytes,
 the pixels). glibc serves them with ``mmap`` at first, but its *dynamic* mmap threshold then rises
 to the largest size freed (up to 32 MB), so later ones come from the heap arenas, which keep the
-freed memory: the API's RSS stayed ~170 MB after a burst of 1024² uploads that peaked at 290 MB.
+freed memory: after a burst of uploads the API's RSS stayed near the burst's peak (docs/performance.md).
 A fixed threshold (``mallopt(M_MMAP_THRESHOLD, ...)``, the same as ``MALLOC_MMAP_THRESHOLD_``)
 keeps every buffer above it on ``mmap``: freed at once, RSS back to idle after the burst, a lower
 peak during it. Small objects (Python's own allocator, below 512 bytes) are unaffected.

@@ -44,7 +44,8 @@ async def tenant_job_or_404(services: Services, job_id: str, tenant: str) -> Job
 
 
 # (scheme, server, Host header, root path) → the request's base URL: building it with Starlette's URL
-# costs ~20 µs per request. Bounded: the Host header is the client's to choose.
+# parses and reassembles it on every request, for an answer that rarely changes. Bounded: the Host
+# header is the client's to choose.
 _BASE_URLS: dict[tuple[Any, ...], str] = {}
 _BASE_URLS_MAX = 64
 

@@ -3,11 +3,10 @@
 A CPU render allocates and frees the same large activation buffers (tens to hundreds of MB at
 512²) at every step. glibc serves buffers above its mmap threshold (at most 32 MB) with ``mmap``,
 and a non-main thread (the render lane) from its own arena, whose heaps it shrinks when memory is
-freed: every step then page-faults the same memory back in. Measured with the tiny model at 512²,
-8 steps: ~260,000 minor faults (~1 GB zeroed by the kernel) and ~0.45 s of system time per
-render, about 10 % of its wall time. With one arena (the main heap), no ``mmap`` and no trimming,
-the buffers are reused: ~2,000 faults and 0.03 s of system time. The cost: the process keeps the
-peak of what it ever allocated (its RSS does not shrink after a large job).
+freed: every step then page-faults the same memory back in, the kernel zeroing every page again
+(a measurable share of a CPU render's wall time: docs/performance.md). With one arena (the main
+heap), no ``mmap`` and no trimming, the buffers are reused. The cost: the process keeps the peak
+of what it ever allocated (its RSS does not shrink after a large job).
 
 On a GPU the activations live in device memory (PyTorch's caching allocator already reuses
 them), so this is for CPU rendering only. Two calls, in order: :func:`one_arena` before any
