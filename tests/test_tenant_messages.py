@@ -26,9 +26,11 @@ from api.fetch import fetch_image_bytes
 from api.settings import ApiSettings
 from broker.schema import JobStatus
 from broker.tenanttext import find_leaks
+from storage import StorageUnavailable
 from tests.test_runner import Harness
 from workers import webhooks as wh
 from workers.pipeline.base import InvalidRequest
+from workers.runner import RetryLater
 
 SSL_TEXT = "ConnectError: [SSL: WRONG_VERSION_NUMBER] wrong version number (_ssl.c:1000)"
 
@@ -165,15 +167,21 @@ def test_an_upload_failure_shows_a_generic_message(monkeypatch: pytest.MonkeyPat
     assert_for_tenant(*_tenant_views(h, job.id))
 
 
-def test_a_storage_outage_hands_back_with_a_reason_written_for_the_tenant() -> None:
+def test_a_storage_outage_hands_back_with_a_reason_written_for_the_tenant(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     h = Harness()
     job = h.submit()
-    h.renderer.on_each_step = lambda step: setattr(h.objects, "down", step == 3)
-    with pytest.raises(Exception):  # RetryLater: the job is delivered again
+
+    def s3_down(*args: object, **kwargs: object) -> None:  # what storage.store raises for S3
+        raise StorageUnavailable("put 'acme/job_x/outputs/0.png' failed: EndpointConnectionError")
+
+    monkeypatch.setattr(h.objects, "put", s3_down)
+    with caplog.at_level(logging.INFO), pytest.raises(RetryLater):  # the job is delivered again
         h.runner.run(job.id)
     queued = [e["data"] for e in h.events.events if e["data"].get("status") == "queued"]
     assert queued and all(e["reason"] for e in queued)
     assert_for_tenant(*_tenant_views(h, job.id))
+    assert f"job {job.id} handed back: put" in caplog.text  # the raw text is in the log
 
 
 # -- webhook deliveries: the delivery log ----------------------------------------------------------

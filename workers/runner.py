@@ -302,8 +302,8 @@ class Runner(Transitions):
     def _storage_down(self, job: Job, lease: _Lease, exc: StorageUnavailable, background: bool) -> JobStatus | None:
         """The object store is unreachable: hand the job back. Raises RetryLater on the task's thread;
         in the background (no Celery message to retry) the job is re-sent instead."""
-        log.warning("job %s: object store unreachable: %s", job.id, exc)
-        handed_back = self.handed_back(job, lease, "the object store is unreachable; the job will run again")
+        # the log line keeps the store's text; the tenant's status event gets a sentence (Transitions guards it)
+        handed_back = self.handed_back(job, lease, str(exc))
         if not background:
             raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
         if handed_back:
