@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import json
 import math
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +20,14 @@ from typing import Any
 import redis
 
 from broker import keys
+from broker.netfailure import MESSAGES as NETWORK_MESSAGES
+from broker.tenanttext import find_leaks
 from broker.views import iso
 
 # the outbox's record lifetime (workers.webhooks.DEFAULT_TTL_S); a redelivery keeps the records that long
 OUTBOX_TTL_S = 7 * 24 * 3600
 TERMINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.canceled"})
+_CODE = re.compile(r"[a-z][a-z_]*")
 # what a redelivery writes: pending again, with a fresh attempt budget and no outcome
 _RESET_FIELDS = {"state": "pending", "attempts": "0", "finished_at": "", "status_code": "", "error": "",
                  "next_attempt_at": ""}
@@ -73,8 +77,20 @@ def _int(value: Any) -> int | None:
 def _attempt_view(raw: dict[str, Any]) -> dict[str, Any]:
     error = raw.get("error")
     return {"attempt": _int(raw.get("attempt")), "at": _iso(_number(raw.get("at"))),
-            "status_code": _int(raw.get("status_code")), "error": str(error) if error else None,
+            "status_code": _int(raw.get("status_code")), "error": _public_error(str(error)) if error else None,
             "duration_ms": _int(raw.get("duration_ms"))}
+
+
+def _public_error(error: str) -> str:
+    """An attempt's error as the tenant may read it. Workers record ``<code>: <sentence>``; a record
+    written before they did (kept 7 days) may carry a raw exception text: its code is kept, if it
+    has one, with the code's sentence, and the rest is not shown."""
+    if not find_leaks(error):
+        return error
+    code = error.split(":", 1)[0].strip()
+    if code in NETWORK_MESSAGES:
+        return f"{code}: {NETWORK_MESSAGES[code]}"
+    return f"{code}" if _CODE.fullmatch(code) else "request_failed: the request failed"
 
 
 def _text(value: Any) -> str:

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from broker.schema import ErrorCode
+from broker.tenanttext import tenant_message
 
 # what the job store, the limits, the idempotency keys and the delivery log raise when Redis is
 # unreachable: a request answers 503 (retry later), never 500
@@ -49,7 +50,10 @@ class ApiError(Exception):
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        message = tenant_message(self.message)
+        if message != self.message:  # a last guard: internals never reach a client
+            logger.warning("error message withheld from the client (%s): %s", self.code, self.message)
+        error: dict[str, Any] = {"code": self.code, "message": message}
         if self.param is not None:
             error["param"] = self.param
         return {"error": error}

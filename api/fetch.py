@@ -23,6 +23,7 @@ import httpx
 
 from api.errors import ApiError
 from api.settings import ApiSettings
+from broker.netfailure import describe_network_failure
 from broker.schema import ErrorCode
 from broker.urlpolicy import UrlNotAllowed, check_url, is_allowed_address, system_resolver
 
@@ -174,6 +175,8 @@ async def fetch_image_bytes(url: str, settings: ApiSettings) -> bytes:
     except TimeoutError:
         raise _failed(f"image URL did not answer within {settings.url_fetch_timeout_s} s") from None
     except _FETCH_ERRORS as exc:
-        # the exception type is enough to act on; its text may carry internal detail
-        logger.info("image fetch failed: %s", type(exc).__name__)
-        raise _failed(f"could not fetch the image URL ({type(exc).__name__})") from None
+        # the tenant gets a code and a sentence to act on; the exception's text (library and OS
+        # detail) stays in the log
+        code, sentence = describe_network_failure(exc)
+        logger.info("image fetch failed: %s: %s", type(exc).__name__, exc)
+        raise _failed(f"could not fetch the image URL ({code}: {sentence})") from None

@@ -10,6 +10,9 @@ Validation order, cheapest first, so hostile inputs cost little:
    request was within the byte limit; it is the image's content that is refused);
 4. a full decode (``img.load()``) → 422 ``invalid_image`` for truncated/corrupt data.
 
+The reported ``width``/``height`` are the upright ones (EXIF Orientation applied, as the workers
+decode inputs), so a mask is compared with the image as it is shown.
+
 The original bytes are kept (not re-encoded) and go to the object store, never Redis.
 """
 
@@ -101,7 +104,22 @@ def inspect_image(data: bytes, settings: ApiSettings) -> InputImage:
             img.load()
         except Exception:  # noqa: BLE001 - truncated data raises OSError, bad streams SyntaxError/ValueError
             raise _invalid("image data is truncated or corrupt") from None
+        width, height = upright_size(img, width, height)
         return InputImage(data=data, ext=fmt[0], content_type=fmt[1], width=width, height=height)
+
+
+# EXIF Orientation values that turn the image a quarter (transpose, 90°, transverse, 270°)
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def upright_size(img: Image.Image, width: int, height: int) -> tuple[int, int]:
+    """``(width, height)`` as the image is shown, its EXIF Orientation applied (the workers decode
+    it upright): swapped for the quarter turns. An unreadable EXIF block changes nothing."""
+    try:
+        orientation = img.getexif().get(0x0112)
+    except Exception:  # noqa: BLE001 - Pillow raises many types for a broken EXIF block
+        return width, height
+    return (height, width) if orientation in _QUARTER_TURNS else (width, height)
 
 
 def _classify_unidentified(data: bytes) -> ApiError:

@@ -302,7 +302,7 @@ def test_a_failing_webhook_receiver_gets_exactly_one_accepted_signed_delivery(fa
         def every_message_saw(error: str) -> bool:
             return all(any(error in str(a.get("error")) for a in outbox.attempts(m)) for m in messages.values())
 
-        wait_until(lambda: every_message_saw("Connection refused"), 120, "refused attempts", interval_s=0.2)
+        wait_until(lambda: every_message_saw("connection_refused"), 120, "refused attempts", interval_s=0.2)
         gate.set_mode("up")
         receiver.mode = "error"
         wait_until(lambda: every_message_saw("http 500"), 60, "500 attempts", interval_s=0.2)

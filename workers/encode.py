@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from broker.schema import OutputFormat
+from workers import inputmodes
 
 __all__ = [
     "DEFAULT_QUALITY",
@@ -50,34 +51,35 @@ class UnreadableImage(ValueError):
 
 
 def _open(data: bytes) -> Image.Image:
+    """The decoded image, upright (EXIF orientation applied), in the mode it was stored in."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return img.copy() if img.mode != "P" else img.convert("RGBA" if "transparency" in img.info else "RGB")
+            return inputmodes.upright(img.copy())
     except Exception as exc:  # Pillow raises many types for bad data
-        raise UnreadableImage(f"input is not a readable image: {type(exc).__name__}") from exc
+        raise UnreadableImage("input is not a readable image") from exc
 
 
 def decode_rgb(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB image (alpha dropped). Raises UnreadableImage."""
-    return _open(data).convert("RGB")
+    """Decode image bytes to an upright RGB image (alpha dropped). Raises UnreadableImage."""
+    return inputmodes.to_render_mode(_open(data)).convert("RGB")
 
 
 def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    return inputmodes.has_alpha(image)
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes to RGBA if the image has an alpha channel (RGBA, LA, or a palette or
-    grey/RGB image with a transparency entry), else to RGB. Raises UnreadableImage."""
-    image = _open(data)
-    return image.convert("RGBA" if _has_alpha(image) else "RGB")
+    """Decode image bytes, upright, to RGBA if the image has an alpha channel (RGBA, LA, PA, or a
+    palette or grey/RGB image with a transparency entry), else to RGB; every mode Pillow opens is
+    converted as ``workers.inputmodes`` says (16-bit grey scaled, not clipped). Raises UnreadableImage."""
+    return inputmodes.to_render_mode(_open(data))
 
 
 def decode_mask(data: bytes) -> Image.Image:
-    """Decode a mask image to "L" (luminance; white = repaint). An alpha channel is ignored:
-    the mask is its colour. Raises UnreadableImage."""
-    return _open(data).convert("RGB").convert("L")
+    """Decode a mask image, upright, to "L" (luminance; white = repaint). An alpha channel is
+    ignored: the mask is its colour. Raises UnreadableImage."""
+    return inputmodes.to_render_mode(_open(data)).convert("RGB").convert("L")
 
 
 def _dpi_pair(dpi: float | Sequence[float] | None) -> tuple[float, float] | None:

@@ -13,8 +13,8 @@ from typing import Any
 from broker import events, keys
 from broker.events import EventPublisher
 from broker.schema import Job, Output, OutputFormat
-from storage import ObjectStore
-from workers.encode import decode_image, decode_mask, encode, encode_output
+from storage import ObjectNotFound, ObjectStore
+from workers.encode import UnreadableImage, decode_image, decode_mask, encode, encode_output
 from workers.loras import LoraResolver
 from workers.pipeline.base import InvalidRequest, MoveSpec, OutpaintSpec, RenderRequest, UpscaleSpec
 
@@ -24,12 +24,13 @@ log = logging.getLogger("editfarm.runner")
 def render_request(job: Job, objects: ObjectStore, loras: LoraResolver) -> RenderRequest:
     """The job's RenderRequest, its inputs fetched and decoded and its LoRAs on local disk.
 
-    Raises UnreadableImage / ObjectNotFound / LoraUnavailable (input_unreadable),
+    Raises UnreadableImage / LoraUnavailable (input_unreadable),
     InvalidRequest (fields the renderer refuses), StorageUnavailable.
     """
     p = job.params
-    images = [decode_image(objects.get(key)) for key in job.input_keys]
-    mask = decode_mask(objects.get(job.mask_key)) if job.mask_key else None
+    images = [_input(objects, key, decode_image, "the image" if i == 0 else f"reference image {i}")
+              for i, key in enumerate(job.input_keys)]
+    mask = _input(objects, job.mask_key, decode_mask, "the mask") if job.mask_key else None
     lora_files = [(loras.resolve(lora.uri), lora.scale) for lora in p.loras]
     try:
         return RenderRequest(
@@ -44,6 +45,20 @@ def render_request(job: Job, objects: ObjectStore, loras: LoraResolver) -> Rende
         )
     except ValueError as exc:  # the API validates the same rules; a job that slipped past fails cleanly
         raise InvalidRequest(str(exc)) from None
+
+
+def _input(objects: ObjectStore, key: str, decode: Callable[[bytes], Any], label: str) -> Any:
+    """The stored input ``key`` decoded; errors name it as its tenant knows it (``label``), not by
+    its storage key or the decoder's exception (those stay chained, for the log).
+
+    Raises UnreadableImage (missing or undecodable), StorageUnavailable.
+    """
+    try:
+        return decode(objects.get(key))
+    except ObjectNotFound as exc:
+        raise UnreadableImage(f"{label} is not stored (any more)") from exc
+    except UnreadableImage as exc:
+        raise UnreadableImage(f"{label} could not be decoded as an image") from exc
 
 
 def upload_outputs(job: Job, images: list[Any], objects: ObjectStore) -> list[Output]:

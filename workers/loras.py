@@ -35,6 +35,7 @@ import httpcore
 import httpx
 from pydantic import Field
 
+from broker.netfailure import describe_network_failure
 from broker.schema import lora_location
 from broker.settings import ClusterSettings
 from broker.urlpolicy import UrlNotAllowed, check_url, is_allowed_address, system_resolver
@@ -322,7 +323,8 @@ class LoraResolver:
             raise LoraUnavailable(f"LoRA URL not allowed: {exc}") from None
         except (httpx.HTTPError, httpx.InvalidURL, httpcore.NetworkError, httpcore.TimeoutException,
                 httpcore.ProtocolError) as exc:
-            raise LoraUnavailable(f"could not fetch the LoRA URL ({type(exc).__name__})") from None
+            code, sentence = describe_network_failure(exc)
+            raise LoraUnavailable(f"could not fetch the LoRA URL ({code}: {sentence})") from exc
 
     def _index_entry(self, uri: str) -> dict[str, object]:
         try:

@@ -35,7 +35,7 @@ from broker.schema import (
 )
 from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
-from workers import jobio
+from workers import failures, jobio
 from workers.encode import UnreadableImage
 from workers.lease import Lease as _Lease
 from workers.loras import LoraResolver, LoraUnavailable
@@ -253,9 +253,10 @@ class Runner(Transitions):
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
         except (UnreadableImage, ObjectNotFound, IndexError, LoraUnavailable) as exc:
-            return self.failed(job, lease, ErrorCode.INPUT_UNREADABLE, str(exc))
+            return self.failed(job, lease, ErrorCode.INPUT_UNREADABLE,
+                               failures.for_tenant(job.id, ErrorCode.INPUT_UNREADABLE, exc))
         except InvalidRequest as exc:  # the job's inputs cannot be rendered as asked: not the device's fault
-            return self.failed(job, lease, ErrorCode.INVALID_INPUT, str(exc)[:500])
+            return self.failed(job, lease, ErrorCode.INVALID_INPUT, failures.for_tenant(job.id, ErrorCode.INVALID_INPUT, exc))
         except StorageUnavailable as exc:
             return self._storage_down(job, lease, exc, background=False)
         except STORE_ERRORS:
@@ -279,7 +280,7 @@ class Runner(Transitions):
                 ready.set()
             self.observe("render", time.monotonic() - started)
         except InvalidRequest as exc:
-            return self.failed(job, lease, ErrorCode.INVALID_INPUT, str(exc)[:500])
+            return self.failed(job, lease, ErrorCode.INVALID_INPUT, failures.for_tenant(job.id, ErrorCode.INVALID_INPUT, exc))
         except RenderInterrupted:
             return self._interrupted(job, lease)
         except StorageUnavailable as exc:
@@ -301,6 +302,7 @@ class Runner(Transitions):
     def _storage_down(self, job: Job, lease: _Lease, exc: StorageUnavailable, background: bool) -> JobStatus | None:
         """The object store is unreachable: hand the job back. Raises RetryLater on the task's thread;
         in the background (no Celery message to retry) the job is re-sent instead."""
+        # the log line keeps the store's text; the tenant's status event gets a sentence (Transitions guards it)
         handed_back = self.handed_back(job, lease, str(exc))
         if not background:
             raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
@@ -323,9 +325,9 @@ class Runner(Transitions):
             return self._storage_down(job, lease, exc, background)
         except STORE_ERRORS:
             raise
-        except Exception as exc:  # noqa: BLE001 - an output that can't be encoded or stored ends the job
+        except Exception:  # noqa: BLE001 - an output that can't be encoded or stored ends the job
             log.exception("job %s failed while encoding or uploading its outputs", job.id)
-            return self.failed(job, lease, ErrorCode.UPLOAD_FAILED, f"{type(exc).__name__}: {exc}"[:500])
+            return self.failed(job, lease, ErrorCode.UPLOAD_FAILED, failures.generic(ErrorCode.UPLOAD_FAILED))
         return self.succeeded(job, lease, outputs, rendered.total)
 
     def _finish_in_background(self, rendered: _Rendered, lease: _Lease) -> None:
@@ -373,7 +375,7 @@ class Runner(Transitions):
                                  "the device ran out of memory; try a smaller size or fewer images")
         else:
             log.exception("job %s failed while rendering", job.id)
-            status = self.failed(job, lease, ErrorCode.RENDER_FAILED, f"{type(exc).__name__}: {exc}"[:500])
+            status = self.failed(job, lease, ErrorCode.RENDER_FAILED, failures.generic(ErrorCode.RENDER_FAILED))
         try:
             if self.renderer is not None:
                 self.renderer.healthcheck()

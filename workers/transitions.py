@@ -14,6 +14,7 @@ from broker import events
 from broker.events import EventPublisher
 from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, Progress
 from broker.store import JobStore
+from broker.tenanttext import tenant_message
 from workers.lease import Lease as _Lease
 
 log = logging.getLogger("editfarm.runner")
@@ -28,6 +29,14 @@ def wants_event(job: Job, event: str) -> bool:
     if event in ("job.started", "job.progress"):
         return event.removeprefix("job.") in {e.value for e in job.params.webhook_events}
     return True
+
+
+def _for_tenant(job_id: str, code: str, message: str) -> str:
+    """``message`` if the job's tenant may read it; else the code's generic one (the raw text is logged)."""
+    public = tenant_message(message, code)
+    if public != message:
+        log.warning("job %s (%s): message withheld from its tenant: %s", job_id, code, message)
+    return public
 
 
 class RetryLater(Exception):
@@ -126,7 +135,7 @@ class Transitions:
     def failed(self, job: Job, lease: _Lease, code: ErrorCode | str, message: str) -> JobStatus | None:
         code_value = code.value if isinstance(code, ErrorCode) else code
         return self._terminal(job, JobStatus.FAILED, lease.expect(),
-                              error=JobError(code=code_value, message=message))
+                              error=JobError(code=code_value, message=_for_tenant(job.id, code_value, message)))
 
     def _status_now(self, job_id: str) -> JobStatus | None:
         """The job's status as the store has it now (None if it is gone)."""
@@ -146,7 +155,8 @@ class Transitions:
                                       from_=[JobStatus.RUNNING], expect={"worker": [lease.token]})
         if moved is not None:
             log.warning("job %s handed back: %s", job.id, reason)
-            self.publisher.publish(job.id, events.STATUS, {"status": "queued", "reason": reason})
+            self.publisher.publish(job.id, events.STATUS, {"status": "queued",
+                                                            "reason": _for_tenant(job.id, "unavailable", reason)})
         return moved is not None
 
     def _terminal(self, job: Job, status: JobStatus, expect: dict[str, list[object]],

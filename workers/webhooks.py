@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 import httpx
 
+from broker.netfailure import describe_network_failure
+from broker.tenanttext import tenant_message
 from broker.urlpolicy import HostDoesNotResolve, Resolver, UrlNotAllowed, check_url, system_resolver
 from broker.views import iso
 
@@ -240,11 +242,15 @@ def _attempt(outbox: BaseWebhookOutbox, msg: WebhookMessage, token: str, config:
                   resolver=resolver)
         status = _post(client, msg, signed_headers(config.secrets, msg.id, msg.body, int(now())), config.timeout_s)
     except UrlNotAllowed as exc:  # a DNS failure may be transient: retried, not refused
-        error, permanent = f"url_not_allowed: {exc}", not isinstance(exc, HostDoesNotResolve)
-    except httpx.TimeoutException as exc:
-        error = f"timeout: {type(exc).__name__}"
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
-        error = f"{type(exc).__name__}: {exc}"[:300]
+        error, permanent = f"url_not_allowed: {tenant_message(str(exc))}", not isinstance(exc, HostDoesNotResolve)
+    except httpx.InvalidURL as exc:
+        error = "invalid_url: the webhook URL is malformed"
+        log.info("webhook %s attempt %d: invalid URL: %s", msg.id, n, exc)
+    except httpx.HTTPError as exc:
+        # the log gets the raw exception; the delivery log (read by the tenant) a code and a sentence
+        code, sentence = describe_network_failure(exc)
+        error = f"{code}: {sentence}"
+        log.info("webhook %s attempt %d to %s failed: %s: %s", msg.id, n, msg.url, type(exc).__name__, exc)
     duration_ms = int((time.monotonic() - t0) * 1000)
     if status is not None and not 200 <= status < 300:
         error, permanent = f"http {status}", status == 410

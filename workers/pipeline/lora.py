@@ -66,7 +66,8 @@ class LoraCache:
             if key not in self._digests:
                 self._digests[key] = file_digest(path)
         except OSError as exc:
-            raise InvalidRequest(f"LoRA file {path!r} cannot be read: {exc.strerror or exc}") from None
+            # the tenant reads the message; the worker's path and OS text stay with the cause (logged)
+            raise InvalidRequest("a LoRA file cannot be read") from exc
         return "lora_" + self._digests[key][:24]
 
     def _load(self, name: str, path: str, keep: set[str]) -> None:
@@ -86,10 +87,10 @@ class LoraCache:
         except Exception as exc:  # diffusers/peft raise many types for a bad file
             with contextlib.suppress(Exception):  # a half-injected adapter must not linger
                 self.pipe.delete_adapters([name])
-            raise InvalidRequest(f"LoRA file {path!r} does not fit this model: {type(exc).__name__}: {exc}"[:500]) \
-                from exc
+            raise InvalidRequest("a LoRA file does not fit this model (it is not a LoRA of this model's "
+                                 "layers, or not a safetensors file)") from exc
         if name not in self.pipe.get_list_adapters().get("transformer", []):
-            raise InvalidRequest(f"LoRA file {path!r} has no weights for this model's transformer")
+            raise InvalidRequest("a LoRA file has no weights for this model's transformer")
         self._loaded[name] = path
         log.info("LoRA %s loaded from %s", name, path)
 
