@@ -25,7 +25,7 @@ from api.limits import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
 from api.settings import ApiSettings
 from broker.celery_app import RenderMessages, enqueue_notify, enqueue_webhook, make_celery
 from broker.events import EventPublisher, RedisEventPublisher
-from broker.store import JobStore, RedisJobStore
+from broker.jobstore import JobStore, RedisJobStore
 from broker.tenants import InMemoryTenantStore, RedisTenantStore, TenantStore
 from storage.store import ObjectStore, S3ObjectStore
 

@@ -18,7 +18,7 @@ from api.idempotency import InMemoryIdempotencyStore
 from api.limits import InMemoryRateLimiter
 from api.settings import ApiSettings
 from broker.celery_app import RENDER_QUEUES, render_job_id
-from broker.store import InMemoryJobStore
+from broker.jobstore import InMemoryJobStore
 from storage.store import InMemoryObjectStore
 
 TEST_KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-9876543210"}
@@ -72,15 +72,16 @@ def fake_services(settings: ApiSettings | None = None) -> Services:
     RecordingRedeliver, in-memory rate limiter, idempotency store and delivery log, and one
     InMemoryEventBus as both publisher and event source (redis=None)."""
     bus = InMemoryEventBus()
+    store = InMemoryJobStore()
     return Services(
         settings=settings or make_settings(),
-        store=InMemoryJobStore(),
+        store=store,
         objects=InMemoryObjectStore(),
         notify=RecordingNotify(),
         publisher=bus,
         events=bus,
         redeliver=RecordingRedeliver(),
-        limiter=InMemoryRateLimiter(),
+        limiter=InMemoryRateLimiter(store),
         idempotency=InMemoryIdempotencyStore(),
         deliveries=InMemoryDeliveryLog(),
     )

@@ -30,8 +30,10 @@ from starlette.concurrency import run_in_threadpool
 from api.settings import ApiSettings
 from broker import keys
 from broker.celery_app import RENDER_QUEUES, RENDER_TASK, make_celery
+from broker.jobstore import encode as _encode
+from broker.jobstore.redis import CREATE_SCRIPT as _CREATE_SCRIPT
+from broker.jobstore.redis import INDEX_KEYS as _INDEX_KEYS
 from broker.schema import Job, JobParams, Operation, dump_fields, new_job_id
-from broker.store import _CREATE_SCRIPT, _INDEX_KEYS, _encode
 
 TENANT = "bench"
 TEMPLATE_QUEUE = "editfarm:bench:template"

@@ -25,8 +25,8 @@ from broker.celery_app import (
     make_celery,
     render_job_id,
 )
+from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
-from broker.store import InMemoryJobStore, JobStore, RedisJobStore
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -187,8 +187,8 @@ def test_each_field_is_stored_exactly_as_the_store_encodes_it_whatever_the_promp
         redis_client: redis.Redis) -> None:
     """The create-and-enqueue script takes the fields as one JSON array (cjson): the hash must hold the
     same strings as a field-by-field HSET would."""
+    from broker.jobstore import encode as _encode
     from broker.schema import dump_fields
-    from broker.store import _encode
 
     store = RedisJobStore(redis_client)
     prompt = 'quotes " and \\ backslashes, é, 漢字, emoji 🚲, a newline\n, a tab\t and \u0000'

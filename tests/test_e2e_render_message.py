@@ -7,8 +7,8 @@ import pytest
 import redis
 
 from broker.celery_app import RENDER_QUEUES, RenderMessages
+from broker.jobstore import RedisJobStore
 from broker.schema import Job, JobParams, Operation, Priority, new_job_id
-from broker.store import RedisJobStore
 from cli.cluster import LocalCluster
 from tests.e2e_support import wait_terminal
 

@@ -13,7 +13,7 @@ import time
 from typing import Protocol, Self
 
 from broker.schema import Job, JobStatus
-from broker.store import JobStore
+from broker.jobstore import JobStore
 
 log = logging.getLogger("editfarm.runner")
 

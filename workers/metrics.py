@@ -10,7 +10,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from broker.schema import PRIORITY_ORDER
-from broker.store import JobStore
+from broker.jobstore import JobStore
 
 log = logging.getLogger("editfarm.metrics")
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from broker.schema import Job, JobStatus
-from broker.store import JobStore
+from broker.jobstore import JobStore
 
 log = logging.getLogger("editfarm.reaper")
 

@@ -33,7 +33,7 @@ from broker.schema import (
     Output,
     queue_deadline_at,
 )
-from broker.store import JobStore
+from broker.jobstore import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from workers import jobio
 from workers.encode import UnreadableImage

@@ -30,7 +30,7 @@ from broker.celery_app import (
 )
 from broker.events import RedisEventPublisher
 from broker.schema import Job
-from broker.store import RedisJobStore
+from broker.jobstore import RedisJobStore
 from broker.tenants import RedisTenantStore
 from storage import S3Config, S3ObjectStore, StorageUnavailable
 from workers import malloc, metrics
