@@ -35,10 +35,10 @@ def make_settings(**overrides: object) -> ApiSettings:
 
 def queued(services: Services) -> list[tuple[str, str]]:
     """``(job id, priority)`` of every render message the in-memory job store was given, oldest first."""
-    store = services.store
-    assert isinstance(store, InMemoryJobStore), "queued() reads an InMemoryJobStore"
+    pushed: list[tuple[str, str]] | None = getattr(services.store, "pushed", None)
+    assert pushed is not None, "queued() reads the messages an InMemoryJobStore was given"
     priority_of = {queue: priority for priority, queue in RENDER_QUEUES.items()}
-    return [(render_job_id(message), priority_of[queue]) for queue, message in store.pushed]
+    return [(render_job_id(message), priority_of[queue]) for queue, message in pushed]
 
 
 class RecordingNotify:

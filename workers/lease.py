@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Protocol, Self
 
-from broker.schema import Job, JobStatus
 from broker.jobstore import JobStore
+from broker.schema import Job, JobStatus
 
 log = logging.getLogger("editfarm.runner")
 

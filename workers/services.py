@@ -29,8 +29,8 @@ from broker.celery_app import (
     make_celery,
 )
 from broker.events import RedisEventPublisher
-from broker.schema import Job
 from broker.jobstore import RedisJobStore
+from broker.schema import Job
 from broker.tenants import RedisTenantStore
 from storage import S3Config, S3ObjectStore, StorageUnavailable
 from workers import malloc, metrics
