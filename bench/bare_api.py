@@ -4,7 +4,7 @@
 body and does only the Redis writes a submission makes (see ``bench/README.md``): the job
 record through the job store's own create script (same Lua, same keys: job hash, tenant
 list, queue index), and the Celery message (``LPUSH`` of a real message made by
-``broker.celery_app.enqueue_render`` at startup, plus the ``task-sent`` event that the API's
+``broker.queues.RenderQueue.enqueue`` at startup, plus the ``task-sent`` event that the API's
 Celery app publishes), with ``redis.asyncio``. No auth, no validation, no image.
 
 ``EDITFARM_BENCH_BARE_OPERATION`` (``edit``/``generate``) sets the operation of the job record.

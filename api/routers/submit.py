@@ -175,7 +175,7 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
             logger.warning("object store unavailable storing the inputs of %s", job_id)
             raise unavailable("the object store") from None
     job = Job(id=job_id, tenant=tenant, params=params, input_keys=input_keys, mask_key=mask_key)
-    queue, message = services.render_messages.build(job_id, params.priority.value)
+    queue, message = services.render_queue.message(job_id, params.priority)
     counted, submission.counted = submission.counted, True
     stored = [*input_keys, *([mask_key] if mask_key else [])]
     try:
