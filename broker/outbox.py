@@ -96,11 +96,11 @@ class OutboxRecords:
 
     def fields(self, message_id: str) -> dict[Any, Any]:
         """The message's raw fields (empty: no such message)."""
-        return dict(self.redis.hgetall(keys.webhook_message(message_id)))  # type: ignore[arg-type]
+        return dict(self.redis.hgetall(keys.webhook_message(message_id)))
 
     def attempts(self, message_id: str) -> list[Any]:
         """The message's raw attempt texts, oldest first."""
-        return list(self.redis.lrange(keys.webhook_attempts(message_id), 0, -1))  # type: ignore[arg-type]
+        return list(self.redis.lrange(keys.webhook_attempts(message_id), 0, -1))
 
     def fields_and_attempts(self, message_id: str) -> tuple[dict[Any, Any], list[Any]]:
         """:meth:`fields` and :meth:`attempts` in one round trip."""
@@ -112,7 +112,7 @@ class OutboxRecords:
 
     def job_message_ids(self, job_id: str) -> set[str]:
         """The message ids in a job's delivery log."""
-        return {_text(m) for m in self.redis.smembers(keys.job_webhooks(job_id))}  # type: ignore[union-attr]
+        return {_text(m) for m in self.redis.smembers(keys.job_webhooks(job_id))}
 
     def redeliver(self, message_id: str) -> bool:
         """Make the message pending again (:data:`REDELIVERY_FIELDS`), keeping its attempt log, both for
