@@ -1,10 +1,7 @@
 """Read (and re-arm) a job's webhook deliveries from the webhook workers' outbox.
 
-The API does not import ``workers``: this reader knows the outbox layout in Redis —
-``keys.job_webhooks(job_id)`` (set of message ids), ``keys.webhook_message(id)`` (hash: url, body,
-tenant, state, attempts, created_at, finished_at, status_code, error, next_attempt_at; times in
-epoch seconds) and ``keys.webhook_attempts(id)`` (list of JSON ``{attempt, at, status_code, error,
-duration_ms}``). :class:`InMemoryDeliveryLog` is its twin for fake services.
+The API does not import ``workers``: it reads the outbox's records through :mod:`broker.outbox`, which
+owns their Redis layout. :class:`InMemoryDeliveryLog` is its twin for fake services.
 """
 
 from __future__ import annotations
@@ -19,18 +16,13 @@ from typing import Any
 
 import redis
 
-from broker import keys
 from broker.netfailure import MESSAGES as NETWORK_MESSAGES
+from broker.outbox import REDELIVERY_FIELDS, OutboxRecords
 from broker.tenanttext import find_leaks
 from broker.views import iso
 
-# the outbox's record lifetime (workers.webhooks.DEFAULT_TTL_S); a redelivery keeps the records that long
-OUTBOX_TTL_S = 7 * 24 * 3600
 TERMINAL_EVENTS = frozenset({"job.succeeded", "job.failed", "job.canceled"})
 _CODE = re.compile(r"[a-z][a-z_]*")
-# what a redelivery writes: pending again, with a fresh attempt budget and no outcome
-_RESET_FIELDS = {"state": "pending", "attempts": "0", "finished_at": "", "status_code": "", "error": "",
-                 "next_attempt_at": ""}
 
 
 @dataclass
@@ -150,36 +142,22 @@ class DeliveryLog(abc.ABC):
         return sorted(found, key=lambda d: (d.created_at or 0.0, d.message_id))
 
 
-# KEYS: message hash, attempts list. ARGV: ttl, then field/value pairs.
-_RESET = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
-return 1
-"""
-
-
 class RedisDeliveryLog(DeliveryLog):
+    """The outbox's records on Redis (:class:`broker.outbox.OutboxRecords`)."""
+
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._reset = client.register_script(_RESET)
+        self._records = OutboxRecords(client)
 
     def message_ids(self, job_id: str) -> list[str]:
-        return sorted(_text(m) for m in self.redis.smembers(keys.job_webhooks(job_id)))  # type: ignore[union-attr]
+        return sorted(self._records.job_message_ids(job_id))
 
     def get(self, message_id: str) -> Delivery | None:
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(keys.webhook_message(message_id))
-        pipe.lrange(keys.webhook_attempts(message_id), 0, -1)
-        raw, attempts = pipe.execute()
+        raw, attempts = self._records.fields_and_attempts(message_id)
         return _parse(message_id, raw, attempts) if raw else None
 
     def reset(self, message_id: str) -> bool:
-        flat = [x for kv in _RESET_FIELDS.items() for x in kv]
-        done = self._reset(keys=[keys.webhook_message(message_id), keys.webhook_attempts(message_id)],
-                           args=[OUTBOX_TTL_S, *flat])
-        return bool(done)
+        return self._records.redeliver(message_id)
 
 
 class InMemoryDeliveryLog(DeliveryLog):
@@ -220,5 +198,5 @@ class InMemoryDeliveryLog(DeliveryLog):
         with self._mu:
             if message_id not in self.messages:
                 return False
-            self.messages[message_id].update(_RESET_FIELDS)
+            self.messages[message_id].update(REDELIVERY_FIELDS)
             return True

@@ -23,9 +23,10 @@ from api.events import EventSource, RedisEventSource
 from api.idempotency import IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore
 from api.limits import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
 from api.settings import ApiSettings
-from broker.celery_app import RenderMessages, enqueue_notify, enqueue_webhook, make_celery
+from broker.celery_app import enqueue_notify, enqueue_webhook, make_celery
 from broker.events import EventPublisher, RedisEventPublisher
-from broker.store import JobStore, RedisJobStore
+from broker.jobstore import JobStore, RedisJobStore
+from broker.queues import RenderQueue
 from broker.tenants import InMemoryTenantStore, RedisTenantStore, TenantStore
 from storage.store import ObjectStore, S3ObjectStore
 
@@ -38,7 +39,7 @@ def _no_redeliver(message_id: str) -> None:
 class Services:
     """Everything a request handler may touch.
 
-    ``render_messages`` builds a job's Celery render message, which
+    ``render_queue`` builds a job's Celery render message, which
     :meth:`JobStore.create_and_enqueue` pushes in the same step that records the job;
     ``notify(job_id, event)`` asks a CPU worker to send
     the job's webhook for ``event`` (e.g. ``"job.canceled"``); ``redeliver(message_id)``
@@ -65,7 +66,7 @@ class Services:
     limiter: RateLimiter = field(default_factory=InMemoryRateLimiter)
     idempotency: IdempotencyStore = field(default_factory=InMemoryIdempotencyStore)
     deliveries: DeliveryLog = field(default_factory=InMemoryDeliveryLog)
-    render_messages: RenderMessages = field(default_factory=RenderMessages)
+    render_queue: RenderQueue = field(default_factory=RenderQueue)
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> Services:

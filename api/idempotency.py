@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from api.models import JobOut
-from broker import keys
+from broker import keys, scripts
 from broker.schema import ErrorCode, Job
 
 logger = logging.getLogger("editfarm.api")
@@ -71,24 +71,10 @@ class IdempotencyStore(abc.ABC):
         """If the key holds ``expected``, replace it with ``value`` (None: delete it); else change nothing."""
 
 
-_RESERVE = """
-local current = redis.call('GET', KEYS[1])
-if current then return current end
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return false
-"""
-# ARGV: expected, new value ('' deletes), ttl
-_SWAP = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end
-return 1
-"""
-
-
 class RedisIdempotencyStore(IdempotencyStore):
     def __init__(self, client: redis.Redis) -> None:
-        self._reserve = client.register_script(_RESERVE)
-        self._swap = client.register_script(_SWAP)
+        self._reserve = client.register_script(scripts.source("idempotency_reserve"))
+        self._swap = client.register_script(scripts.source("idempotency_swap"))
 
     def reserve(self, tenant: str, key: str, value: str, ttl_s: int) -> str | None:
         current = self._reserve(keys=[keys.idempotency(tenant, key)], args=[value, ttl_s])

@@ -7,10 +7,11 @@
   (atomic across API replicas); refused requests are not counted. Over the limit → 429
   ``rate_limited`` with ``Retry-After`` (seconds until one more submission fits).
 * **Jobs in flight** (``EDITFARM_MAX_JOBS_IN_FLIGHT``, 0 = off): the tenant's queued + running jobs
-  (:meth:`broker.store.JobStore.tenant_active_count`) → 429 ``too_many_jobs`` with ``Retry-After``.
+  (:meth:`broker.jobstore.JobStore.tenant_active_count`) → 429 ``too_many_jobs`` with ``Retry-After``.
 
-Where they are checked: the authoritative check is part of the job's creation. On Redis the
-create-and-enqueue script (:meth:`broker.store.RedisJobStore.create_and_enqueue_within`) checks both
+Where they are checked: the authoritative check is part of the job's creation
+(:meth:`broker.jobstore.JobStore.create_and_enqueue_within`: this module builds the
+:class:`~broker.jobstore.Quota`, the store checks it). On Redis the create-and-enqueue script checks both
 limits, counts the submission and writes the job, its message and its queue position in one atomic
 step, so concurrent submissions cannot overshoot the in-flight cap, and an accepted submission costs
 one Redis round trip. A refusal there writes nothing (the input images an edit already stored are
@@ -29,12 +30,9 @@ ended without a create, right after it (:meth:`RateLimiter.count_async`).
 
 from __future__ import annotations
 
-import abc
-import asyncio
 import dataclasses
 import logging
 import math
-import threading
 import time
 from typing import Any
 
@@ -45,8 +43,8 @@ from fastapi import Request
 from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from api.settings import ApiSettings
 from broker import keys
+from broker.jobstore import InMemoryJobStore, JobStore, Quota, QuotaAnswer, RedisJobStore
 from broker.schema import ErrorCode, Job
-from broker.store import QUOTA_LUA, InMemoryJobStore, JobStore, Quota, QuotaAnswer, RedisJobStore
 
 logger = logging.getLogger("editfarm.api")
 
@@ -98,17 +96,14 @@ def _window(now: float) -> tuple[int, float]:
     return index, now - index * WINDOW_S
 
 
-def _fits(previous: int, current: int, elapsed: float, limit: int) -> bool:
-    return previous * (1.0 - elapsed / WINDOW_S) + current <= limit - 1
-
-
 def _room(previous: int, current: int, elapsed: float, limit: int) -> float:
     """How many more submissions fit the rate now (fractional: the previous window decays)."""
     return limit - (previous * (1.0 - elapsed / WINDOW_S) + current)
 
 
 def retry_after_s(previous: int, current: int, elapsed: float, limit: int) -> int:
-    """Whole seconds until ``_fits`` holds again, assuming no other request is counted meanwhile."""
+    """Whole seconds until one more submission fits (:func:`broker.jobstore.over_rate` no longer
+    holds), assuming no other request is counted meanwhile."""
     room = limit - 1 - current
     if room >= 0 and previous > 0:
         # still this window: the previous window's weight must decay enough
@@ -119,245 +114,119 @@ def retry_after_s(previous: int, current: int, elapsed: float, limit: int) -> in
     return max(1, math.ceil(wait))
 
 
-def _decide(allowed: bool, previous: int, current: int, elapsed: float, limit: int) -> RateDecision:
-    if allowed:
-        return RateDecision(True, room=_room(previous, current, elapsed, limit))
-    return RateDecision(False, retry_after_s(previous, current, elapsed, limit))
+def _admission(answer: QuotaAnswer, max_in_flight: int, limit: int, elapsed: float, created: bool) -> Admission:
+    """The store's quota answer as an Admission (``created``: ``answer.active`` counts this submission's job)."""
+    if answer.refused == "in_flight":
+        return Admission(False, active=answer.active)
+    if answer.refused == "rate":
+        return Admission(False, retry_after_s=retry_after_s(answer.previous, answer.current, elapsed, limit))
+    in_flight_room = None
+    if max_in_flight:
+        in_flight_room = max_in_flight - answer.active - (0 if created else 1)
+    return Admission(True, rate_room=_room(answer.previous, answer.current, elapsed, limit) if limit else None,
+                     in_flight_room=in_flight_room)
 
 
-class RateLimiter(abc.ABC):
-    """Counts a tenant's submissions; one :meth:`hit` per request."""
+class RateLimiter:
+    """The submission limits' arithmetic: a tenant's limits and the clock become a
+    :class:`~broker.jobstore.Quota` (this window's and the previous one's counter, the previous one's
+    weight), which the job store checks and counts atomically — with the job's create when there is
+    one (:meth:`~broker.jobstore.JobStore.create_and_enqueue_within`); its answer becomes an
+    :class:`Admission` (headroom, Retry-After).
 
-    def __init__(self) -> None:
-        # the generic admit_and_create: check, count and create as one step within this process
-        self._create_lock = threading.Lock()
+    The rate counters live in the job store, beside the tenants' active sets (Redis keys, or the
+    in-memory store's memory). :meth:`hit` and :meth:`count` count in ``store``; give :meth:`admit`
+    and :meth:`admit_and_create` that store too (on Redis: any store on the same server).
+    Every method raises the store's errors (``redis.RedisError``, ``OSError``).
+    """
 
-    @abc.abstractmethod
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    @staticmethod
+    def _quota(tenant: str, max_in_flight: int, limit: int, now: float, *, check: bool = True,
+               count: bool = True) -> tuple[Quota, float]:
+        index, elapsed = _window(now)
+        quota = Quota(max_in_flight=max_in_flight, rate_limit=limit,
+                      rate_keys=(keys.rate_window(tenant, index), keys.rate_window(tenant, index - 1)),
+                      previous_weight=1.0 - elapsed / WINDOW_S, counter_ttl_s=_COUNTER_TTL_S,
+                      check_rate=check, count=count)
+        return quota, elapsed
+
     def hit(self, tenant: str, limit: int, now: float, count: bool = True) -> RateDecision:
-        """Count one submission if it fits within ``limit`` per minute (blocking; raises the store's
-        errors). ``count=False`` only reads: allowed when one more would fit (its ``room`` counts
-        nothing more)."""
+        """Count one submission if it fits within ``limit`` per minute (blocking). ``count=False`` only
+        reads: allowed when one more would fit (its ``room`` counts nothing more)."""
+        quota, elapsed = self._quota(tenant, 0, limit, now, count=count)
+        answer = self.store.check_quota(tenant, quota)
+        if answer.refused is not None:
+            return RateDecision(False, retry_after_s(answer.previous, answer.current, elapsed, limit))
+        return RateDecision(True, room=_room(answer.previous, answer.current, elapsed, limit))
 
     def count(self, tenant: str, now: float) -> None:
-        """Count one submission toward the rate without checking it (blocking; raises the store's errors)."""
-        self.hit(tenant, 1 << 62, now)
+        """Count one submission toward the rate without checking it (blocking)."""
+        quota, _ = self._quota(tenant, 0, 1, now, check=False)
+        self.store.check_quota(tenant, quota)
 
     async def count_async(self, tenant: str, now: float) -> None:
-        """:meth:`count` for the event loop (this default runs it in a thread)."""
-        await asyncio.to_thread(self.count, tenant, now)
+        """:meth:`count` for the event loop."""
+        quota, _ = self._quota(tenant, 0, 1, now, check=False)
+        await self.store.check_quota_async(tenant, quota)
 
     def admit(self, tenant: str, store: JobStore, max_in_flight: int, limit: int, now: float) -> Admission:
         """The in-flight cap (``store``'s count of the tenant's active jobs; 0 = off), then the rate
-        (:meth:`hit`; 0 = off). Blocking; raises the stores' errors."""
-        in_flight_room = None
-        if max_in_flight:
-            active = store.tenant_active_count(tenant)
-            if active >= max_in_flight:
-                return Admission(False, active=active)
-            in_flight_room = max_in_flight - active - 1  # this submission's job to come
-        rate_room = None
-        if limit:
-            decision = self.hit(tenant, limit, now)
-            if not decision.allowed:
-                return Admission(False, retry_after_s=decision.retry_after_s)
-            rate_room = decision.room
-        return Admission(True, rate_room=rate_room, in_flight_room=in_flight_room)
+        (0 = off), checked and the submission counted in one atomic step (blocking)."""
+        quota, elapsed = self._quota(tenant, max_in_flight, limit, now)
+        return _admission(store.check_quota(tenant, quota), max_in_flight, limit, elapsed, created=False)
 
     async def admit_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
                           now: float) -> Admission:
-        """:meth:`admit` for the event loop (this default runs it in a thread)."""
-        return await asyncio.to_thread(self.admit, tenant, store, max_in_flight, limit, now)
+        """:meth:`admit` for the event loop."""
+        quota, elapsed = self._quota(tenant, max_in_flight, limit, now)
+        answer = await store.check_quota_async(tenant, quota)
+        return _admission(answer, max_in_flight, limit, elapsed, created=False)
 
     def admit_and_create(self, tenant: str, store: JobStore, max_in_flight: int, limit: int, now: float,
                          job: Job, queue: str, message: str, counted: bool) -> Created:
         """The limits, then :meth:`JobStore.create_and_enqueue`, as one step: refused, nothing is
         created. ``counted``: this submission was counted toward the rate already (by :meth:`admit`),
-        so only the in-flight cap is checked again. Blocking; raises the stores' errors.
+        so only the in-flight cap is checked again (blocking).
 
-        This default is atomic within one process (a lock); :class:`RedisRateLimiter` with a
-        :class:`~broker.store.RedisJobStore` does it in the store's create script."""
-        with self._create_lock:
-            if counted:
-                admission = self.admit(tenant, store, max_in_flight, 0, now)
-                if admission.allowed and limit:
-                    admission = dataclasses.replace(admission, rate_room=self.hit(tenant, limit, now, False).room)
-            else:
-                admission = self.admit(tenant, store, max_in_flight, limit, now)
-            if not admission.allowed:
-                return Created(admission)
-            return Created(admission, store.create_and_enqueue(job, queue, message))
+        Raises:
+            KeyError: the job id is taken.
+        """
+        quota, elapsed = self._quota(tenant, max_in_flight, limit, now, check=not counted, count=not counted)
+        answer = store.create_and_enqueue_within(job, queue, message, quota)
+        return Created(_admission(answer, max_in_flight, limit, elapsed, created=True), answer.position)
 
     async def admit_and_create_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
                                      now: float, job: Job, queue: str, message: str, counted: bool) -> Created:
-        """:meth:`admit_and_create` for the event loop (this default runs it in a thread)."""
-        return await asyncio.to_thread(self.admit_and_create, tenant, store, max_in_flight, limit, now,
-                                       job, queue, message, counted)
+        """:meth:`admit_and_create` for the event loop.
 
-
-# KEYS: this window's counter, the previous window's. ARGV: weight of the previous window, limit, ttl,
-# '1' to count ('0': only read).
-_HIT = """
-local current = tonumber(redis.call('GET', KEYS[1]) or '0')
-local previous = tonumber(redis.call('GET', KEYS[2]) or '0')
-if previous * tonumber(ARGV[1]) + current > tonumber(ARGV[2]) - 1 then return {0, previous, current} end
-if ARGV[4] == '0' then return {1, previous, current} end
-current = redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-return {1, previous, current}
-"""
-
-# KEYS: this window's counter. ARGV: ttl.
-_COUNT = """
-redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-"""
-
-
-# Both limits in one round trip, same order and counting as RateLimiter.admit. KEYS: the tenant's
-# active set (RedisJobStore keeps it), this window's counter, the previous window's. ARGV: max jobs
-# in flight (0: off), weight of the previous window, rate limit (0: off), counter ttl.
-# Returns {1, active, previous, current} (allowed; active -1: the cap is off; current after counting),
-# {-1, active} (too many jobs) or {0, previous, current} (rate limited).
-_ADMIT = QUOTA_LUA + """
-local code, active, previous, current = quota(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[3]),
-                                              tonumber(ARGV[2]), ARGV[4], true)
-if code == -3 then return {-1, active} end
-if code == -4 then return {0, previous, current} end
-return {1, active, previous, current}
-"""
+        Raises:
+            KeyError: the job id is taken.
+        """
+        quota, elapsed = self._quota(tenant, max_in_flight, limit, now, check=not counted, count=not counted)
+        answer = await store.create_and_enqueue_within_async(job, queue, message, quota)
+        return Created(_admission(answer, max_in_flight, limit, elapsed, created=True), answer.position)
 
 
 class RedisRateLimiter(RateLimiter):
-    """The sliding-window counter on Redis (shared by every API replica).
-
-    With a :class:`~broker.store.RedisJobStore` (whose per-tenant active set is on the same server)
-    :meth:`admit` checks both limits in one script, and :meth:`admit_and_create` checks them inside
-    the store's create-and-enqueue script; ``async_client`` runs them on the event loop, each
-    call bounded by ``async_timeout_s`` (see :class:`~broker.store.RedisJobStore` for why the client
-    itself should have no ``socket_timeout``).
-    """
+    """The limiter on Redis (shared by every API replica): its counters beside the job store's active
+    sets, so one script checks both limits (and creates the job). ``async_client`` runs the ``*_async``
+    methods on the event loop, each call bounded by ``async_timeout_s`` (see
+    :class:`~broker.jobstore.RedisJobStore` for why that client should have no ``socket_timeout``)."""
 
     def __init__(self, client: redis.Redis, async_client: aioredis.Redis | None = None,
                  async_timeout_s: float = 10.0) -> None:
-        super().__init__()
-        self._async_timeout_s = async_timeout_s
-        self._script = client.register_script(_HIT)
-        self._count = client.register_script(_COUNT)
-        self._admit = client.register_script(_ADMIT)
-        self._admit_on_loop = async_client.register_script(_ADMIT) if async_client is not None else None
-        self._count_on_loop = async_client.register_script(_COUNT) if async_client is not None else None
-
-    @staticmethod
-    def _admit_args(tenant: str, max_in_flight: int, limit: int, now: float) -> tuple[list[str], list[Any], float]:
-        index, elapsed = _window(now)
-        script_keys = [keys.tenant_active(tenant), keys.rate_window(tenant, index),
-                       keys.rate_window(tenant, index - 1)]
-        return script_keys, [max_in_flight, repr(1.0 - elapsed / WINDOW_S), limit, _COUNTER_TTL_S], elapsed
-
-    @staticmethod
-    def _admission(answer: list[Any], max_in_flight: int, limit: int, elapsed: float) -> Admission:
-        if int(answer[0]) == -1:
-            return Admission(False, active=int(answer[1]))
-        if int(answer[0]) == 0:
-            return Admission(False, retry_after_s=retry_after_s(int(answer[1]), int(answer[2]), elapsed, limit))
-        active, previous, current = (int(v) for v in answer[1:4])
-        return Admission(True, rate_room=_room(previous, current, elapsed, limit) if limit else None,
-                         in_flight_room=max_in_flight - active - 1 if max_in_flight else None)
-
-    def admit(self, tenant: str, store: JobStore, max_in_flight: int, limit: int, now: float) -> Admission:
-        if not isinstance(store, RedisJobStore):
-            return super().admit(tenant, store, max_in_flight, limit, now)
-        script_keys, args, elapsed = self._admit_args(tenant, max_in_flight, limit, now)
-        return self._admission(self._admit(keys=script_keys, args=args), max_in_flight, limit, elapsed)
-
-    async def admit_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
-                          now: float) -> Admission:
-        if self._admit_on_loop is None or not isinstance(store, RedisJobStore):
-            return await super().admit_async(tenant, store, max_in_flight, limit, now)
-        script_keys, args, elapsed = self._admit_args(tenant, max_in_flight, limit, now)
-        async with asyncio.timeout(self._async_timeout_s):
-            answer = await self._admit_on_loop(keys=script_keys, args=args)
-        return self._admission(answer, max_in_flight, limit, elapsed)
-
-    @staticmethod
-    def _quota(tenant: str, max_in_flight: int, limit: int, now: float, counted: bool) -> tuple[Quota, float]:
-        index, elapsed = _window(now)
-        return Quota(max_in_flight, limit, (keys.rate_window(tenant, index), keys.rate_window(tenant, index - 1)),
-                     1.0 - elapsed / WINDOW_S, _COUNTER_TTL_S, not counted), elapsed
-
-    def admit_and_create(self, tenant: str, store: JobStore, max_in_flight: int, limit: int, now: float,
-                         job: Job, queue: str, message: str, counted: bool) -> Created:
-        if not isinstance(store, RedisJobStore):
-            return super().admit_and_create(tenant, store, max_in_flight, limit, now, job, queue, message, counted)
-        quota, elapsed = self._quota(tenant, max_in_flight, limit, now, counted)
-        return _created(store.create_and_enqueue_within(job, queue, message, quota), max_in_flight, limit, elapsed)
-
-    async def admit_and_create_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
-                                     now: float, job: Job, queue: str, message: str, counted: bool) -> Created:
-        if not isinstance(store, RedisJobStore):
-            return await super().admit_and_create_async(tenant, store, max_in_flight, limit, now, job, queue,
-                                                        message, counted)
-        quota, elapsed = self._quota(tenant, max_in_flight, limit, now, counted)
-        answer = await store.create_and_enqueue_within_async(job, queue, message, quota)
-        return _created(answer, max_in_flight, limit, elapsed)
-
-    def hit(self, tenant: str, limit: int, now: float, count: bool = True) -> RateDecision:
-        index, elapsed = _window(now)
-        weight = 1.0 - elapsed / WINDOW_S
-        allowed, previous, current = self._script(
-            keys=[keys.rate_window(tenant, index), keys.rate_window(tenant, index - 1)],
-            args=[repr(weight), limit, _COUNTER_TTL_S, "1" if count else "0"],
-        )
-        return _decide(bool(allowed), int(previous), int(current), elapsed, limit)
-
-    def count(self, tenant: str, now: float) -> None:
-        self._count(keys=[keys.rate_window(tenant, _window(now)[0])], args=[_COUNTER_TTL_S])
-
-    async def count_async(self, tenant: str, now: float) -> None:
-        if self._count_on_loop is None:
-            return await super().count_async(tenant, now)
-        async with asyncio.timeout(self._async_timeout_s):
-            await self._count_on_loop(keys=[keys.rate_window(tenant, _window(now)[0])], args=[_COUNTER_TTL_S])
-
-
-def _created(answer: QuotaAnswer, max_in_flight: int, limit: int, elapsed: float) -> Created:
-    if answer.refused == "in_flight":
-        return Created(Admission(False, active=answer.active))
-    if answer.refused == "rate":
-        return Created(Admission(False, retry_after_s=retry_after_s(answer.previous, answer.current, elapsed,
-                                                                     limit)))
-    return Created(Admission(True, rate_room=_room(answer.previous, answer.current, elapsed, limit) if limit
-                             else None, in_flight_room=max_in_flight - answer.active if max_in_flight else None),
-                   answer.position)
+        super().__init__(RedisJobStore(client, async_client, async_timeout_s))
 
 
 class InMemoryRateLimiter(RateLimiter):
-    """The same algorithm in process memory (unit tests, fake services)."""
+    """The limiter over an in-memory job store (unit tests, fake services): pass the services' store so
+    that :meth:`hit` and :meth:`count` see what :meth:`admit` counted."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._mu = threading.Lock()
-        self._counts: dict[tuple[str, int], int] = {}
-
-    def hit(self, tenant: str, limit: int, now: float, count: bool = True) -> RateDecision:
-        index, elapsed = _window(now)
-        with self._mu:
-            for stale in [k for k in self._counts if k[1] < index - 1]:
-                del self._counts[stale]
-            previous = self._counts.get((tenant, index - 1), 0)
-            current = self._counts.get((tenant, index), 0)
-            if not _fits(previous, current, elapsed, limit):
-                return _decide(False, previous, current, elapsed, limit)
-            if count:
-                current = self._counts[(tenant, index)] = current + 1
-            return _decide(True, previous, current, elapsed, limit)
-
-    async def admit_and_create_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
-                                     now: float, job: Job, queue: str, message: str, counted: bool) -> Created:
-        if isinstance(store, InMemoryJobStore):  # no I/O: no thread needed
-            return self.admit_and_create(tenant, store, max_in_flight, limit, now, job, queue, message, counted)
-        return await super().admit_and_create_async(tenant, store, max_in_flight, limit, now, job, queue,
-                                                    message, counted)
+    def __init__(self, store: InMemoryJobStore | None = None) -> None:
+        super().__init__(store if store is not None else InMemoryJobStore())
 
 
 class LimitsMemory:
@@ -447,7 +316,7 @@ async def enforce_submission_limits(request: Request, tenant: str) -> bool:
 
 async def create_within_limits(request: Request, tenant: str, job: Job, queue: str, message: str,
                                counted: bool) -> int | None:
-    """Record ``job`` and queue its ``message`` (:meth:`broker.store.JobStore.create_and_enqueue`) if
+    """Record ``job`` and queue its ``message`` (:meth:`broker.jobstore.JobStore.create_and_enqueue`) if
     the tenant's limits admit it, checked (and, unless ``counted``, counted) in the same atomic step.
     Returns the job's queue position. Raises ApiError 429 as :func:`enforce_submission_limits` (nothing
     is created) and the store's errors."""

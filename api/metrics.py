@@ -32,8 +32,8 @@ from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import internal_error
+from broker.jobstore import JobStore
 from broker.schema import PRIORITY_ORDER
-from broker.store import JobStore
 
 logger = logging.getLogger("editfarm.api")
 

@@ -18,7 +18,7 @@ from api.idempotency import InMemoryIdempotencyStore
 from api.limits import InMemoryRateLimiter
 from api.settings import ApiSettings
 from broker.celery_app import RENDER_QUEUES, render_job_id
-from broker.store import InMemoryJobStore
+from broker.jobstore import InMemoryJobStore
 from storage.store import InMemoryObjectStore
 
 TEST_KEYS = {"acme": "key-acme-0123456789", "globex": "key-globex-9876543210"}
@@ -35,10 +35,10 @@ def make_settings(**overrides: object) -> ApiSettings:
 
 def queued(services: Services) -> list[tuple[str, str]]:
     """``(job id, priority)`` of every render message the in-memory job store was given, oldest first."""
-    store = services.store
-    assert isinstance(store, InMemoryJobStore), "queued() reads an InMemoryJobStore"
+    pushed: list[tuple[str, str]] | None = getattr(services.store, "pushed", None)
+    assert pushed is not None, "queued() reads the messages an InMemoryJobStore was given"
     priority_of = {queue: priority for priority, queue in RENDER_QUEUES.items()}
-    return [(render_job_id(message), priority_of[queue]) for queue, message in store.pushed]
+    return [(render_job_id(message), priority_of[queue]) for queue, message in pushed]
 
 
 class RecordingNotify:
@@ -72,15 +72,16 @@ def fake_services(settings: ApiSettings | None = None) -> Services:
     RecordingRedeliver, in-memory rate limiter, idempotency store and delivery log, and one
     InMemoryEventBus as both publisher and event source (redis=None)."""
     bus = InMemoryEventBus()
+    store = InMemoryJobStore()
     return Services(
         settings=settings or make_settings(),
-        store=InMemoryJobStore(),
+        store=store,
         objects=InMemoryObjectStore(),
         notify=RecordingNotify(),
         publisher=bus,
         events=bus,
         redeliver=RecordingRedeliver(),
-        limiter=InMemoryRateLimiter(),
+        limiter=InMemoryRateLimiter(store),
         idempotency=InMemoryIdempotencyStore(),
         deliveries=InMemoryDeliveryLog(),
     )

@@ -4,7 +4,7 @@
 body and does only the Redis writes a submission makes (see ``bench/README.md``): the job
 record through the job store's own create script (same Lua, same keys: job hash, tenant
 list, queue index), and the Celery message (``LPUSH`` of a real message made by
-``broker.celery_app.enqueue_render`` at startup, plus the ``task-sent`` event that the API's
+``broker.queues.RenderQueue.enqueue`` at startup, plus the ``task-sent`` event that the API's
 Celery app publishes), with ``redis.asyncio``. No auth, no validation, no image.
 
 ``EDITFARM_BENCH_BARE_OPERATION`` (``edit``/``generate``) sets the operation of the job record.
@@ -30,8 +30,10 @@ from starlette.concurrency import run_in_threadpool
 from api.settings import ApiSettings
 from broker import keys
 from broker.celery_app import RENDER_QUEUES, RENDER_TASK, make_celery
+from broker.jobstore import encode as _encode
+from broker.jobstore.redis import CREATE_SCRIPT as _CREATE_SCRIPT
+from broker.jobstore.redis import INDEX_KEYS as _INDEX_KEYS
 from broker.schema import Job, JobParams, Operation, dump_fields, new_job_id
-from broker.store import _CREATE_SCRIPT, _INDEX_KEYS, _encode
 
 TENANT = "bench"
 TEMPLATE_QUEUE = "editfarm:bench:template"

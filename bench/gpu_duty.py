@@ -42,8 +42,8 @@ from bench.gpu_real_size import PROMPT, build_components  # noqa: E402
 
 def run_mode(mode: str, renderer: Any, jobs: int, steps: int, size: int) -> dict[str, Any]:
     from broker.events import InMemoryEventPublisher
+    from broker.jobstore import InMemoryJobStore
     from broker.schema import Job, JobParams, JobStatus, new_job_id
-    from broker.store import InMemoryJobStore
     from storage import InMemoryObjectStore
     from workers.pipelining import Pipelining
     from workers.runner import Runner, RunnerConfig

@@ -16,15 +16,18 @@ from typing import Any
 from celery import Celery
 from kombu import Queue
 
+from broker import keys
+
 RENDER_TASK = "editfarm.render"
 WEBHOOK_TASK = "editfarm.webhook"
 NOTIFY_TASK = "editfarm.notify"
 
-# One Redis list per priority; workers consume them in this order (strict priority).
-RENDER_QUEUES = {"high": "render.high", "normal": "render.normal", "low": "render.low"}
-RENDER_QUEUE_ORDER = (RENDER_QUEUES["high"], RENDER_QUEUES["normal"], RENDER_QUEUES["low"])
+# One Redis list per priority (keys.render_queue; broker.queues.RenderQueue builds and reads render
+# messages); workers consume them in this order (strict priority).
+RENDER_QUEUES = {p: keys.render_queue(p) for p in keys.RENDER_PRIORITIES}
+RENDER_QUEUE_ORDER = tuple(RENDER_QUEUES[p] for p in keys.RENDER_PRIORITIES)
 RENDER_QUEUE = RENDER_QUEUES["normal"]
-WEBHOOK_QUEUE = "webhooks"
+WEBHOOK_QUEUE = keys.WEBHOOK_QUEUE
 
 
 def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600,
@@ -69,12 +72,6 @@ def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600,
     return app
 
 
-def enqueue_render(app: Celery, job_id: str, priority: str = "normal", countdown_s: float = 0) -> None:
-    """Queue a job for rendering on its priority's queue (only its id travels)."""
-    app.send_task(RENDER_TASK, args=[job_id], queue=RENDER_QUEUES.get(priority, RENDER_QUEUE),
-                  countdown=countdown_s or None)
-
-
 # Placeholders in a captured template, replaced per message (JSON-escaped).
 _TASK_ID, _TAG, _BODY, _ARGSREPR, _QUEUE = (f"@@editfarm-{name}@@" for name in ("id", "tag", "body", "args", "queue"))
 
@@ -97,7 +94,9 @@ def _task_template(task: str, arity: int) -> tuple[str, str]:
     try:
         app.send_task(task, args=[_arg_marker(i) for i in range(arity)], queue=_QUEUE)
         with app.connection_for_write() as conn:
-            message: dict[str, Any] = conn.default_channel._get(_QUEUE)
+            # the message as the transport stored it (serializable(): the same dict the Redis
+            # transport would LPUSH, its body base64-encoded)
+            message: dict[str, Any] = conn.default_channel.basic_get(_QUEUE, no_ack=True).serializable()
     finally:
         app.close()
     body = base64.b64decode(message["body"]).decode()
@@ -140,18 +139,6 @@ class TaskMessages:
         return (self._template.replace(_TASK_ID, task_id).replace(_TAG, str(uuid.uuid4()))
                 .replace(_BODY, base64.b64encode(body.encode()).decode())
                 .replace(_ARGSREPR, _json_text(repr(list(args)))).replace(_QUEUE, _json_text(queue)))
-
-
-class RenderMessages:
-    """Render task messages (see :class:`TaskMessages`): the API pushes one with each job's record."""
-
-    def __init__(self) -> None:
-        self._messages = TaskMessages(RENDER_TASK, 1)
-
-    def build(self, job_id: str, priority: str = "normal") -> tuple[str, str]:
-        """(the Redis list of ``priority``'s render queue, the message to LPUSH onto it)."""
-        queue = RENDER_QUEUES.get(priority, RENDER_QUEUE)
-        return queue, self._messages.message(queue, job_id)
 
 
 class NotifyMessages:

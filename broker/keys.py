@@ -22,7 +22,10 @@ def queued(priority: str) -> str:
     return f"{PREFIX}queued:{priority}"
 
 
-QUEUED_ALL = tuple(f"{PREFIX}queued:{p}" for p in ("high", "normal", "low"))
+RENDER_PRIORITIES = ("high", "normal", "low")
+"""Priorities in the strict order render queues are consumed (broker.schema.PRIORITY_ORDER's values)."""
+
+QUEUED_ALL = tuple(f"{PREFIX}queued:{p}" for p in RENDER_PRIORITIES)
 
 RUNNING = f"{PREFIX}running"
 """Sorted set of running job ids scored by lease_until (epoch s): the reaper finds lapsed leases here."""
@@ -32,6 +35,20 @@ INFLIGHT = f"{PREFIX}inflight"
 
 DEADLINES = f"{PREFIX}deadlines"
 """Sorted set of queued job ids scored by their queue deadline (epoch s)."""
+
+
+# -- Celery's queues: kombu keeps each queue as a Redis list named after it (no prefix: the names are
+# what operators pass to workers with -Q and what KEDA and dashboards read)
+
+
+def render_queue(priority: str, model: str | None = None) -> str:
+    """List of render messages of one priority: ``render.<priority>`` (``model`` None: the one-model
+    cluster of today), else ``render.<model>.<priority>`` (a fleet: one queue set per model)."""
+    return f"render.{priority}" if model is None else f"render.{model}.{priority}"
+
+
+WEBHOOK_QUEUE = "webhooks"
+"""List of the CPU workers' messages: notify (a job's webhook to build) and webhook deliveries."""
 
 
 def reaped(job_id: str, lease_until: float) -> str:

@@ -20,8 +20,8 @@ from api.models import JobList, JobOut
 from api.testing import TEST_KEYS, RecordingNotify, fake_services, make_settings, queued
 from broker import keys
 from broker.events import InMemoryEventPublisher
+from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
-from broker.store import InMemoryJobStore, JobStore, RedisJobStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}

@@ -16,8 +16,8 @@ from api.delivery_log import InMemoryDeliveryLog, RedisDeliveryLog
 from api.deps import Services
 from api.testing import TEST_KEYS, RecordingRedeliver, fake_services
 from broker import keys
+from broker.jobstore import RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Operation
-from broker.store import RedisJobStore
 from workers.webhooks import WebhookConfig, WebhookOutbox, deliver_once, message_id_for
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}

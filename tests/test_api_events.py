@@ -26,8 +26,8 @@ from api.events import InMemoryEventBus, RedisEventSource
 from api.testing import TEST_KEYS, fake_services, make_settings
 from broker import keys
 from broker.events import RedisEventPublisher
+from broker.jobstore import RedisJobStore
 from broker.schema import JobStatus, Output
-from broker.store import RedisJobStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}

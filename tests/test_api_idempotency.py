@@ -28,7 +28,7 @@ from api.idempotency import (
 from api.intake import Sources
 from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
-from broker.store import InMemoryJobStore, RedisJobStore
+from broker.jobstore import InMemoryJobStore, RedisJobStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}

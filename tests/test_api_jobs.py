@@ -18,8 +18,8 @@ from api.deps import Services
 from api.models import JobOut
 from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker.celery_app import render_job_id
+from broker.jobstore import InMemoryJobStore, RedisJobStore
 from broker.schema import MAX_SEED, JobStatus, Output
-from broker.store import InMemoryJobStore, RedisJobStore
 from storage.store import InMemoryObjectStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}

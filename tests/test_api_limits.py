@@ -26,8 +26,8 @@ from api.limits import (
 from api.settings import ApiSettings
 from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
+from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
-from broker.store import InMemoryJobStore, JobStore, RedisJobStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
@@ -117,7 +117,8 @@ def test_the_redis_limiter_uses_the_rate_window_keys_with_a_ttl(redis_client: re
 @pytest.fixture(params=["memory", "redis", "redis-on-loop"])
 def admit_pair(request: pytest.FixtureRequest) -> tuple[RateLimiter, JobStore, str]:
     if request.param == "memory":
-        return InMemoryRateLimiter(), InMemoryJobStore(), request.param
+        store = InMemoryJobStore()  # the in-memory rate counters live in the store, as on Redis
+        return InMemoryRateLimiter(store), store, request.param
     client: redis.Redis = request.getfixturevalue("redis_client")
     return RedisRateLimiter(client), RedisJobStore(client), request.param
 
@@ -332,8 +333,9 @@ def test_a_tenant_at_its_in_flight_cap_is_refused_inside_the_create_and_not_coun
 
 
 class _CountingLimiter(InMemoryRateLimiter):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, store: JobStore) -> None:
+        assert isinstance(store, InMemoryJobStore)
+        super().__init__(store)
         self.early_checks = 0  # the route's checks before the body (admit_and_create calls admit itself)
 
     async def admit_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
@@ -344,7 +346,7 @@ class _CountingLimiter(InMemoryRateLimiter):
 
 def test_a_tenant_far_from_its_limits_skips_the_early_check_and_each_request_still_counts_once() -> None:
     client, services = make_client(rate_limit_per_min=1000, max_jobs_in_flight=1000)
-    services.limiter = limiter = _CountingLimiter()
+    services.limiter = limiter = _CountingLimiter(services.store)
     assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
     assert limiter.early_checks == 1  # a tenant this process has no answer for: checked early
     assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
@@ -357,7 +359,7 @@ def test_a_tenant_far_from_its_limits_skips_the_early_check_and_each_request_sti
 
 def test_a_tenant_near_its_limit_is_checked_before_its_body_is_read() -> None:
     client, services = make_client(rate_limit_per_min=20)  # margin: 8
-    services.limiter = limiter = _CountingLimiter()
+    services.limiter = limiter = _CountingLimiter(services.store)
     for _ in range(13):
         assert client.post("/v1/jobs", json=GENERATE, headers=ACME).status_code == 202
     assert limiter.early_checks == 1  # the first; then 19..8 left: at least the margin

@@ -19,14 +19,13 @@ from broker.celery_app import (
     RENDER_QUEUES,
     WEBHOOK_QUEUE,
     NotifyMessages,
-    RenderMessages,
     enqueue_notify,
-    enqueue_render,
     make_celery,
     render_job_id,
 )
+from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
+from broker.queues import RenderQueue
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
-from broker.store import InMemoryJobStore, JobStore, RedisJobStore
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -48,7 +47,7 @@ def pushed(store: JobStore, queue: str) -> list[str]:
 
 
 def enqueue(store: JobStore, job: Job) -> int | None:
-    queue, message = RenderMessages().build(job.id, job.params.priority.value)
+    queue, message = RenderQueue().message(job.id, job.params.priority)
     return store.create_and_enqueue(job, queue, message)
 
 
@@ -94,7 +93,7 @@ def test_the_async_variant_writes_the_same(redis_client: redis.Redis) -> None:
             positions = []
             for store in (RedisJobStore(redis_client, on_loop), RedisJobStore(redis_client), InMemoryJobStore()):
                 job = make_job()
-                queue, message = RenderMessages().build(job.id)
+                queue, message = RenderQueue().message(job.id)
                 positions.append(await store.create_and_enqueue_async(job, queue, message))
                 assert store.get(job.id) == job
                 assert job.id in pushed(store, queue)
@@ -114,7 +113,7 @@ def test_the_async_variant_loads_its_script_again_after_the_server_forgot_it(red
             for _ in range(2):
                 redis_client.script_flush()
                 job = make_job()
-                positions.append(await store.create_and_enqueue_async(job, *RenderMessages().build(job.id)))
+                positions.append(await store.create_and_enqueue_async(job, *RenderQueue().message(job.id)))
                 assert store.get(job.id) == job
             return positions
         finally:
@@ -148,8 +147,8 @@ def _without_ids(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_hand_built_message_is_what_send_task_pushes_but_for_its_ids(redis_client: redis.Redis) -> None:
-    real = _sent_by_celery(redis_client, lambda app: enqueue_render(app, "job_0123", "low"), RENDER_QUEUES["low"])
-    queue, text = RenderMessages().build("job_0123", "low")
+    real = _sent_by_celery(redis_client, lambda app: RenderQueue(celery=app).enqueue("job_0123", "low"), RENDER_QUEUES["low"])
+    queue, text = RenderQueue().message("job_0123", "low")
     built = _decoded(text)
     assert queue == RENDER_QUEUES["low"] and render_job_id(text) == "job_0123"
     task_id = built["headers"]["id"]
@@ -157,7 +156,7 @@ def test_the_hand_built_message_is_what_send_task_pushes_but_for_its_ids(redis_c
     assert built["headers"]["root_id"] == built["properties"]["correlation_id"] == task_id
     assert built["properties"]["delivery_tag"] != real["properties"]["delivery_tag"]
     assert _without_ids(built) == _without_ids(real)
-    assert len({RenderMessages().build("job_0123")[1] for _ in range(3)}) == 3  # fresh ids each time
+    assert len({RenderQueue().message("job_0123")[1] for _ in range(3)}) == 3  # fresh ids each time
 
 
 def test_the_hand_built_notify_message_is_what_send_task_pushes_but_for_its_ids(redis_client: redis.Redis) -> None:
@@ -187,8 +186,8 @@ def test_each_field_is_stored_exactly_as_the_store_encodes_it_whatever_the_promp
         redis_client: redis.Redis) -> None:
     """The create-and-enqueue script takes the fields as one JSON array (cjson): the hash must hold the
     same strings as a field-by-field HSET would."""
+    from broker.jobstore import encode as _encode
     from broker.schema import dump_fields
-    from broker.store import _encode
 
     store = RedisJobStore(redis_client)
     prompt = 'quotes " and \\ backslashes, é, 漢字, emoji 🚲, a newline\n, a tab\t and \u0000'

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import redis
 
+from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
-from broker.store import InMemoryJobStore, JobStore, RedisJobStore
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -173,6 +173,6 @@ def test_a_tenants_in_flight_count_follows_its_jobs(store: JobStore) -> None:
 @pytest.mark.parametrize("value", [0, -5, 10**30, 1.5, 2.0, float("inf"), True, False, None, "", 'é"\\\n\x00🚲',
                                    {"b": 1, "a": [1, "x", None]}, [], Priority.HIGH, JobStatus.QUEUED])
 def test_the_store_encodes_every_value_as_json_dumps_with_sorted_keys_would(value: Any) -> None:
-    from broker.store import _encode
+    from broker.jobstore import encode as _encode
 
     assert _encode(value) == json.dumps(value, separators=(",", ":"), sort_keys=True)

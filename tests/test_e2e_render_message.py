@@ -1,4 +1,4 @@
-"""A render message built by hand (``broker.celery_app.RenderMessages``), pushed with the job record by
+"""A render message built by hand (``broker.queues.RenderQueue``), pushed with the job record by
 ``JobStore.create_and_enqueue`` outside the API, is consumed by a real Celery render worker."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import redis
 
-from broker.celery_app import RENDER_QUEUES, RenderMessages
+from broker.celery_app import RENDER_QUEUES
+from broker.jobstore import RedisJobStore
+from broker.queues import RenderQueue
 from broker.schema import Job, JobParams, Operation, Priority, new_job_id
-from broker.store import RedisJobStore
 from cli.cluster import LocalCluster
 from tests.e2e_support import wait_terminal
 
@@ -21,7 +22,7 @@ def test_a_real_worker_runs_a_job_queued_by_a_hand_built_message(shared_cluster:
         job = Job(id=new_job_id(), tenant="acme", params=JobParams(
             operation=Operation.GENERATE, prompt="a red bicycle", seed=7, steps=2, width=64, height=64,
             priority=Priority.HIGH))
-        queue, message = RenderMessages().build(job.id, job.params.priority.value)
+        queue, message = RenderQueue().message(job.id, job.params.priority)
         assert queue == RENDER_QUEUES["high"]
         assert RedisJobStore(client).create_and_enqueue(job, queue, message) is not None
         done = wait_terminal(shared_cluster.api_url, job.id)

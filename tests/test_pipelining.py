@@ -16,8 +16,8 @@ import pytest
 from PIL import Image
 
 from broker.events import InMemoryEventPublisher
+from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
-from broker.store import InMemoryJobStore
 from storage import InMemoryObjectStore, StorageUnavailable
 from tests.test_runner import FakeRenderer
 from workers.pipeline.base import RenderRequest

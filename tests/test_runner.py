@@ -11,8 +11,8 @@ import redis
 from PIL import Image
 
 from broker.events import InMemoryEventPublisher
+from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
-from broker.store import InMemoryJobStore
 from storage import InMemoryObjectStore
 from workers.pipeline.base import Renderer, RenderInterrupted, RenderRequest
 from workers.runner import RetryLater, Runner, RunnerConfig

@@ -19,8 +19,8 @@ from PIL import Image
 from broker import keys
 from broker import schema as broker_schema
 from broker.events import InMemoryEventPublisher
+from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
-from broker.store import InMemoryJobStore
 from storage import InMemoryObjectStore
 from workers import operations
 from workers.loras import LoraResolver, LoraUnavailable

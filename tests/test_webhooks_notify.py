@@ -25,8 +25,8 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from broker import keys
 from broker.celery_app import enqueue_notify, make_celery
+from broker.jobstore import RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Operation, Output
-from broker.store import RedisJobStore
 from broker.tenants import RedisTenantStore
 from cli.cluster import ROOT
 from cli.localservices import ManagedProcess, start_redis, wait_until

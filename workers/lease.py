@@ -12,8 +12,8 @@ import threading
 import time
 from typing import Protocol, Self
 
+from broker.jobstore import JobStore
 from broker.schema import Job, JobStatus
-from broker.store import JobStore
 
 log = logging.getLogger("editfarm.runner")
 

@@ -9,8 +9,8 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from broker.jobstore import JobStore
 from broker.schema import PRIORITY_ORDER
-from broker.store import JobStore
 
 log = logging.getLogger("editfarm.metrics")
 

@@ -3,8 +3,8 @@
 A message is created at most once per id (``put``); a delivery attempt is made only by the
 holder of the message's lock (``claim``), and recorded with the message's new state in the
 same step as the lock is released (``finish_attempt``), so a delivered message is never sent
-again. Records expire ``ttl_s`` after their last write. The API reads the same Redis layout
-(``api/delivery_log.py``). Times are UNIX epoch seconds.
+again. Records expire ``ttl_s`` after their last write. Their Redis layout and scripts are
+:mod:`broker.outbox`'s (the API's delivery log reads the same records). Times are UNIX epoch seconds.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ from typing import Any, Literal
 
 import redis
 
-from broker import keys
+from broker.outbox import DEFAULT_TTL_S, OutboxRecords
 
-DEFAULT_TTL_S = 7 * 24 * 3600
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 State = Literal["pending", "delivered", "failed"]
 
@@ -152,106 +151,52 @@ class BaseWebhookOutbox(ABC):
         return self._update(message_id, self.failed_fields(error, at_s, status_code))
 
 
-# HSET + EXPIRE only if EXISTS(key) == ARGV[2]: "0" creates once (HSETNX-like), "1" updates.
-_HSET_IF = """if redis.call('EXISTS', KEYS[1]) ~= tonumber(ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3)); redis.call('EXPIRE', KEYS[1], ARGV[1]); return 1"""
-# Create once (as _HSET_IF with "0") and, with KEYS[2], add ARGV[2] to the job's delivery log
-# whether or not the message was new: one round trip for what the notify task stores.
-_PUT = """local created = 0
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], unpack(ARGV, 3)); redis.call('EXPIRE', KEYS[1], ARGV[1]); created = 1
-end
-if KEYS[2] then redis.call('SADD', KEYS[2], ARGV[2]); redis.call('EXPIRE', KEYS[2], ARGV[1]) end
-return created"""
-_RECORD = """if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local n = redis.call('HINCRBY', KEYS[1], 'attempts', 1); redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[1]); redis.call('EXPIRE', KEYS[2], ARGV[1]); return n"""
-_UNLOCK = """if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"""
-# claim(): the message, locked (SET NX PX) only while pending; {locked, fields} ({} if missing)
-_CLAIM = """local f = redis.call('HGETALL', KEYS[1])
-if #f == 0 then return {0, f} end
-if redis.call('HGET', KEYS[1], 'state') == 'pending'
-   and redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1, f} end
-return {0, f}"""
-# finish_attempt(): _RECORD, then HSET of ARGV[4..] on the message, then _UNLOCK with ARGV[3]
-_FINISH = """local n = 0
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  n = redis.call('HINCRBY', KEYS[1], 'attempts', 1); redis.call('RPUSH', KEYS[2], ARGV[2])
-  if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
-  redis.call('EXPIRE', KEYS[1], ARGV[1]); redis.call('EXPIRE', KEYS[2], ARGV[1])
-end
-if redis.call('GET', KEYS[3]) == ARGV[3] then redis.call('DEL', KEYS[3]) end
-return n"""
-
-
-def _lock_key(message_id: str) -> str:
-    return keys.webhook_lock(message_id)
-
-
 class WebhookOutbox(BaseWebhookOutbox):
-    """The outbox on Redis (``keys.webhook_message``/``webhook_attempts``); works with either
-    ``decode_responses`` setting. Raises redis.RedisError when Redis is unreachable."""
+    """The outbox on Redis, in the layout :mod:`broker.outbox` owns (shared with the API's delivery
+    log); works with either ``decode_responses`` setting. Raises redis.RedisError when Redis is
+    unreachable."""
 
     def __init__(self, client: redis.Redis, ttl_s: int = DEFAULT_TTL_S) -> None:
         super().__init__(ttl_s)
         self.r = client
-        self._scripts: dict[str, Any] = {}
-
-    def _script(self, source: str) -> Any:
-        """The script, registered once (EVALSHA: its source is not sent on every call)."""
-        if source not in self._scripts:
-            self._scripts[source] = self.r.register_script(source)
-        return self._scripts[source]
-
-    def _eval(self, script: str, keys_: list[str], args: list[Any]) -> int:
-        return int(self._script(script)(keys=keys_, args=args))
+        self._records = OutboxRecords(client, ttl_s)
 
     def put(self, message_id: str, url: str, body: bytes, tenant: str, job_id: str | None = None) -> bool:
-        flat = [x for kv in self._new_fields(message_id, url, body, tenant).items() for x in kv]
-        ks = [keys.webhook_message(message_id), *([keys.job_webhooks(job_id)] if job_id else [])]
-        return self._eval(_PUT, ks, [self.ttl_s, message_id, *flat]) == 1
+        return self._records.put(message_id, self._new_fields(message_id, url, body, tenant), job_id)
 
     def job_messages(self, job_id: str) -> set[str]:
-        return {m.decode() if isinstance(m, bytes) else m
-                for m in self.r.smembers(keys.job_webhooks(job_id))}  # type: ignore[union-attr]
+        return self._records.job_message_ids(job_id)
 
     def claim(self, message_id: str, ttl_ms: int) -> tuple[WebhookMessage | None, str | None]:
         token = _secrets.token_hex(8)
-        locked, flat = self._script(_CLAIM)(keys=[keys.webhook_message(message_id), _lock_key(message_id)],
-                                            args=[token, ttl_ms])
-        if not flat:
+        locked, raw = self._records.claim(message_id, token, ttl_ms)
+        if not raw:
             return None, None
-        msg = self._parse(message_id, dict(zip(flat[::2], flat[1::2], strict=True)))
-        return msg, token if locked else None
+        return self._parse(message_id, raw), token if locked else None
 
     def finish_attempt(self, message_id: str, attempt: dict[str, Any], fields: dict[str, str],
                        token: str) -> int:
-        ks = [keys.webhook_message(message_id), keys.webhook_attempts(message_id), _lock_key(message_id)]
-        flat = [x for kv in fields.items() for x in kv]
-        return self._eval(_FINISH, ks, [self.ttl_s, json.dumps(attempt, separators=(",", ":")), token, *flat])
+        return self._records.finish(message_id, attempt, fields, token)
 
     def get(self, message_id: str) -> WebhookMessage | None:
-        raw = self.r.hgetall(keys.webhook_message(message_id))
-        return self._parse(message_id, raw) if raw else None  # type: ignore[arg-type]
+        raw = self._records.fields(message_id)
+        return self._parse(message_id, raw) if raw else None
 
     def _update(self, message_id: str, fields: dict[str, str]) -> bool:
-        flat = [x for kv in fields.items() for x in kv]
-        return self._eval(_HSET_IF, [keys.webhook_message(message_id)], [self.ttl_s, 1, *flat]) == 1
+        return self._records.update(message_id, fields)
 
     def record_attempt(self, message_id: str, attempt: dict[str, Any]) -> int:
-        ks = [keys.webhook_message(message_id), keys.webhook_attempts(message_id)]
-        return self._eval(_RECORD, ks, [self.ttl_s, json.dumps(attempt, separators=(",", ":"))])
+        return self._records.record_attempt(message_id, attempt)
 
     def attempts(self, message_id: str) -> list[dict[str, Any]]:
-        raw = self.r.lrange(keys.webhook_attempts(message_id), 0, -1)
-        return [json.loads(x) for x in raw]  # type: ignore[union-attr]
+        return [json.loads(x) for x in self._records.attempts(message_id)]
 
     def acquire_lock(self, message_id: str, ttl_ms: int) -> str | None:
         token = _secrets.token_hex(8)
-        return token if self.r.set(_lock_key(message_id), token, nx=True, px=ttl_ms) else None
+        return token if self._records.lock(message_id, token, ttl_ms) else None
 
     def release_lock(self, message_id: str, token: str) -> None:
-        self._eval(_UNLOCK, [_lock_key(message_id)], [token])
+        self._records.unlock(message_id, token)
 
 
 class InMemoryWebhookOutbox(BaseWebhookOutbox):

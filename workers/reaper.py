@@ -17,8 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from broker.jobstore import JobStore
 from broker.schema import Job, JobStatus
-from broker.store import JobStore
 
 log = logging.getLogger("editfarm.reaper")
 

@@ -26,6 +26,7 @@ import redis
 
 from broker import events
 from broker.events import EventPublisher
+from broker.jobstore import JobStore
 from broker.schema import (
     ErrorCode,
     Job,
@@ -33,7 +34,6 @@ from broker.schema import (
     Output,
     queue_deadline_at,
 )
-from broker.store import JobStore
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
 from workers import failures, jobio
 from workers.encode import UnreadableImage

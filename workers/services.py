@@ -18,19 +18,11 @@ import httpx
 import redis
 
 from broker import keys
-from broker.celery_app import (
-    RENDER_QUEUE_ORDER,
-    RENDER_QUEUES,
-    NotifyMessages,
-    RenderMessages,
-    enqueue_notify,
-    enqueue_render,
-    enqueue_webhook,
-    make_celery,
-)
+from broker.celery_app import NotifyMessages, enqueue_notify, enqueue_webhook, make_celery
 from broker.events import RedisEventPublisher
+from broker.jobstore import RedisJobStore
+from broker.queues import RenderQueue
 from broker.schema import Job
-from broker.store import RedisJobStore
 from broker.tenants import RedisTenantStore
 from storage import S3Config, S3ObjectStore, StorageUnavailable
 from workers import malloc, metrics
@@ -247,8 +239,13 @@ def warm_job_path() -> None:
     pipelining().start()
 
 
+def render_queue() -> RenderQueue:
+    """This process's render queues: read on its Redis client, requeued through its Celery app."""
+    return RenderQueue(client=redis_client(), celery=celery_app())
+
+
 def requeue(job: Job) -> None:
-    enqueue_render(celery_app(), job.id, job.params.priority.value)
+    render_queue().enqueue(job.id, job.params.priority)
 
 
 @functools.cache
@@ -311,11 +308,6 @@ def pipelining() -> Pipelining:
     return for_this_process(lambda: Pipelining(s.finish_in_background, s.render_lane))
 
 
-@functools.cache
-def _render_messages() -> RenderMessages:
-    return RenderMessages()
-
-
 def give_way(job: Job) -> bool:
     """If a render message of a higher priority than ``job``'s waits in Celery's Redis lists, put
     ``job``'s message back first in its own queue (RPUSH: the consumer pops from the right) and say so.
@@ -323,22 +315,11 @@ def give_way(job: Job) -> bool:
     Only messages no worker has taken are in those lists, so jobs waiting in other workers' render
     lanes do not count. Raises redis errors.
     """
-    mine = RENDER_QUEUES[job.params.priority.value]
-    if not _messages_wait(RENDER_QUEUE_ORDER[:RENDER_QUEUE_ORDER.index(mine)]):
+    queues = render_queue()
+    if not queues.waiting_above(job.params.priority):
         return False
-    queue, message = _render_messages().build(job.id, job.params.priority.value)
-    redis_client().rpush(queue, message)
+    queues.put_back_first(job.id, job.params.priority)
     return True
-
-
-def _messages_wait(queues: tuple[str, ...]) -> bool:
-    """Whether any of these Celery Redis lists holds a message no worker has taken yet."""
-    if not queues:
-        return False
-    pipe = redis_client().pipeline(transaction=False)
-    for queue in queues:
-        pipe.llen(queue)
-    return any(pipe.execute())
 
 
 @functools.cache
@@ -353,7 +334,7 @@ def terminal_message(job_id: str, event: str) -> tuple[str, str]:
 
 def jobs_waiting() -> bool:
     """Whether any render message waits in Celery's Redis lists (not yet taken by a worker)."""
-    return _messages_wait(RENDER_QUEUE_ORDER)
+    return render_queue().waiting()
 
 
 @functools.cache

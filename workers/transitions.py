@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from broker import events
 from broker.events import EventPublisher
+from broker.jobstore import JobStore
 from broker.schema import ErrorCode, Job, JobError, JobStatus, Output, Progress
-from broker.store import JobStore
 from broker.tenanttext import tenant_message
 from workers.lease import Lease as _Lease
 

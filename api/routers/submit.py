@@ -7,7 +7,7 @@ Order: auth → submission limits (unless this process knows the tenant is far f
 policy) → image intake → object store → submission limits + job record + render message.
 
 The limits, the job record and its Celery message are checked and written by one Redis script
-(:meth:`broker.store.RedisJobStore.create_and_enqueue_within`) on the event loop: a job never
+(:meth:`broker.jobstore.JobStore.create_and_enqueue_within_async`) on the event loop: a job never
 exists without its message, a refusal writes nothing (and deletes the inputs already stored), and
 a submission without input images makes one Redis round trip and no thread-pool hop.
 """
@@ -175,7 +175,7 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
             logger.warning("object store unavailable storing the inputs of %s", job_id)
             raise unavailable("the object store") from None
     job = Job(id=job_id, tenant=tenant, params=params, input_keys=input_keys, mask_key=mask_key)
-    queue, message = services.render_messages.build(job_id, params.priority.value)
+    queue, message = services.render_queue.message(job_id, params.priority)
     counted, submission.counted = submission.counted, True
     stored = [*input_keys, *([mask_key] if mask_key else [])]
     try:

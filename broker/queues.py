@@ -1,0 +1,106 @@
+"""The render queues: how a job becomes a render message, and how a worker sees what waits.
+
+Each model has one set of Celery queues, one per priority (``keys.render_queue``), consumed in strict
+order (high, normal, low); today's one-model cluster is ``model=None`` (``render.high`` …). A message
+carries only the job id. The API never sends it itself: the job store pushes it in the same atomic
+step that records the job (:meth:`broker.jobstore.JobStore.create_and_enqueue`), so this module
+builds it (:meth:`RenderQueue.message`); a worker requeues through Celery (:meth:`RenderQueue.enqueue`)
+and looks at the lists for messages no worker has taken (:meth:`RenderQueue.waiting`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import redis
+from celery import Celery
+
+from broker import keys
+from broker.celery_app import RENDER_TASK, TaskMessages
+
+
+def _priority(priority: object) -> str:
+    """A priority's name (a ``Priority`` or its value); an unknown one is ``normal``."""
+    name = str(getattr(priority, "value", priority))
+    return name if name in keys.RENDER_PRIORITIES else "normal"
+
+
+class RenderQueue:
+    """One model's render queues.
+
+    Without ``client`` and ``celery`` it names queues and builds messages (all the API needs).
+    ``client`` (blocking Redis, the broker's) lets it look at and push onto the lists; ``celery`` (the
+    app on the same broker) lets it send a message through Celery (with a delay).
+    """
+
+    def __init__(self, *, model: str | None = None, client: redis.Redis | None = None,
+                 celery: Celery | None = None) -> None:
+        self.model = model
+        self.names = {p: keys.render_queue(p, model) for p in keys.RENDER_PRIORITIES}
+        self.order = tuple(self.names[p] for p in keys.RENDER_PRIORITIES)
+        self._client = client
+        self._celery = celery
+        self._messages = TaskMessages(RENDER_TASK, 1)
+
+    def name(self, priority: object) -> str:
+        """The list of ``priority`` (unknown: normal)."""
+        return self.names[_priority(priority)]
+
+    def message(self, job_id: str, priority: object = "normal") -> tuple[str, str]:
+        """(the list of ``priority``'s queue, the render message for ``job_id`` to LPUSH onto it)."""
+        queue = self.name(priority)
+        return queue, self._messages.message(queue, job_id)
+
+    def enqueue(self, job_id: str, priority: object = "normal", countdown_s: float = 0) -> None:
+        """Send ``job_id``'s render message through Celery, ``countdown_s`` from now (a requeue).
+
+        Raises:
+            RuntimeError: built without ``celery``.
+            kombu.exceptions.OperationalError: the broker is unreachable.
+        """
+        if self._celery is None:
+            raise RuntimeError("this RenderQueue has no Celery app")
+        self._celery.send_task(RENDER_TASK, args=[job_id], queue=self.name(priority),
+                               countdown=countdown_s or None)
+
+    def _redis(self) -> redis.Redis:
+        if self._client is None:
+            raise RuntimeError("this RenderQueue has no Redis client")
+        return self._client
+
+    def put_back_first(self, job_id: str, priority: object) -> None:
+        """Push a fresh message for ``job_id`` at the head of its queue (RPUSH: consumers pop from the
+        right), so it is the next of its priority to be taken.
+
+        Raises:
+            RuntimeError: built without ``client``.
+            redis.RedisError: Redis is unreachable.
+        """
+        queue, message = self.message(job_id, priority)
+        self._redis().rpush(queue, message)
+
+    def waiting(self, priorities: Iterable[object] | None = None) -> bool:
+        """Whether a message no worker has taken yet waits in these priorities' lists (None: all).
+        Messages a worker has taken (prefetched, or held in its render lane) are not in the lists.
+
+        Raises:
+            RuntimeError: built without ``client``.
+            redis.RedisError: Redis is unreachable.
+        """
+        queues = self.order if priorities is None else tuple(self.name(p) for p in priorities)
+        if not queues:
+            return False
+        pipe = self._redis().pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        return any(pipe.execute())
+
+    def waiting_above(self, priority: object) -> bool:
+        """Whether a message of a higher priority than ``priority`` waits (see :meth:`waiting`).
+
+        Raises:
+            RuntimeError: built without ``client``.
+            redis.RedisError: Redis is unreachable.
+        """
+        rank = keys.RENDER_PRIORITIES.index(_priority(priority))
+        return self.waiting(keys.RENDER_PRIORITIES[:rank])
