@@ -9,6 +9,7 @@ nothing connects until first use, except the model load of :meth:`WorkerServices
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -112,7 +113,6 @@ class WorkerServices:
     transitions: Transitions
     webhook_configs: WebhookConfigs
     outbox: WebhookOutbox
-    http: httpx.Client
     drain: Drain
     heartbeat: Heartbeat
     renderer: Renderer | None = None
@@ -145,8 +145,6 @@ class WorkerServices:
             settings=s, redis=client, celery=celery, notify_celery=notify_celery, objects=objects, store=store,
             publisher=publisher, queue=CeleryRenderQueue(redis_client=client, celery=celery),
             transitions=transitions, webhook_configs=webhook_configs, outbox=WebhookOutbox(client),
-            # no redirects, no proxies from the environment (they would bypass the URL policy)
-            http=make_client(webhook_configs()),
             drain=drain_of(s, client),
             heartbeat=Heartbeat(redis_client=client, process_name=s.process_name(), file=s.heartbeat_file,
                                 interval_s=s.heartbeat_interval_s),
@@ -228,6 +226,13 @@ class WorkerServices:
             self.reaper().start()
 
     # -- webhooks --------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def http(self) -> httpx.Client:
+        """The webhook deliveries' client (kept alive between them), made on first use: a render
+        worker delivers none and may have no webhook secret set. No redirects, no proxies from the
+        environment (they would bypass the URL policy). Raises ValueError: no webhook secret."""
+        return make_client(self.webhook_configs())
 
     def queue_webhook(self, message_id: str, countdown_s: float = 0) -> None:
         """Queue a delivery attempt of a stored message (the webhook task), ``countdown_s`` from now."""
