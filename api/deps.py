@@ -18,55 +18,53 @@ from fastapi import Depends, Request
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 
-from api.delivery_log import DeliveryLog, InMemoryDeliveryLog, RedisDeliveryLog
+from api.delivery_log import DeliveryLog, RedisDeliveryLog
 from api.events import EventSource, RedisEventSource
-from api.idempotency import IdempotencyStore, InMemoryIdempotencyStore, RedisIdempotencyStore
-from api.limits import InMemoryRateLimiter, RateLimiter, RedisRateLimiter
+from api.idempotency import IdempotencyStore, RedisIdempotencyStore
+from api.limits import RateLimiter, RedisRateLimiter
 from api.settings import ApiSettings
-from broker.celery_app import enqueue_notify, enqueue_webhook, make_celery
+from broker.celery_app import NotifyMessages, enqueue_webhook, make_celery
 from broker.events import EventPublisher, RedisEventPublisher
 from broker.jobstore import JobStore, RedisJobStore
 from broker.queues import RenderQueue
-from broker.tenants import InMemoryTenantStore, RedisTenantStore, TenantStore
+from broker.tenants import RedisTenantStore, TenantStore
 from storage.store import ObjectStore, S3ObjectStore
 
 
-def _no_redeliver(message_id: str) -> None:
-    raise RuntimeError("no webhook queue is configured")
-
-
-@dataclass
+@dataclass(kw_only=True)
 class Services:
-    """Everything a request handler may touch.
+    """Everything a request handler may touch. Each service is given explicitly (the real ones by
+    :meth:`from_settings`, in-memory ones by ``api.testing.fake_services``): none defaults to a
+    fake that would pass unnoticed in production.
 
     ``render_queue`` builds a job's Celery render message, which
     :meth:`JobStore.create_and_enqueue` pushes in the same step that records the job;
-    ``notify(job_id, event)`` asks a CPU worker to send
-    the job's webhook for ``event`` (e.g. ``"job.canceled"``); ``redeliver(message_id)``
-    queues one more delivery of a stored webhook message; both raise if the
-    broker is unreachable. ``limiter`` counts submissions per tenant,
-    ``idempotency`` remembers Idempotency-Keys and ``deliveries`` reads the
-    webhook outbox (a job's delivery log). ``publisher`` sends a job's live events and
-    ``events`` subscribes to them (SSE). ``redis`` is only used by ``/readyz``;
-    None skips that check. ``closers`` run at application shutdown (a coroutine
-    they return is awaited).
+    ``notify_messages`` builds the notify task's message that a cancel pushes with its
+    transition (the job's ``job.canceled`` webhook is asked for in the same atomic step);
+    ``redeliver(message_id)`` queues one more delivery of a stored webhook message (raises if
+    the broker is unreachable). ``tenants`` holds the API keys created with ``editfarm keys
+    create`` (hashed in Redis), besides EDITFARM_API_KEYS. ``limiter`` counts submissions per
+    tenant, ``idempotency`` remembers Idempotency-Keys and ``deliveries`` reads the webhook
+    outbox (a job's delivery log). ``publisher`` sends a job's live events and ``events``
+    subscribes to them (SSE). ``redis`` is only used by ``/readyz``; None skips that check.
+    ``closers`` run at application shutdown (a coroutine they return is awaited).
     """
 
     settings: ApiSettings
     store: JobStore
     objects: ObjectStore
-    notify: Callable[[str, str], None]
     publisher: EventPublisher
     events: EventSource
+    tenants: TenantStore
+    redeliver: Callable[[str], None]
+    limiter: RateLimiter
+    idempotency: IdempotencyStore
+    deliveries: DeliveryLog
     redis: redis.Redis | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
-    # API keys created with `editfarm keys create` (hashed in Redis), besides EDITFARM_API_KEYS
-    tenants: TenantStore = field(default_factory=InMemoryTenantStore)
-    redeliver: Callable[[str], None] = field(default=_no_redeliver)
-    limiter: RateLimiter = field(default_factory=InMemoryRateLimiter)
-    idempotency: IdempotencyStore = field(default_factory=InMemoryIdempotencyStore)
-    deliveries: DeliveryLog = field(default_factory=InMemoryDeliveryLog)
+    # message builders: pure functions of their arguments, the same in tests and production
     render_queue: RenderQueue = field(default_factory=RenderQueue)
+    notify_messages: NotifyMessages = field(default_factory=NotifyMessages)
 
     @classmethod
     def from_settings(cls, settings: ApiSettings) -> Services:
@@ -94,7 +92,6 @@ class Services:
             settings=settings,
             store=RedisJobStore(client, on_loop),
             objects=S3ObjectStore(settings.s3_config()),
-            notify=functools.partial(enqueue_notify, celery),
             publisher=RedisEventPublisher(client),
             events=RedisEventSource(settings.redis_url),
             redis=client,

@@ -40,6 +40,21 @@ from PIL import Image  # noqa: E402
 from bench.gpu_real_size import PROMPT, build_components  # noqa: E402
 
 
+class _NoOtherJobs:
+    """The runner's queue here: the jobs are run one after the other by this script, so "jobs wait"
+    (the lane takes the next one early, as a busy worker does), none outranks another and none is
+    handed back (in-memory stores do not fail)."""
+
+    def requeue(self, job: Any) -> None:
+        pass
+
+    def give_way(self, job: Any) -> bool:
+        return False
+
+    def jobs_waiting(self) -> bool:
+        return True
+
+
 def run_mode(mode: str, renderer: Any, jobs: int, steps: int, size: int) -> dict[str, Any]:
     from broker.events import InMemoryEventPublisher
     from broker.jobstore import InMemoryJobStore
@@ -47,21 +62,25 @@ def run_mode(mode: str, renderer: Any, jobs: int, steps: int, size: int) -> dict
     from storage import InMemoryObjectStore
     from workers.pipelining import Pipelining
     from workers.runner import Runner, RunnerConfig
+    from workers.transitions import Transitions
 
     intervals: list[tuple[float, float]] = []
     render = renderer.render
 
-    def timed_render(request: Any, on_step: Any = None) -> Any:
+    def timed_render(request: Any, on_step: Any = None, **kwargs: Any) -> Any:
         began = time.perf_counter()
         try:
-            return render(request, on_step)
+            return render(request, on_step, **kwargs)
         finally:
             intervals.append((began, time.perf_counter()))
 
     store, objects = InMemoryJobStore(), InMemoryObjectStore()
     pipelining = Pipelining(True, True) if mode == "pipelined" else None
-    runner = Runner(store, objects, InMemoryEventPublisher(), renderer, lambda job, event: None,
-                    RunnerConfig(worker_name="gpu-bench"), pipelining=pipelining)
+    config = RunnerConfig(worker_name="gpu-bench")
+    transitions = Transitions(store=store, publisher=InMemoryEventPublisher(), notify=lambda job, event: None,
+                              config=config)
+    runner = Runner(transitions=transitions, objects=objects, renderer=renderer, queue=_NoOtherJobs(),
+                    config=config, pipelining=pipelining)
     renderer.render = timed_render
     ids = []
     for index in range(jobs):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from workers.pipeline.base import RenderRequest, StepCallback
+from workers.pipeline.base import Previews, RenderRequest, StepCallback
 from workers.standin import StandinRenderer
 
 
@@ -46,9 +46,10 @@ class TimedStandinRenderer(StandinRenderer):
         if self.output_side:
             self._noise_image()
 
-    def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+    def render(self, request: RenderRequest, on_step: StepCallback | None = None, *,
+               previews: Previews | None = None) -> list[Image.Image]:
         start = time.time()
-        images = super().render(request, on_step)
+        images = super().render(request, on_step, previews=previews)
         if self.output_side:
             images = [self._noise_image().copy() for _ in images]
         end = time.time()

@@ -17,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import create_app
 from api.deps import Services
 from api.models import JobList, JobOut
-from api.testing import TEST_KEYS, RecordingNotify, fake_services, make_settings, queued
+from api.testing import TEST_KEYS, fake_services, make_settings, notified, notify_args, queued
 from broker import keys
+from broker.celery_app import NOTIFY_TASK, WEBHOOK_QUEUE
 from broker.events import InMemoryEventPublisher
 from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
@@ -58,11 +59,6 @@ def submitted_id(client: TestClient, headers: dict[str, str] = ACME, **fields: A
     return str(response.json()["id"])
 
 
-
-
-def notify_of(services: Services) -> RecordingNotify:
-    assert isinstance(services.notify, RecordingNotify)
-    return services.notify
 
 
 def events_of(services: Services) -> list[dict[str, Any]]:
@@ -307,7 +303,7 @@ def test_canceling_a_queued_job_answers_200_publishes_status_and_notifies_once(c
     JobOut.model_validate(view)
     job = services.store.get(job_id)
     assert job is not None and job.status is JobStatus.CANCELED and job.lease_until is None
-    assert notify_of(services).sent == [(job_id, "job.canceled")]
+    assert notified(services) == [(job_id, "job.canceled")]
     status_events = [e for e in events_of(services) if e["type"] == "status"]
     assert [(e["job_id"], e["data"]["status"]) for e in status_events] == [(job_id, "canceled")]
     assert services.store.queue_position(job_id) is None
@@ -318,7 +314,7 @@ def test_canceling_twice_is_409_job_finished_and_notifies_only_once(client_servi
     job_id = submitted_id(client)
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=ACME).status_code == 200
     assert_error(client.post(f"/v1/jobs/{job_id}/cancel", headers=ACME), 409, "job_finished")
-    assert notify_of(services).sent == [(job_id, "job.canceled")]
+    assert notified(services) == [(job_id, "job.canceled")]
 
 
 def test_a_succeeded_job_cannot_be_canceled(client_services: Any) -> None:
@@ -327,7 +323,7 @@ def test_a_succeeded_job_cannot_be_canceled(client_services: Any) -> None:
     assert services.store.transition(job_id, JobStatus.RUNNING)
     assert services.store.transition(job_id, JobStatus.SUCCEEDED, {"finished_at": time.time()})
     assert_error(client.post(f"/v1/jobs/{job_id}/cancel", headers=ACME), 409, "job_finished")
-    assert notify_of(services).sent == []
+    assert notified(services) == []
     assert services.store.get(job_id).status is JobStatus.SUCCEEDED  # type: ignore[union-attr]
 
 
@@ -339,7 +335,7 @@ def test_canceling_another_tenants_or_an_unknown_job_is_404(client_services: Any
     assert_error(theirs, 404, "not_found")
     assert theirs.content == unknown.content
     assert services.store.get(job_id).status is JobStatus.QUEUED  # type: ignore[union-attr]
-    assert notify_of(services).sent == []
+    assert notified(services) == []
 
 
 def test_canceling_a_running_job_takes_it_from_its_worker_and_records_the_reason(client_services: Any) -> None:
@@ -355,7 +351,7 @@ def test_canceling_a_running_job_takes_it_from_its_worker_and_records_the_reason
     # the worker's next lease-checked write fails: it lost the job
     assert services.store.transition(job_id, JobStatus.SUCCEEDED, from_=[JobStatus.RUNNING],
                                      expect={"worker": ["w1"]}) is None
-    assert notify_of(services).sent == [(job_id, "job.canceled")]
+    assert notified(services) == [(job_id, "job.canceled")]
 
 
 def test_a_cancel_that_loses_a_race_to_the_worker_answers_from_the_new_state(client_services: Any) -> None:
@@ -383,7 +379,7 @@ def test_a_cancel_that_loses_a_race_to_the_worker_answers_from_the_new_state(cli
 
     store.transition = worker_finishes_it_first  # type: ignore[method-assign]
     assert_error(client.post(f"/v1/jobs/{other}/cancel", headers=ACME), 409, "job_finished")
-    assert notify_of(services).sent == [(job_id, "job.canceled")]
+    assert notified(services) == [(job_id, "job.canceled")]
 
 
 @pytest.mark.parametrize(("kwargs", "status", "code"), [
@@ -403,12 +399,34 @@ def test_a_bad_cancel_body_is_refused_and_the_job_keeps_running(
     assert services.store.get(job_id).status is JobStatus.QUEUED  # type: ignore[union-attr]
 
 
-def test_a_cancel_still_stands_when_the_webhook_queue_is_down(client_services: Any) -> None:
+def test_the_cancel_transition_itself_carries_the_job_canceled_notify(client_services: Any) -> None:
     client, services = client_services
     job_id = submitted_id(client)
-    notify_of(services).down = True
-    response = client.post(f"/v1/jobs/{job_id}/cancel", headers=ACME)
-    assert response.status_code == 200 and response.json()["status"] == "canceled"
+    store = services.store
+    calls: list[dict[str, Any]] = []
+    real_transition = store.transition
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return real_transition(*args, **kwargs)
+
+    store.transition = spy  # type: ignore[method-assign]
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=ACME).status_code == 200
+    [call] = calls
+    queue, message = call["push"]
+    assert queue == WEBHOOK_QUEUE and notify_args(message) == (job_id, "job.canceled")
+
+
+def test_a_cancel_whose_transition_fails_asks_for_no_webhook(client_services: Any) -> None:
+    client, services = client_services
+    job_id = submitted_id(client)
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise redis.exceptions.ConnectionError("Connection refused")
+
+    services.store.transition = down  # type: ignore[method-assign]
+    assert_error(client.post(f"/v1/jobs/{job_id}/cancel", headers=ACME), 503, "unavailable")
+    assert notified(services) == []
 
 
 def test_canceling_on_real_redis_clears_the_queue_index(redis_client: redis.Redis) -> None:
@@ -420,6 +438,25 @@ def test_canceling_on_real_redis_clears_the_queue_index(redis_client: redis.Redi
     assert client.post(f"/v1/jobs/{first}/cancel", headers=ACME).status_code == 200
     assert client.get(f"/v1/jobs/{second}", headers=ACME).json()["queue_position"] == 0
     assert redis_client.zcard(keys.queued("normal")) == 1
+
+
+def test_a_cancel_on_real_redis_queues_exactly_one_job_canceled_notify_with_its_transition(
+        redis_client: redis.Redis) -> None:
+    import json
+
+    services = fake_services()
+    services.store = RedisJobStore(redis_client)
+    client, _ = make_client(services)
+    job_id = submitted_id(client)
+    before = redis_client.llen(WEBHOOK_QUEUE)
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=ACME).status_code == 200
+    assert_error(client.post(f"/v1/jobs/{job_id}/cancel", headers=ACME), 409, "job_finished")
+    pushed = redis_client.lrange(WEBHOOK_QUEUE, 0, -1)
+    assert len(pushed) == before + 1
+    mine = [m for m in pushed if notify_args(m)[0] == job_id]
+    assert [notify_args(m) for m in mine] == [(job_id, "job.canceled")]
+    assert json.loads(mine[0])["headers"]["task"] == NOTIFY_TASK
+    assert RedisJobStore(redis_client).get(job_id).status is JobStatus.CANCELED  # type: ignore[union-attr]
 
 
 # -- metrics -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from workers.pipeline import RenderInterrupted, RenderRequest, load_renderer
+from workers.pipeline import Previews, RenderInterrupted, RenderRequest, load_renderer
 from workers.pipeline.diffusers_renderer import DiffusersRenderer, resolve_dtype
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -285,11 +285,7 @@ def test_importing_the_package_neither_imports_diffusers_nor_probes_cuda() -> No
 
 def test_previews_come_every_n_steps_as_small_images_and_stop_when_unset(renderer: DiffusersRenderer) -> None:
     seen: list[tuple[int, tuple[int, int]]] = []
-    renderer.preview_sink, renderer.preview_every = (lambda step, image: seen.append((step, image.size))), 2
-    try:
-        renderer.render(_edit(steps=5))
-    finally:
-        renderer.preview_sink, renderer.preview_every = None, 0
+    renderer.render(_edit(steps=5), previews=Previews(2, lambda step, image: seen.append((step, image.size))))
     assert [step for step, _ in seen] == [2, 4]  # never on the last step: the result follows at once
     assert all(max(size) <= 128 for _, size in seen)
     renderer.render(_edit(steps=2))

@@ -19,10 +19,12 @@ from broker.events import InMemoryEventPublisher
 from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
 from storage import InMemoryObjectStore, StorageUnavailable
-from tests.test_runner import FakeRenderer
+from tests.test_runner import FakeRenderer, RecordingQueue
 from workers.pipeline.base import RenderRequest
 from workers.pipelining import Finisher, Pipelining, RenderLane
+from workers.render_queue import CeleryRenderQueue
 from workers.runner import RetryLater, Runner, RunnerConfig
+from workers.transitions import Transitions
 
 
 class RecordingObjects(InMemoryObjectStore):
@@ -56,9 +58,9 @@ class LoggingRenderer(FakeRenderer):
         self.log = log
         self.step_sleep_s = 0.01
 
-    def render(self, request: RenderRequest, on_step=None):  # type: ignore[no-untyped-def]
+    def render(self, request: RenderRequest, on_step=None, *, previews=None):  # type: ignore[no-untyped-def]
         self.log.append(f"render {request.prompt}")
-        return super().render(request, on_step)
+        return super().render(request, on_step, previews=previews)
 
 
 class Pipelined:
@@ -66,13 +68,15 @@ class Pipelined:
         self.log: list[str] = []
         self.store = InMemoryJobStore()
         self.objects = RecordingObjects(self.log)
-        self.requeued: list[str] = []
+        self.queue = RecordingQueue()
+        self.requeued = self.queue.requeued
         self.notified: list[str] = []
         self.pipelining = Pipelining(**pipelining)
-        self.runner = Runner(self.store, self.objects, InMemoryEventPublisher(), LoggingRenderer(self.log),
-                             lambda job, event: self.notified.append(f"{job.id} {event}"),
-                             RunnerConfig(worker_name="w@test", heartbeat_interval_s=0.05, lease_s=30),
-                             requeue=lambda job: self.requeued.append(job.id), pipelining=self.pipelining)
+        config = RunnerConfig(worker_name="w@test", heartbeat_interval_s=0.05, lease_s=30)
+        self.transitions = Transitions(store=self.store, publisher=InMemoryEventPublisher(), config=config,
+                                       notify=lambda job, event: self.notified.append(f"{job.id} {event}"))
+        self.runner = Runner(transitions=self.transitions, objects=self.objects, renderer=LoggingRenderer(self.log),
+                             queue=self.queue, config=config, pipelining=self.pipelining)
 
     def submit(self, name: str) -> Job:
         buf = io.BytesIO()
@@ -264,32 +268,30 @@ def test_a_job_taken_while_the_device_was_busy_gives_way_to_a_higher_priority_on
     p = Pipelined()
     job = p.submit("a")
     gave_way: list[str] = []
-    p.runner.give_way = lambda j: gave_way.append(j.id) is None  # type: ignore[assignment]
+    p.queue.give_way_to = lambda j: gave_way.append(j.id) is None
     assert p.runner.run(job.id) is JobStatus.QUEUED
     back = p.job(job.id)
     assert gave_way == [job.id] and back.status is JobStatus.QUEUED and back.attempts == 0
     assert "render a" not in p.log
 
 
-def test_give_way_puts_the_job_first_in_its_queue_only_when_a_higher_message_waits(
-        redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_give_way_puts_the_job_first_in_its_queue_only_when_a_higher_message_waits(redis_client: Any) -> None:
     from broker.celery_app import RENDER_QUEUES, render_job_id
-    from workers import services
 
-    monkeypatch.setattr(services, "redis_client", lambda: redis_client)
+    queue = CeleryRenderQueue(redis_client=redis_client, celery=None)
     normal = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="n", seed=1, priority="normal"))  # type: ignore[arg-type]
     high = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="h", seed=1, priority="high"))  # type: ignore[arg-type]
     redis_client.lpush(RENDER_QUEUES["normal"], "a later normal message")
-    assert services.give_way(normal) is False and redis_client.llen(RENDER_QUEUES["normal"]) == 1
+    assert queue.give_way(normal) is False and redis_client.llen(RENDER_QUEUES["normal"]) == 1
     redis_client.lpush(RENDER_QUEUES["high"], "a high message")
-    assert services.give_way(high) is False  # nothing outranks high
-    assert services.give_way(normal) is True
+    assert queue.give_way(high) is False  # nothing outranks high
+    assert queue.give_way(normal) is True
     assert render_job_id(redis_client.rpop(RENDER_QUEUES["normal"])) == normal.id  # next one popped
 
 
 def test_a_terminal_webhook_is_asked_for_in_the_terminal_transition_itself() -> None:
     p = Pipelined()
-    p.runner.terminal_message = lambda job_id, event: ("webhooks", f"{job_id} {event}")
+    p.transitions.terminal_message = lambda job_id, event: ("webhooks", f"{job_id} {event}")
     started = p.submit("a")
     p.runner.run(started.id)
     p.settle()
@@ -312,7 +314,7 @@ def test_the_next_job_is_taken_only_once_the_render_is_within_its_lead_of_the_en
 
 def test_with_no_job_waiting_the_task_returns_only_when_its_render_ends() -> None:
     p = Pipelined()
-    p.runner.jobs_waiting = lambda: False
+    p.queue.waiting = lambda: False
     p.runner.renderer.step_sleep_s = 0.2  # type: ignore[attr-defined]
     job = p.submit("a")
     assert p.runner.run(job.id) is JobStatus.RUNNING
@@ -321,15 +323,13 @@ def test_with_no_job_waiting_the_task_returns_only_when_its_render_ends() -> Non
     assert p.job(job.id).status is JobStatus.SUCCEEDED
 
 
-def test_jobs_waiting_sees_render_messages_no_worker_has_taken(
-        redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_jobs_waiting_sees_render_messages_no_worker_has_taken(redis_client: Any) -> None:
     from broker.celery_app import RENDER_QUEUES
-    from workers import services
 
-    monkeypatch.setattr(services, "redis_client", lambda: redis_client)
-    assert services.jobs_waiting() is False
+    queue = CeleryRenderQueue(redis_client=redis_client, celery=None)
+    assert queue.jobs_waiting() is False
     redis_client.lpush(RENDER_QUEUES["low"], "a message")
-    assert services.jobs_waiting() is True
+    assert queue.jobs_waiting() is True
 
 
 def test_starting_a_pipelining_runs_its_render_and_finisher_threads_before_any_job() -> None:
@@ -340,11 +340,11 @@ def test_starting_a_pipelining_runs_its_render_and_finisher_threads_before_any_j
     assert any(name.startswith("finisher") for name in started)
 
 
-def test_warming_the_job_path_survives_an_unreachable_redis_and_object_store(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_warming_the_job_path_survives_an_unreachable_redis_and_object_store() -> None:
     import redis
 
-    from workers import services
+    from workers.services import WorkerServices
+    from workers.settings import WorkerSettings
 
     class DownRedis:
         def ping(self) -> None:
@@ -355,8 +355,14 @@ def test_warming_the_job_path_survives_an_unreachable_redis_and_object_store(
             raise StorageUnavailable("down")
 
     made: list[Pipelining] = []
-    monkeypatch.setattr(services, "redis_client", DownRedis)
-    monkeypatch.setattr(services, "objects", DownObjects)
-    monkeypatch.setattr(services, "pipelining", lambda: made.append(Pipelining()) or made[-1])
+
+    class CountingPipelining(Pipelining):
+        def start(self) -> None:
+            made.append(self)
+            super().start()
+
+    services = WorkerServices.connect(WorkerSettings(redis_url="redis://127.0.0.1:9/0"), celery=None)
+    services.redis, services.objects = DownRedis(), DownObjects()  # type: ignore[assignment]
+    services.pipelining = CountingPipelining()
     services.warm_job_path()
     assert len(made) == 1

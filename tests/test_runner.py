@@ -14,8 +14,9 @@ from broker.events import InMemoryEventPublisher
 from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
 from storage import InMemoryObjectStore
-from workers.pipeline.base import Renderer, RenderInterrupted, RenderRequest
+from workers.pipeline.base import Previews, Renderer, RenderInterrupted, RenderRequest
 from workers.runner import RetryLater, Runner, RunnerConfig
+from workers.transitions import Transitions
 
 
 class FakeRenderer(Renderer):
@@ -29,7 +30,7 @@ class FakeRenderer(Renderer):
         self.on_each_step: Callable[[int], None] | None = None
         self.step_sleep_s = 0.0
 
-    def render(self, request: RenderRequest, on_step=None):  # type: ignore[no-untyped-def]
+    def render(self, request: RenderRequest, on_step=None, *, previews=None):  # type: ignore[no-untyped-def]
         self.calls += 1
         if self.error:
             raise self.error
@@ -48,6 +49,25 @@ class FakeRenderer(Renderer):
         pass
 
 
+class RecordingQueue:
+    """The runner's WorkQueue in unit tests: records re-sent jobs; ``give_way_to(job)`` and
+    ``waiting()`` answer give_way and jobs_waiting (never, and always, unless replaced)."""
+
+    def __init__(self) -> None:
+        self.requeued: list[str] = []
+        self.give_way_to: Callable[[Job], bool] = lambda job: False
+        self.waiting: Callable[[], bool] = lambda: True
+
+    def requeue(self, job: Job) -> None:
+        self.requeued.append(job.id)
+
+    def give_way(self, job: Job) -> bool:
+        return self.give_way_to(job)
+
+    def jobs_waiting(self) -> bool:
+        return self.waiting()
+
+
 class Harness:
     def __init__(self, **config: float) -> None:
         self.store = InMemoryJobStore()
@@ -56,11 +76,14 @@ class Harness:
         self.renderer = FakeRenderer()
         self.notified: list[Job] = []
         self.webhook_events: list[str] = []
-        self.requeued: list[str] = []
+        self.queue = RecordingQueue()
+        self.requeued = self.queue.requeued
         self.drain = False
-        self.runner = Runner(self.store, self.objects, self.events, self.renderer, self._notify,
-                             RunnerConfig(worker_name="w@test", **config),  # type: ignore[arg-type]
-                             requeue=lambda job: self.requeued.append(job.id), draining=lambda: self.drain)
+        runner_config = RunnerConfig(worker_name="w@test", **config)  # type: ignore[arg-type]
+        self.transitions = Transitions(store=self.store, publisher=self.events, notify=self._notify,
+                                       config=runner_config)
+        self.runner = Runner(transitions=self.transitions, objects=self.objects, renderer=self.renderer,
+                             queue=self.queue, config=runner_config, draining=lambda: self.drain)
 
     def _notify(self, job: Job, event: str) -> None:
         self.webhook_events.append(event)
@@ -260,13 +283,14 @@ def test_a_job_without_a_webhook_notifies_nobody() -> None:
 
 def test_previews_are_stored_and_announced_every_n_steps() -> None:
     class PreviewingRenderer(FakeRenderer):
-        preview_sink = None
-        preview_every = 0
+        asked: list[Previews | None] = []
 
-        def render(self, request, on_step=None):  # type: ignore[no-untyped-def]
+        def render(self, request, on_step=None, *, previews=None):  # type: ignore[no-untyped-def]
+            self.asked.append(previews)
+
             def step_hook(step: int) -> None:
-                if self.preview_sink and step % self.preview_every == 0 and step < request.steps:
-                    self.preview_sink(step, Image.new("RGB", (8, 8), "red"))
+                if previews and step % previews.every_n_steps == 0 and step < request.steps:
+                    previews.sink(step, Image.new("RGB", (8, 8), "red"))
             self.on_each_step = step_hook
             return super().render(request, on_step)
 
@@ -279,7 +303,22 @@ def test_previews_are_stored_and_announced_every_n_steps() -> None:
     for preview in previews:
         assert Image.open(io.BytesIO(h.objects.get(preview["key"]))).format == "JPEG"
         assert preview["key"].startswith(f"tenants/acme/jobs/{job.id}/")
-    assert h.renderer.preview_sink is None  # handed back after the job
+    assert [p.every_n_steps if p else None for p in h.renderer.asked] == [2]  # type: ignore[attr-defined]
+
+
+def test_with_previews_off_a_render_is_asked_for_none() -> None:
+    h = Harness()
+    seen: list[object] = []
+    original = h.renderer.render
+
+    def render(request, on_step=None, *, previews=None):  # type: ignore[no-untyped-def]
+        seen.append(previews)
+        return original(request, on_step, previews=previews)
+
+    h.renderer.render = render  # type: ignore[method-assign]
+    job = h.submit(steps=4)
+    assert h.runner.run(job.id) is JobStatus.SUCCEEDED
+    assert seen == [None] and not [e for e in h.events.events if e["type"] == "preview"]
 
 
 class _StoreDownFor:
@@ -301,7 +340,7 @@ class _StoreDownFor:
 def test_a_delivery_waits_out_a_job_store_outage_and_then_runs_the_job_once() -> None:
     h = Harness()
     job = h.submit()
-    h.runner.store = _StoreDownFor(h.store, calls=3)  # type: ignore[assignment]
+    h.transitions.store = _StoreDownFor(h.store, calls=3)  # type: ignore[assignment]
     assert h.runner.run(job.id) is JobStatus.SUCCEEDED
     assert h.job(job.id).attempts == 1 and h.renderer.calls == 1
 
@@ -309,7 +348,7 @@ def test_a_delivery_waits_out_a_job_store_outage_and_then_runs_the_job_once() ->
 def test_a_delivery_gives_up_on_a_job_store_that_stays_down() -> None:
     h = Harness(store_outage_wait_s=0.3)
     job = h.submit()
-    h.runner.store = _StoreDownFor(h.store, calls=10_000)  # type: ignore[assignment]
+    h.transitions.store = _StoreDownFor(h.store, calls=10_000)  # type: ignore[assignment]
     with pytest.raises(redis.exceptions.ConnectionError):
         h.runner.run(job.id)
     assert h.renderer.calls == 0

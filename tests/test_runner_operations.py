@@ -22,6 +22,7 @@ from broker.events import InMemoryEventPublisher
 from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
 from storage import InMemoryObjectStore
+from tests.test_runner import RecordingQueue
 from workers import operations
 from workers.loras import LoraResolver, LoraUnavailable
 from workers.pipeline import base
@@ -35,6 +36,7 @@ from workers.pipeline.base import (
     UpscaleSpec,
 )
 from workers.runner import GpuBroken, Runner, RunnerConfig
+from workers.transitions import Transitions
 
 
 class RecordingRenderer(Renderer):
@@ -48,7 +50,7 @@ class RecordingRenderer(Renderer):
         self.error: Exception | None = None
         self.healthchecks = 0
 
-    def render(self, request: RenderRequest, on_step: Any = None) -> list[Image.Image]:
+    def render(self, request: RenderRequest, on_step: Any = None, *, previews: Any = None) -> list[Image.Image]:
         self.requests.append(request)
         if self.error is not None:
             raise self.error
@@ -80,8 +82,11 @@ class Harness:
         self.objects = InMemoryObjectStore()
         self.renderer = RecordingRenderer()
         self.loras = LoraResolver(self.objects, bucket="editfarm", cache_dir=tmp_path / "loras")
-        self.runner = Runner(self.store, self.objects, InMemoryEventPublisher(), self.renderer,
-                             lambda job, event: None, RunnerConfig(worker_name="w@test"), loras=self.loras)
+        config = RunnerConfig(worker_name="w@test")
+        transitions = Transitions(store=self.store, publisher=InMemoryEventPublisher(),
+                                  notify=lambda job, event: None, config=config)
+        self.runner = Runner(transitions=transitions, objects=self.objects, renderer=self.renderer,
+                             queue=RecordingQueue(), config=config, loras=self.loras)
 
     def submit(self, inputs: list[bytes] | None = None, mask: bytes | None = None, **params: Any) -> Job:
         job_id = new_job_id()
@@ -172,11 +177,11 @@ def test_the_running_job_shows_the_planned_total_before_its_first_step(h: Harnes
     job = h.submit(operation="inpaint", boxes=[[0, 0, 1, 1]], strength=0.25, steps=8)
     original = h.renderer.render
 
-    def render(request: RenderRequest, on_step: Any = None) -> list[Image.Image]:
+    def render(request: RenderRequest, on_step: Any = None, *, previews: Any = None) -> list[Image.Image]:
         current = h.store.get(job.id)
         assert current is not None
         seen.append(current.progress.model_dump())
-        return original(request, on_step)
+        return original(request, on_step, previews=previews)
 
     h.renderer.render = render  # type: ignore[method-assign]
     done, _ = h.run(job)

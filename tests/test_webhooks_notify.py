@@ -2,7 +2,7 @@
 deployed) and an HTTP receiver on 127.0.0.1. The notify task stores a job's message and makes its
 first delivery attempt itself; only a retry is queued (the ``editfarm.webhook`` task) with its
 countdown; a message is accepted once however often notify runs; a tenant's rotated secrets sign
-deliveries once the per-process cache of ``services.webhook_config`` has expired."""
+deliveries once the per-process cache of ``WorkerServices.webhook_configs`` has expired."""
 
 from __future__ import annotations
 
@@ -30,8 +30,11 @@ from broker.schema import Job, JobParams, JobStatus, Operation, Output
 from broker.tenants import RedisTenantStore
 from cli.cluster import ROOT
 from cli.localservices import ManagedProcess, start_redis, wait_until
-from workers import services, tasks
+from workers import tasks
 from workers import webhooks as wh
+from workers.services import WorkerServices
+from workers.settings import WorkerSettings
+from workers.webhook_configs import WEBHOOK_CONFIG_CACHE_S, WebhookConfigs
 
 pytestmark = pytest.mark.integration
 
@@ -217,44 +220,40 @@ def test_notify_run_twice_for_one_event_sends_its_message_once(worker: Worker, r
 
 @pytest.fixture
 def worker_services(monkeypatch: pytest.MonkeyPatch, redis_srv: ManagedProcess, s3_server: ManagedProcess,
-                    tmp_path: Path) -> Iterator[None]:
-    """``workers.services`` of this test process, configured like the worker's."""
+                    tmp_path: Path) -> Iterator[WorkerServices]:
+    """A webhook worker's services built in this test process, configured like the worker's."""
     for name, value in worker_env(redis_srv, s3_server.url, tmp_path).items():
         if name.startswith("EDITFARM_"):
             monkeypatch.setenv(name, value)
-
-    def reset() -> None:
-        services.settings.cache_clear()
-        services._redis.cache_clear()
-        services._http.cache_clear()
-        services._webhook_configs.clear()
-    reset()
-    yield
-    monkeypatch.undo()
-    reset()
+    services = WorkerServices.connect(WorkerSettings(), celery=None)
+    yield services
+    services.http.close()
+    services.redis.close()
 
 
 def test_a_rotated_tenant_secret_signs_deliveries_once_the_config_cache_expires(
-        worker_services: None, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
-    tenants = RedisTenantStore(services.redis_client())
+        worker_services: WorkerServices, receiver: Receiver) -> None:
+    services = worker_services
+    tenants = RedisTenantStore(services.redis)
     tenant = f"rot{os.urandom(4).hex()}"
     old = tenants.rotate_webhook_secret(tenant)
     clock = [1000.0]
-    monkeypatch.setattr(services, "_clock", lambda: clock[0])
-    assert services.webhook_config(tenant).secrets == [old]
-    assert services.webhook_config().secrets == [SECRET]  # no tenant: the deployment's secret
+    services.webhook_configs = configs = WebhookConfigs(settings=services.settings, tenants=tenants,
+                                                        clock=lambda: clock[0])
+    assert configs(tenant).secrets == [old]
+    assert configs().secrets == [SECRET]  # no tenant: the deployment's secret
     new = tenants.rotate_webhook_secret(tenant, overlap_s=3600)
-    clock[0] += services.WEBHOOK_CONFIG_CACHE_S - 0.1
-    assert services.webhook_config(tenant).secrets == [old]  # the documented delay
+    clock[0] += WEBHOOK_CONFIG_CACHE_S - 0.1
+    assert configs(tenant).secrets == [old]  # the documented delay
     clock[0] += 0.2
-    assert services.webhook_config(tenant).secrets == [new, old]  # both sign during the overlap
+    assert configs(tenant).secrets == [new, old]  # both sign during the overlap
 
-    outbox = services.outbox()
+    outbox = services.outbox
     message_id = f"msg_rotation_{os.urandom(4).hex()}"
     body = wh.build_body("job.succeeded", {"id": "job_rot"}, time.time())
     outbox.put(message_id, receiver.url, body, tenant)
     before = len(receiver.requests)
-    result = tasks.attempt_delivery(message_id)
+    result = tasks.attempt_delivery(services, message_id)
     assert result is not None and result.outcome == "delivered"
     ((_, headers, got),) = receiver.requests[before:]
     assert got == body and len(headers["webhook-signature"].split(" ")) == 2
@@ -264,22 +263,23 @@ def test_a_rotated_tenant_secret_signs_deliveries_once_the_config_cache_expires(
         Webhook(SECRET).verify(body, headers)
 
 
-def test_deliveries_reuse_the_receivers_keep_alive_connection(worker_services: None, receiver: Receiver) -> None:
-    outbox = services.outbox()
+def test_deliveries_reuse_the_receivers_keep_alive_connection(
+        worker_services: WorkerServices, receiver: Receiver) -> None:
+    services = worker_services
+    outbox = services.outbox
     body = json.dumps({"type": "job.succeeded", "data": {}}).encode()
     before = receiver.connections
     for n in range(3):
         message_id = f"msg_keepalive_{n}_{os.urandom(4).hex()}"
         outbox.put(message_id, receiver.url, body, "acme")
-        result = tasks.attempt_delivery(message_id)
+        result = tasks.attempt_delivery(services, message_id)
         assert result is not None and result.outcome == "delivered"
     assert receiver.connections - before <= 1
 
 
-def test_the_notify_task_is_retried_while_redis_is_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_notify_task_is_retried_while_redis_is_unreachable() -> None:
     """Unit level: a job store that raises a Redis error makes the task ask Celery for a retry
     instead of failing (and its message being acked with no webhook stored)."""
-    from workers import services, tasks
 
     class DownStore:
         def get(self, job_id: str) -> None:
@@ -293,8 +293,9 @@ def test_the_notify_task_is_retried_while_redis_is_unreachable(monkeypatch: pyte
             self.options = options
             return Retry()
 
-    monkeypatch.setattr(services, "store", lambda: DownStore())
+    services = WorkerServices.connect(WorkerSettings(redis_url="redis://127.0.0.1:9/0"), celery=None)
+    services.store = DownStore()  # type: ignore[assignment]
     task = TaskStub()
     with pytest.raises(Retry):
-        tasks.notify(task, "job_0123", "job.succeeded")  # type: ignore[arg-type]
+        tasks.notify(services, task, "job_0123", "job.succeeded")  # type: ignore[arg-type]
     assert isinstance(task.options["exc"], redis.exceptions.ConnectionError) and task.options["countdown"] == 2

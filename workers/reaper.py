@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 
 from broker.jobstore import JobStore
-from broker.schema import Job, JobStatus
+from broker.schema import JobStatus
+from workers.render_queue import WorkQueue
+from workers.transitions import Transitions
 
 log = logging.getLogger("editfarm.reaper")
 
@@ -27,9 +29,13 @@ Claim = Callable[[str, float], bool]
 
 
 class Reaper:
-    def __init__(self, store: JobStore, requeue: Callable[[Job], None], expire: Callable[[Job], object],
-                 claim: Claim, interval_s: float = 2.0) -> None:
-        self.store, self.requeue, self.expire, self.claim = store, requeue, expire, claim
+    """Sweeps the job store every ``interval_s``: re-sends lapsed jobs through ``queue`` (a lapse
+    taken by ``claim`` first) and expires overdue queued ones through ``transitions`` (no model,
+    no runner: expiring is a transition only)."""
+
+    def __init__(self, *, store: JobStore, transitions: Transitions, queue: WorkQueue, claim: Claim,
+                 interval_s: float = 2.0) -> None:
+        self.store, self.transitions, self.queue, self.claim = store, transitions, queue, claim
         self.interval_s = interval_s
         self._stop = threading.Event()
 
@@ -42,12 +48,12 @@ class Reaper:
             if job and job.status is JobStatus.RUNNING and self.claim(job_id, lease_until):
                 log.warning("job %s: lease lapsed %.1f s ago; sending it to a worker again",
                             job_id, now - lease_until)
-                self.requeue(job)
+                self.queue.requeue(job)
                 requeued += 1
         for job_id in self.store.overdue_queued(now):
             job = self.store.get(job_id)
             if job and job.status is JobStatus.QUEUED:
-                self.expire(job)
+                self.transitions.expired(job)
                 expired += 1
         return {"requeued": requeued, "expired": expired}
 

@@ -3,8 +3,8 @@
 load job → fetch input → start (take the lease) → render → encode → upload →
 succeeded | failed | canceled (with a render lane and a finisher, workers/pipelining.py, the
 fetch, the render and the encode + upload of consecutive jobs overlap). Each transition is a compare-and-set in the
-JobStore, and each transition method below is the one place its side effects
-(events, webhooks) happen — the cog way. While a job runs, a heartbeat thread
+JobStore, made by the runner's ``Transitions`` (workers/transitions.py), the one place its side
+effects (events, webhooks) happen — the cog way. While a job runs, a heartbeat thread
 renews its lease; a second delivery of the same job (Celery redelivers unacked
 messages after ``visibility_timeout``, or when a worker dies) sees a live lease
 and backs off instead of running the job twice.
@@ -12,20 +12,17 @@ and backs off instead of running the job twice.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from broker import events
-from broker.events import EventPublisher
 from broker.jobstore import JobStore
 from broker.schema import (
     ErrorCode,
@@ -41,23 +38,21 @@ from workers.lease import Lease as _Lease
 from workers.loras import LoraResolver, LoraUnavailable
 from workers.pipeline.base import (
     InvalidRequest,
+    Previews,
     Renderer,
     RenderInterrupted,
     RenderRequest,
 )
 from workers.pipelining import Pipelining
-from workers.transitions import Notify, RetryLater, RunnerConfig, Transitions
+from workers.progress import step_callback
+from workers.render_queue import WorkQueue
+from workers.transitions import RetryLater, RunnerConfig, Transitions
+
+__all__ = ["EXIT_GPU_BROKEN", "DrainCheck", "GpuBroken", "RetryLater", "Runner", "RunnerConfig"]
 
 log = logging.getLogger("editfarm.runner")
 
 STORE_ERRORS = (redis.exceptions.RedisError,)
-
-Requeue = Callable[[Job], None]
-"""Sends a fresh render message for a job that was handed back."""
-
-GiveWay = Callable[[Job], bool]
-"""If a job of a higher priority than this one's waits in the queue, puts this job back first in its
-own queue and returns True (this job had been taken while the device was busy)."""
 
 DrainCheck = Callable[[], bool]
 """True once this worker must hand back its running job (graceful shutdown window over)."""
@@ -97,27 +92,31 @@ class _Rendered:
     total: int
 
 
-class Runner(Transitions):
-    """Runs a job's deliveries: fetch inputs, render, encode and upload, through its transitions."""
+class Runner:
+    """Runs a job's deliveries: fetch inputs, render, encode and upload, through its transitions.
 
-    def __init__(self, store: JobStore, objects: ObjectStore, publisher: EventPublisher,
-                 renderer: Renderer | None, notify: Notify, config: RunnerConfig,
-                 requeue: Requeue | None = None, draining: DrainCheck | None = None,
-                 observe: Callable[[str, float], None] | None = None,
-                 loras: LoraResolver | None = None, pipelining: Pipelining | None = None,
-                 give_way: GiveWay | None = None, jobs_waiting: Callable[[], bool] | None = None,
-                 terminal_message: Callable[[str, str], tuple[str, str]] | None = None) -> None:
-        super().__init__(store, publisher, notify, config, observe, terminal_message)
-        self.objects, self.renderer = objects, renderer
-        self.requeue = requeue or (lambda job: None)
-        self.draining = draining or (lambda: False)
-        # a job's LoRA uris → local files; built from the EDITFARM_ settings on first use if not given
+    Its collaborators are handed in, none inherited: ``transitions`` (each state change and its side
+    effects, with the job store), ``objects`` (inputs, outputs, previews), ``renderer`` (the model),
+    ``queue`` (re-send a handed-back job, give way to higher priorities, see what waits), ``loras``
+    (a job's LoRA uris → local files; from the EDITFARM_ settings on first use if None),
+    ``pipelining`` (render lane + background finisher; None: one job at a time, in order),
+    ``draining`` (the shutdown window is over) and ``observe(metric, seconds)``.
+    """
+
+    def __init__(self, *, transitions: Transitions, objects: ObjectStore, renderer: Renderer, queue: WorkQueue,
+                 config: RunnerConfig, loras: LoraResolver | None = None, pipelining: Pipelining | None = None,
+                 draining: DrainCheck | None = None,
+                 observe: Callable[[str, float], None] | None = None) -> None:
+        self.transitions, self.objects, self.renderer, self.queue = transitions, objects, renderer, queue
+        self.config, self.pipelining = config, pipelining
         self._loras = loras
-        # render lane + background finisher (workers/pipelining.py); None: one job at a time, in order
-        self.pipelining = pipelining
-        self.give_way = give_way or (lambda job: False)
-        # whether render messages wait in the broker (the lane takes the next job early only then)
-        self.jobs_waiting = jobs_waiting or (lambda: True)
+        self.draining = draining or (lambda: False)
+        self.observe = observe or (lambda name, value: None)
+
+    @property
+    def store(self) -> JobStore:
+        """The transitions' job store (the runner reads jobs and writes progress through it)."""
+        return self.transitions.store
 
     # -- entry point -------------------------------------------------------------------------
 
@@ -152,7 +151,7 @@ class Runner(Transitions):
             log.info("job %s already %s; duplicate delivery dropped", job_id, job.status.value)
             return job.status
         if self._past_queue_deadline(job):
-            return self.expired(job)
+            return self.transitions.expired(job)
         lane = self.pipelining.lane if self.pipelining is not None else None
         if lane is None:
             return self._start_and_render(job)
@@ -178,7 +177,7 @@ class Runner(Transitions):
         if job is None or job.status.is_terminal:
             return job.status if job else None
         if self._past_queue_deadline(job):
-            return self.expired(job)
+            return self.transitions.expired(job)
         if job.status is JobStatus.QUEUED and self._gave_way(job):
             return JobStatus.QUEUED
         try:
@@ -204,14 +203,14 @@ class Runner(Transitions):
     def _jobs_waiting(self) -> bool:
         """Whether a render message waits (if none, returning early would only take CPU from the render)."""
         try:
-            return self.jobs_waiting()
+            return self.queue.jobs_waiting()
         except STORE_ERRORS:
             return True
 
     def _gave_way(self, job: Job) -> bool:
         """Strict priority: a job taken while the device was busy yields to a higher one queued since."""
         try:
-            if self.give_way(job):
+            if self.queue.give_way(job):
                 log.info("job %s gave way to a job of higher priority", job.id)
                 return True
         except STORE_ERRORS:  # can't tell: render it (priority is an order, not a guarantee)
@@ -221,9 +220,9 @@ class Runner(Transitions):
     def _start_and_render(self, job: Job, request: RenderRequest | Exception | None = None,
                           ready: threading.Event | None = None) -> JobStatus | None:
         """queued → running, then prepare, render and finish (the finish maybe in the background)."""
-        lease = self.started(job)
+        lease = self.transitions.started(job)
         if lease is None:
-            return self._status_now(job.id)
+            return self.transitions.status_now(job.id)
         background = ready is not None
         owns_lease = True
         lease.__enter__()
@@ -253,10 +252,10 @@ class Runner(Transitions):
             if total != job.params.steps:
                 self.store.compare_and_set(job.id, lease.expect(), {"progress": {"step": 0, "total": total}})
         except (UnreadableImage, ObjectNotFound, IndexError, LoraUnavailable) as exc:
-            return self.failed(job, lease, ErrorCode.INPUT_UNREADABLE,
+            return self.transitions.failed(job, lease, ErrorCode.INPUT_UNREADABLE,
                                failures.for_tenant(job.id, ErrorCode.INPUT_UNREADABLE, exc))
         except InvalidRequest as exc:  # the job's inputs cannot be rendered as asked: not the device's fault
-            return self.failed(job, lease, ErrorCode.INVALID_INPUT, failures.for_tenant(job.id, ErrorCode.INVALID_INPUT, exc))
+            return self.transitions.failed(job, lease, ErrorCode.INVALID_INPUT, failures.for_tenant(job.id, ErrorCode.INVALID_INPUT, exc))
         except StorageUnavailable as exc:
             return self._storage_down(job, lease, exc, background=False)
         except STORE_ERRORS:
@@ -270,17 +269,17 @@ class Runner(Transitions):
         """Render on the device. ``ready`` is set once the render is within ``lane_lead_s`` of its end
         (estimated from its steps so far), or has ended: the worker may take its next job then.
         Raises GpuBroken, store errors."""
-        assert self.renderer is not None, "a runner without a renderer can only expire jobs"
         job = prepared.job
         try:
             started = time.monotonic()
-            with self._previews(job):
-                images = self.renderer.render(prepared.request, self._progress(job, lease, ready))
+            on_step = step_callback(job=job, lease=lease, transitions=self.transitions, config=self.config,
+                                    draining=self.draining, jobs_waiting=self._jobs_waiting, ready=ready)
+            images = self.renderer.render(prepared.request, on_step, previews=self._previews(job))
             if ready is not None:
                 ready.set()
             self.observe("render", time.monotonic() - started)
         except InvalidRequest as exc:
-            return self.failed(job, lease, ErrorCode.INVALID_INPUT, failures.for_tenant(job.id, ErrorCode.INVALID_INPUT, exc))
+            return self.transitions.failed(job, lease, ErrorCode.INVALID_INPUT, failures.for_tenant(job.id, ErrorCode.INVALID_INPUT, exc))
         except RenderInterrupted:
             return self._interrupted(job, lease)
         except StorageUnavailable as exc:
@@ -303,12 +302,12 @@ class Runner(Transitions):
         """The object store is unreachable: hand the job back. Raises RetryLater on the task's thread;
         in the background (no Celery message to retry) the job is re-sent instead."""
         # the log line keeps the store's text; the tenant's status event gets a sentence (Transitions guards it)
-        handed_back = self.handed_back(job, lease, str(exc))
+        handed_back = self.transitions.handed_back(job, lease, str(exc))
         if not background:
             raise RetryLater(self.config.transient_retry_s, str(exc)) from exc
         if handed_back:
-            self.requeue(job)
-        return self._status_now(job.id)
+            self.queue.requeue(job)
+        return self.transitions.status_now(job.id)
 
     def _finish(self, rendered: _Rendered, lease: _Lease, background: bool) -> JobStatus | None:
         """Encode and upload a rendered job's outputs, then succeeded (or failed / handed back).
@@ -327,8 +326,8 @@ class Runner(Transitions):
             raise
         except Exception:  # noqa: BLE001 - an output that can't be encoded or stored ends the job
             log.exception("job %s failed while encoding or uploading its outputs", job.id)
-            return self.failed(job, lease, ErrorCode.UPLOAD_FAILED, failures.generic(ErrorCode.UPLOAD_FAILED))
-        return self.succeeded(job, lease, outputs, rendered.total)
+            return self.transitions.failed(job, lease, ErrorCode.UPLOAD_FAILED, failures.generic(ErrorCode.UPLOAD_FAILED))
+        return self.transitions.succeeded(job, lease, outputs, rendered.total)
 
     def _finish_in_background(self, rendered: _Rendered, lease: _Lease) -> None:
         """The finisher thread's body: never raises (a finish that fails leaves its lease to lapse)."""
@@ -342,43 +341,33 @@ class Runner(Transitions):
         finally:
             lease.release()
 
-    @contextlib.contextmanager
-    def _previews(self, job: Job) -> Iterator[None]:
-        """While rendering ``job``, store each preview the renderer offers and announce its key."""
+    def _previews(self, job: Job) -> Previews | None:
+        """What ``job``'s render previews: each stored and its key announced (None: previews are off)."""
         every = self.config.preview_every_n_steps
-        if every <= 0 or not hasattr(self.renderer, "preview_sink"):
-            yield
-            return
-
-        sink = jobio.preview_sink(job, self.objects, self.publisher)
-        renderer: Any = self.renderer
-        renderer.preview_sink, renderer.preview_every = sink, every
-        try:
-            yield
-        finally:
-            renderer.preview_sink, renderer.preview_every = None, 0
+        if every <= 0:
+            return None
+        return Previews(every, jobio.preview_sink(job, self.objects, self.transitions.publisher))
 
     def _interrupted(self, job: Job, lease: _Lease) -> JobStatus | None:
         if lease.stop_reason == "timeout":
-            return self.failed(job, lease, ErrorCode.TIMEOUT,
+            return self.transitions.failed(job, lease, ErrorCode.TIMEOUT,
                                f"the job ran longer than its timeout_s={job.params.timeout_s:g}")
         if lease.stop_reason == "drain":
-            if self.handed_back(job, lease, "worker shutting down"):
-                self.requeue(job)
-            return self._status_now(job.id)
-        return self.canceled(job, lease, "canceled while rendering")
+            if self.transitions.handed_back(job, lease, "worker shutting down"):
+                self.queue.requeue(job)
+            return self.transitions.status_now(job.id)
+        return self.transitions.canceled(job, lease, "canceled while rendering")
 
     def _render_error(self, job: Job, lease: _Lease, exc: Exception) -> JobStatus | None:
         """Sort a render error: out of memory and others fail the job; a broken device ends the process."""
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without importing torch
-            status = self.failed(job, lease, ErrorCode.OUT_OF_MEMORY,
+            status = self.transitions.failed(job, lease, ErrorCode.OUT_OF_MEMORY,
                                  "the device ran out of memory; try a smaller size or fewer images")
         else:
             log.exception("job %s failed while rendering", job.id)
-            status = self.failed(job, lease, ErrorCode.RENDER_FAILED, failures.generic(ErrorCode.RENDER_FAILED))
+            status = self.transitions.failed(job, lease, ErrorCode.RENDER_FAILED, failures.generic(ErrorCode.RENDER_FAILED))
         try:
-            if self.renderer is not None:
-                self.renderer.healthcheck()
+            self.renderer.healthcheck()
         except Exception as broken:
             raise GpuBroken(f"device failed its health check after {type(exc).__name__}") from broken
         return status
@@ -394,53 +383,6 @@ class Runner(Transitions):
     def _request(self, job: Job) -> RenderRequest:
         """The job's RenderRequest (see jobio.render_request for what it raises)."""
         return jobio.render_request(job, self.objects, self.loras)
-
-    def _progress(self, job: Job, lease: _Lease,
-                  ready: threading.Event | None = None) -> Callable[[int, int], bool]:
-        started = time.monotonic()
-        last_webhook = [0.0]
-        last_recorded = [0.0]
-
-        def on_step(step: int, total: int) -> bool:
-            keep_going = record(step, total)
-            if keep_going and ready is not None and not ready.is_set() and step > 0:
-                left_s = (time.monotonic() - started) / step * (total - step)
-                if left_s <= self.config.lane_lead_s and self._jobs_waiting():  # take the next one now
-                    ready.set()
-            return keep_going
-
-        def record(step: int, total: int) -> bool:
-            if job.params.timeout_s is not None and time.monotonic() - started > job.params.timeout_s:
-                lease.stop("timeout")
-            try:
-                if self.draining():
-                    lease.stop("drain")
-            except STORE_ERRORS:
-                log.warning("job %s: drain check failed (job store unreachable)", job.id)
-            if lease.lost.is_set():
-                return False
-            now = time.monotonic()
-            if step < total and now - last_recorded[0] < self.config.progress_interval_s:
-                return True  # recorded a moment ago; the heartbeat still watches the lease
-            last_recorded[0] = now
-            try:
-                kept = self.store.compare_and_set(job.id, lease.expect(),
-                                                  {"progress": {"step": step, "total": total}})
-            except STORE_ERRORS:  # progress is advisory; the heartbeat's lease decides ownership
-                log.warning("job %s: progress %d/%d not recorded (job store unreachable)", job.id, step, total)
-                return True
-            if not kept:
-                lease.stop("lost")
-                return False
-            try:
-                self.publisher.publish(job.id, events.PROGRESS, {"step": step, "total": total})
-            except STORE_ERRORS:
-                pass
-            if step < total and now - last_webhook[0] >= self.config.progress_webhook_interval_s:
-                last_webhook[0] = now
-                self.notify(job, "job.progress")
-            return True
-        return on_step
 
     def _upload(self, job: Job, images: list[Any]) -> list[Output]:
         return jobio.upload_outputs(job, images, self.objects)

@@ -14,7 +14,7 @@ import time
 
 from PIL import Image
 
-from workers.pipeline.base import Renderer, RenderInterrupted, RenderRequest, StepCallback
+from workers.pipeline.base import Previews, Renderer, RenderInterrupted, RenderRequest, StepCallback
 
 
 class StandinRenderer(Renderer):
@@ -23,7 +23,9 @@ class StandinRenderer(Renderer):
     def __init__(self, render_s: float = 0.0) -> None:
         self.render_s = render_s
 
-    def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+    def render(self, request: RenderRequest, on_step: StepCallback | None = None, *,
+               previews: Previews | None = None) -> list[Image.Image]:
+        """Flat images after ``render_s``; no previews (there are no latents to show)."""
         steps = max(1, request.steps)
         deadline = time.perf_counter()
         for step in range(1, steps + 1):

@@ -1,5 +1,6 @@
 """A job's transitions on a worker: each is a compare-and-set in the JobStore and the one place its
-side effects (events, webhooks, metrics) happen — the cog way. ``workers.runner.Runner`` drives them.
+side effects (events, webhooks, metrics) happen — the cog way. ``workers.runner.Runner`` drives them
+and the reaper (``workers.reaper``) uses :meth:`Transitions.expired`; neither inherits them.
 """
 
 from __future__ import annotations
@@ -70,12 +71,16 @@ class RunnerConfig:
     preview_every_n_steps: int = 0
 
 
+TerminalMessage = Callable[[str, str], tuple[str, str]]
+"""(job id, event) → (list, Celery notify message) to push with a terminal transition."""
+
+
 class Transitions:
     """queued → running → succeeded | failed | canceled (or back to queued), for one worker."""
 
-    def __init__(self, store: JobStore, publisher: EventPublisher, notify: Notify, config: RunnerConfig,
+    def __init__(self, *, store: JobStore, publisher: EventPublisher, notify: Notify, config: RunnerConfig,
                  observe: Callable[[str, float], None] | None = None,
-                 terminal_message: Callable[[str, str], tuple[str, str]] | None = None) -> None:
+                 terminal_message: TerminalMessage | None = None) -> None:
         self.store, self.publisher, self.config = store, publisher, config
         self._notify = notify
         # observe(metric, seconds): "queue_wait", "render", "upload"; and ("job", status) counts
@@ -137,14 +142,14 @@ class Transitions:
         return self._terminal(job, JobStatus.FAILED, lease.expect(),
                               error=JobError(code=code_value, message=_for_tenant(job.id, code_value, message)))
 
-    def _status_now(self, job_id: str) -> JobStatus | None:
+    def status_now(self, job_id: str) -> JobStatus | None:
         """The job's status as the store has it now (None if it is gone)."""
         current = self.store.get(job_id)
         return current.status if current else None
 
     def canceled(self, job: Job, lease: _Lease, reason: str) -> JobStatus | None:
         if lease.lost.is_set():  # someone else (a cancel request) already ended it
-            return self._status_now(job.id)
+            return self.status_now(job.id)
         return self._terminal(job, JobStatus.CANCELED, lease.expect(),
                               error=JobError(code="canceled", message=reason))
 
@@ -175,7 +180,7 @@ class Transitions:
                 if self.terminal_message is not None and wants_event(job, event) else None)
         moved = self.store.transition(job.id, status, fields, expect=expect, push=push)
         if moved is None:
-            now = self._status_now(job.id)
+            now = self.status_now(job.id)
             log.info("job %s not moved to %s (now %s)", job.id, status.value, now.value if now else "gone")
             return now
         self.publisher.publish(job.id, events.STATUS, {"status": status.value,

@@ -197,8 +197,11 @@ def _finished(job: Job) -> ApiError:
 def _cancel(services: Services, job: Job, message: str) -> Job:
     """Move ``job`` to canceled with a compare-and-set on its current status (blocking).
 
-    A lost race re-reads the job and tries again from its new status; a job
-    that became terminal meanwhile is 409 job_finished.
+    The notify task's ``job.canceled`` message is pushed by the transition itself, as a worker's
+    terminal transitions push theirs: a job is never canceled without its webhook being asked
+    for (the notify task sends it only if the job has a webhook), and never asked twice. A lost
+    race re-reads the job and tries again from its new status; a job that became terminal
+    meanwhile is 409 job_finished.
     """
     error = {"code": ErrorCode.CANCELED.value, "message": message}
     current: Job | None = job
@@ -209,7 +212,7 @@ def _cancel(services: Services, job: Job, message: str) -> Job:
             raise _finished(current)
         moved = services.store.transition(
             job.id, JobStatus.CANCELED, {"finished_at": time.time(), "lease_until": None, "error": error},
-            from_=[current.status],
+            from_=[current.status], push=services.notify_messages.build(job.id, "job.canceled"),
         )
         if moved is not None:
             return moved
@@ -248,10 +251,6 @@ async def cancel_job(job_id: str, request: Request, tenant: TenantDep, services:
         await run_in_threadpool(services.publisher.publish, job_id, events.STATUS, status_event)
     except Exception as exc:  # noqa: BLE001 - watchers also re-read the record; the cancel stands
         logger.warning("could not publish the cancel of %s: %s", job_id, type(exc).__name__)
-    try:
-        await run_in_threadpool(services.notify, job_id, "job.canceled")
-    except Exception as exc:  # noqa: BLE001 - the job is canceled either way; the webhook is what is lost
-        logger.error("could not queue the job.canceled webhook of %s: %s", job_id, type(exc).__name__)
     view = public_view(canceled, public_base_url(request, services), services, None)
     return JSONResponse(view, headers={"Cache-Control": "no-store"})
 

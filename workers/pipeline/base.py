@@ -30,6 +30,8 @@ __all__ = [
     "MIN_STRENGTH",
     "OPERATIONS",
     "SIZE_MULTIPLE",
+    "PreviewSink",
+    "Previews",
     "InvalidRequest",
     "MoveSpec",
     "OutpaintSpec",
@@ -72,6 +74,19 @@ DIRECTIONS: tuple[str, ...] = (
 StepCallback = Callable[[int, int], bool]
 
 Box = tuple[float, float, float, float]
+
+# (step, small RGB image) -> None: stores and announces a preview; must not raise.
+PreviewSink = Callable[[int, Image.Image], None]
+
+
+@dataclass(frozen=True)
+class Previews:
+    """What a render is asked to preview: ``sink(step, image)`` every ``every_n_steps`` denoising
+    steps (never on the last step: the result follows at once). A renderer that cannot make
+    previews (the stand-in, test fakes) ignores it."""
+
+    every_n_steps: int
+    sink: PreviewSink
 
 
 def check_box(box: object) -> Box:
@@ -361,9 +376,12 @@ class Renderer(ABC):
     device: str
 
     @abstractmethod
-    def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+    def render(self, request: RenderRequest, on_step: StepCallback | None = None, *,
+               previews: Previews | None = None) -> list[Image.Image]:
         """Run ``request`` and return ``request.num_images`` images: RGB, or RGBA when
         ``request.images[0]`` has an alpha channel (not for generate).
+
+        ``previews``: small preview images to hand out while rendering (None: none).
 
         ``on_step`` is called after every denoising step with the request's overall counts
         (a tiled upscale counts tiles x steps); if it returns False the render stops and

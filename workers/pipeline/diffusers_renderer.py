@@ -10,7 +10,7 @@ inside ``DiffusersRenderer.load`` — i.e. in the worker child, after the fork.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from PIL import Image
 from workers import operations
 from workers.operations import Sampling
 
-from .base import Renderer, RenderInterrupted, RenderRequest, StepCallback
+from .base import Previews, Renderer, RenderInterrupted, RenderRequest, StepCallback
 from .lora import LoraCache
 
 __all__ = ["DiffusersRenderer", "resolve_dtype"]
@@ -109,9 +109,9 @@ class DiffusersRenderer(Renderer):
         self.dtype = dtype
         self.loras = LoraCache(pipe, capacity=lora_capacity)
         self._pipes: dict[str, Any] = {"edit": pipe}
-        # previews: every ``preview_every`` steps the sink gets (step, small RGB image); off when None
-        self.preview_sink: Callable[[int, Image.Image], None] | None = None
-        self.preview_every = 0
+        # the previews of the render under way (render's argument), read by each pipeline call's
+        # step callback; None between renders
+        self._previews: Previews | None = None
 
     @classmethod
     def load(cls, model: str, device: str = "cpu", dtype: str | None = None,
@@ -191,11 +191,12 @@ class DiffusersRenderer(Renderer):
             pipe: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
         ) -> dict[str, Any]:
             total = pipe.num_timesteps
-            if self.preview_sink is not None and self.preview_every > 0 and step_index + 1 < total \
-                    and (step_index + 1) % self.preview_every == 0:
+            previews = self._previews
+            if previews is not None and previews.every_n_steps > 0 and step_index + 1 < total \
+                    and (step_index + 1) % previews.every_n_steps == 0:
                 preview = latent_preview(callback_kwargs.get("latents"), kwargs.get("width"), kwargs.get("height"))
                 if preview is not None:
-                    self.preview_sink(step_index + 1, preview)
+                    previews.sink(step_index + 1, preview)
             if on_step is not None and not on_step(step_index + 1, total):
                 pipe._interrupt = True
                 # Raise here instead of letting the loop run out: after an interrupted loop the
@@ -263,9 +264,11 @@ class DiffusersRenderer(Renderer):
 
     # -- Renderer --------------------------------------------------------------------------------
 
-    def render(self, request: RenderRequest, on_step: StepCallback | None = None) -> list[Image.Image]:
+    def render(self, request: RenderRequest, on_step: StepCallback | None = None, *,
+               previews: Previews | None = None) -> list[Image.Image]:
         """Run ``request`` (any of ``OPERATIONS``, see ``workers.operations`` for sizes, alpha and
-        progress) with its LoRAs applied for this request only.
+        progress) with its LoRAs applied for this request only; ``previews`` from the latents
+        (no VAE decode) while it renders.
 
         Noise comes from CPU generators (output ``k``: ``seed + k``), so on CPU the same request
         gives byte-identical images; on GPU the same seed gives the same starting noise on every
@@ -278,8 +281,14 @@ class DiffusersRenderer(Renderer):
         """
         if request.steps < 2 and self.pipe.scheduler.config.get("shift_terminal"):
             raise ValueError("this model's scheduler needs at least 2 steps (shift_terminal is set)")
-        with self.loras.applied(request.loras):
-            return operations.run(self, request, on_step)
+        # the operations call the primitives (edit, inpaint, ...) without knowing of previews: the
+        # pipeline calls of this render find them here (one render at a time per renderer)
+        self._previews = previews
+        try:
+            with self.loras.applied(request.loras):
+                return operations.run(self, request, on_step)
+        finally:
+            self._previews = None
 
     def healthcheck(self) -> None:
         """Multiply a 4x4 matrix on ``self.device``, check the result against the host, and

@@ -1,0 +1,49 @@
+"""The render queue as a worker sees it: re-send a job, give way to higher priorities, look at what waits.
+
+The runner and the reaper are handed a :class:`WorkQueue`; :class:`CeleryRenderQueue` is the
+real one, over the contract's :class:`broker.queues.RenderQueue` (queue names, message format).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import redis
+
+from broker.queues import RenderQueue
+from broker.schema import Job
+
+
+class WorkQueue(Protocol):
+    """What the runner and the reaper ask of the render queue."""
+
+    def requeue(self, job: Job) -> None:
+        """Send a fresh render message for ``job`` (it was handed back, or its lease lapsed)."""
+
+    def give_way(self, job: Job) -> bool:
+        """If a job of a higher priority than ``job``'s waits, put ``job`` back first in its own queue
+        and return True (``job`` had been taken while the device was busy)."""
+
+    def jobs_waiting(self) -> bool:
+        """Whether any render message waits that no worker has taken yet."""
+
+
+class CeleryRenderQueue:
+    """:class:`WorkQueue` over the Celery broker's Redis lists. Every method raises redis errors."""
+
+    def __init__(self, *, redis_client: redis.Redis, celery: Any, model: str | None = None) -> None:
+        self.queues = RenderQueue(model=model, client=redis_client, celery=celery)
+
+    def requeue(self, job: Job) -> None:
+        self.queues.enqueue(job.id, job.params.priority)
+
+    def give_way(self, job: Job) -> bool:
+        """Only messages no worker has taken are in those lists, so jobs waiting in other workers'
+        render lanes do not count. ``job``'s message goes back first in its own queue."""
+        if not self.queues.waiting_above(job.params.priority):
+            return False
+        self.queues.put_back_first(job.id, job.params.priority)
+        return True
+
+    def jobs_waiting(self) -> bool:
+        return self.queues.waiting()
