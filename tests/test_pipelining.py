@@ -277,6 +277,7 @@ def test_give_way_puts_the_job_first_in_its_queue_only_when_a_higher_message_wai
     from workers import services
 
     monkeypatch.setattr(services, "redis_client", lambda: redis_client)
+    services._priority_gate.cache_clear()  # made per process around the Redis client
     normal = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="n", seed=1, priority="normal"))  # type: ignore[arg-type]
     high = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="h", seed=1, priority="high"))  # type: ignore[arg-type]
     redis_client.lpush(RENDER_QUEUES["normal"], "a later normal message")

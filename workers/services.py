@@ -20,7 +20,6 @@ import redis
 from broker import keys
 from broker.celery_app import (
     RENDER_QUEUE_ORDER,
-    RENDER_QUEUES,
     NotifyMessages,
     RenderMessages,
     enqueue_notify,
@@ -38,6 +37,7 @@ from workers.loras import LoraResolver, LoraSettings
 from workers.notify import WebhookNotifier
 from workers.pipeline.base import Renderer
 from workers.pipelining import Pipelining, for_this_process
+from workers.priority import PriorityGate
 from workers.reaper import Reaper
 from workers.runner import Runner, RunnerConfig
 from workers.settings import WorkerSettings
@@ -316,19 +316,16 @@ def _render_messages() -> RenderMessages:
     return RenderMessages()
 
 
-def give_way(job: Job) -> bool:
-    """If a render message of a higher priority than ``job``'s waits in Celery's Redis lists, put
-    ``job``'s message back first in its own queue (RPUSH: the consumer pops from the right) and say so.
+@functools.cache
+def _priority_gate(pid: int) -> PriorityGate:  # per pid: its Redis connection must not cross a fork
+    # the queues this worker consumes: its -Q, selected in the Celery parent before the fork (all if none)
+    return PriorityGate(client=redis_client(), messages=_render_messages(),
+                        consumed=tuple(celery_app().amqp.queues.consume_from), wait_s=settings().give_way_wait_s)
 
-    Only messages no worker has taken are in those lists, so jobs waiting in other workers' render
-    lanes do not count. Raises redis errors.
-    """
-    mine = RENDER_QUEUES[job.params.priority.value]
-    if not _messages_wait(RENDER_QUEUE_ORDER[:RENDER_QUEUE_ORDER.index(mine)]):
-        return False
-    queue, message = _render_messages().build(job.id, job.params.priority.value)
-    redis_client().rpush(queue, message)
-    return True
+
+def give_way(job: Job) -> bool:
+    """Strict priority for a job the render lane took early (workers/priority.py). Raises redis errors."""
+    return _priority_gate(os.getpid()).give_way(job)
 
 
 def _messages_wait(queues: tuple[str, ...]) -> bool:
