@@ -120,6 +120,11 @@ def worker_heartbeat(worker_name: str) -> str:
     return f"{PREFIX}worker:{worker_name}:heartbeat"
 
 
+def gave_way(job_id: str) -> str:
+    """Counter (with a TTL) of the times a job gave way to a higher one whose message a worker held."""
+    return f"{PREFIX}gave_way:{job_id}"
+
+
 # -- object-store keys: per tenant and job, so a bucket policy or lifecycle rule can scope them --
 
 

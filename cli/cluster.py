@@ -14,15 +14,33 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from broker.celery_app import RENDER_QUEUE_ORDER
+from cli.lifetime import parent_death_signal
 from cli.localservices import ManagedProcess, ServiceDied, free_port, start_redis, start_s3, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
+
+MANAGED_SETTINGS = frozenset({
+    # the services the cluster runs and its credentials: the cluster sets them
+    "EDITFARM_REDIS_URL", "EDITFARM_S3_ENDPOINT_URL", "EDITFARM_S3_BUCKET", "EDITFARM_S3_ACCESS_KEY_ID",
+    "EDITFARM_S3_SECRET_ACCESS_KEY", "EDITFARM_API_KEYS", "EDITFARM_WEBHOOK_SECRET", "EDITFARM_MODEL",
+    "EDITFARM_DEVICE",
+    # one process's identity and files: shared by two processes they would clash
+    "EDITFARM_WORKER_ROLE", "EDITFARM_WORKER_NAME", "EDITFARM_WORKER_INSTANCE", "EDITFARM_READY_FILE",
+    "EDITFARM_HEARTBEAT_FILE", "EDITFARM_METRICS_PORT",
+})
+
+
+def exported_settings(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """The ``EDITFARM_`` settings in ``environ`` that a cluster passes on to its processes as they
+    are (a renderer, the URL policy, limits…): all but :data:`MANAGED_SETTINGS`."""
+    return {k: v for k, v in environ.items() if k.startswith("EDITFARM_") and k not in MANAGED_SETTINGS}
 
 
 @dataclass
@@ -38,6 +56,12 @@ class ClusterConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     quiet: bool = True
     redis_appendfsync: str = "everysec"   # "always": a SIGKILLed Redis loses no write (fault tests)
+    # settings the user exported (`editfarm dev`: exported_settings(os.environ)); they override the
+    # cluster's local-development defaults, not what it manages (MANAGED_SETTINGS) nor extra_env
+    user_env: dict[str, str] = field(default_factory=dict)
+    # every process started gets killed by the kernel if this one dies, even by SIGKILL
+    # (cli/lifetime.py; only when the cluster is started from the main thread)
+    die_with_parent: bool = False
 
 
 class LocalCluster:
@@ -110,9 +134,10 @@ class LocalCluster:
         log_dir.mkdir(exist_ok=True)
         if not self.redis_url:
             self.redis = start_redis(workdir=self.workdir / "redis", log=log_dir / "redis.log",
-                                     appendfsync=self.config.redis_appendfsync)
+                                     appendfsync=self.config.redis_appendfsync,
+                                     die_with_parent=self.config.die_with_parent)
             self.redis_url = f"redis://127.0.0.1:{self.redis.port}/0"
-        self.s3 = start_s3(log=log_dir / "s3.log")
+        self.s3 = start_s3(log=log_dir / "s3.log", die_with_parent=self.config.die_with_parent)
         import boto3
 
         boto3.client("s3", endpoint_url=self.s3.url, region_name="us-east-1", aws_access_key_id="test",
@@ -121,11 +146,29 @@ class LocalCluster:
             model_dir = self.workdir / "models" / "tiny-edit"
             if not (model_dir / "model_index.json").exists():
                 subprocess.run([sys.executable, "-m", "cli.main", "model", "tiny", str(model_dir)],
-                               check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                               check=True, cwd=ROOT, stdout=subprocess.DEVNULL, preexec_fn=self._guard())
             self.config.model = str(model_dir)
 
+    def _guard(self) -> Callable[[], None] | None:
+        """The ``preexec_fn`` of a child process: dies with this one if the config asks for it."""
+        return parent_death_signal() if self.config.die_with_parent else None
+
     def _environment(self) -> dict[str, str]:
+        # this process's EDITFARM_ settings reach the cluster only through user_env: a test's or a
+        # shell's leftovers must not configure it by accident
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDITFARM_")}
+        env.update({
+            # local development: webhooks and image URLs on loopback over http are allowed
+            "EDITFARM_WEBHOOK_ALLOW_PRIVATE": "true",
+            "EDITFARM_WEBHOOK_ALLOW_HTTP": "true",
+            "EDITFARM_ALLOW_PRIVATE_URLS": "true",
+            "EDITFARM_ALLOW_HTTP_URLS": "true",
+            # the web UI and `jobs watch` show them; cheap on the tiny model
+            "EDITFARM_PREVIEW_EVERY_N_STEPS": "2",
+            # everything the cluster writes stays in its workdir
+            "EDITFARM_LORA_CACHE_DIR": str(self.workdir / "loras"),
+        })
+        env.update(self.config.user_env)
         env.update({
             "EDITFARM_REDIS_URL": self.redis_url,
             "EDITFARM_S3_ENDPOINT_URL": self.s3_url,
@@ -136,14 +179,7 @@ class LocalCluster:
             "EDITFARM_WEBHOOK_SECRET": self.webhook_secret,
             "EDITFARM_MODEL": str(self.config.model),
             "EDITFARM_DEVICE": self.config.device,
-            # local development: webhooks and image URLs on loopback over http are allowed
-            "EDITFARM_WEBHOOK_ALLOW_PRIVATE": "true",
-            "EDITFARM_WEBHOOK_ALLOW_HTTP": "true",
-            "EDITFARM_ALLOW_PRIVATE_URLS": "true",
-            "EDITFARM_ALLOW_HTTP_URLS": "true",
             "PYTHONUNBUFFERED": "1",
-            # the web UI and `jobs watch` show them; cheap on the tiny model
-            "EDITFARM_PREVIEW_EVERY_N_STEPS": "2",
         })
         env.update(self.config.extra_env)
         return env
@@ -152,7 +188,7 @@ class LocalCluster:
         log = open(self.workdir / "logs" / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(
             args, cwd=ROOT, env={**self.env, **(extra_env or {})}, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=self._guard(),
         )
 
     def start_api(self) -> None:
@@ -214,7 +250,8 @@ class LocalCluster:
         if down_s > 0:
             time.sleep(down_s)
         self.redis = start_redis(port=old.port, workdir=old.workdir, log=self.workdir / "logs" / "redis.log",
-                                 appendfsync=self.config.redis_appendfsync)
+                                 appendfsync=self.config.redis_appendfsync,
+                                 die_with_parent=self.config.die_with_parent)
 
     def restart_api(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
         """Stop the API with ``sig`` and start it again on the same port; waits until it is ready."""

@@ -61,7 +61,8 @@ def run_demo(workdir: Path, out: Path) -> int:
     from cli.jobs import follow
 
     print("starting a local cluster (Redis, S3 server, API, render worker, webhook worker)…")
-    with LocalCluster(ClusterConfig(workdir=workdir)) as cluster, WebhookReceiver() as receiver, \
+    # die_with_parent: a SIGKILLed demo leaves no cluster behind (cli/lifetime.py)
+    with LocalCluster(ClusterConfig(workdir=workdir, die_with_parent=True)) as cluster, WebhookReceiver() as receiver, \
             Client(cluster.api_url, api_key=cluster.api_key()) as client:
         print(f"API {cluster.api_url}  docs {cluster.api_url}/docs")
         job = client.edit(SAMPLE, "make the sky purple", seed=7, steps=8, true_cfg_scale=4.0,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
+
+from cli.lifetime import parent_death_signal
 
 
 def free_port() -> int:
@@ -109,11 +112,13 @@ class ManagedProcess:
 
 
 def start_redis(port: int | None = None, workdir: Path | None = None, appendonly: bool = True,
-                log: Path | None = None, appendfsync: str = "everysec") -> ManagedProcess:
+                log: Path | None = None, appendfsync: str = "everysec",
+                die_with_parent: bool = False) -> ManagedProcess:
     """Start a Redis server on 127.0.0.1 with AOF persistence in ``workdir``; waits until it answers.
 
     Started again with the same ``port`` and ``workdir`` it reloads its AOF (see
     :meth:`cli.cluster.LocalCluster.restart_redis`); ``appendfsync="always"`` loses nothing to a SIGKILL.
+    ``die_with_parent``: the server gets SIGTERM (it syncs its AOF and exits) when this process dies.
     """
     port = port or free_port()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="editfarm-redis-"))
@@ -124,14 +129,16 @@ def start_redis(port: int | None = None, workdir: Path | None = None, appendonly
         "--protected-mode", "yes",
     ]
     out = open(log, "ab") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    guard = parent_death_signal(signal.SIGTERM) if die_with_parent else None
+    proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, preexec_fn=guard)
     managed = ManagedProcess("redis", proc, port, workdir)
     wait_until(lambda: redis_answers(port), 30, "redis")
     return managed
 
 
-def start_s3(port: int | None = None, log: Path | None = None) -> ManagedProcess:
-    """Start moto's standalone S3-compatible server on loopback; waits until it answers HTTP."""
+def start_s3(port: int | None = None, log: Path | None = None, die_with_parent: bool = False) -> ManagedProcess:
+    """Start moto's standalone S3-compatible server on loopback; waits until it answers HTTP.
+    ``die_with_parent``: the server is killed when this process dies."""
     port = port or free_port()
     workdir = Path(tempfile.mkdtemp(prefix="editfarm-s3-"))
     out = open(log, "ab") if log else subprocess.DEVNULL
@@ -139,6 +146,7 @@ def start_s3(port: int | None = None, log: Path | None = None) -> ManagedProcess
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
+        preexec_fn=parent_death_signal() if die_with_parent else None,
     )
     managed = ManagedProcess("s3", proc, port, workdir)
     wait_until(lambda: port_open(port), 30, "s3 server")

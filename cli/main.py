@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -101,26 +103,37 @@ def probe_live(max_age_s: float = 60.0) -> None:
 
 @app.command()
 def dev(workdir: Path = Path(".editfarm"), port: int = 8000) -> None:
-    """A whole local cluster in one foreground command; Ctrl-C stops it all."""
-    from cli.cluster import ClusterConfig, LocalCluster
+    """A whole local cluster in one foreground command; Ctrl-C, SIGTERM or SIGHUP stops it all.
+
+    The EDITFARM_ settings you export reach every process (renderer, URL policy, limits…), but for
+    those the cluster manages itself (its Redis, S3 server, keys, per-process files). Everything it
+    writes stays under --workdir.
+    """
+    from cli.cluster import ClusterConfig, LocalCluster, exported_settings
+    from cli.lifetime import Stopped, stop_on_signals
 
     config = ClusterConfig(workdir=workdir.resolve(), redis_url=os.environ.get("EDITFARM_REDIS_URL"),
                            model=os.environ.get("EDITFARM_MODEL"), api_port=port,
+                           device=os.environ.get("EDITFARM_DEVICE", "cpu"),
                            api_keys=os.environ.get("EDITFARM_API_KEYS", ""),
-                           webhook_secret=os.environ.get("EDITFARM_WEBHOOK_SECRET", ""))
+                           webhook_secret=os.environ.get("EDITFARM_WEBHOOK_SECRET", ""),
+                           user_env=exported_settings(os.environ), die_with_parent=True)
     typer.echo("starting local cluster…")
-    with LocalCluster(config) as cluster:
-        typer.echo(f"API      {cluster.api_url}   (docs: {cluster.api_url}/docs)")
-        typer.echo(f"API key  {cluster.api_key()}")
-        typer.echo(f"Redis    {cluster.redis_url}")
-        typer.echo(f"S3       {cluster.s3_url}  bucket editfarm")
-        typer.echo(f"logs     {cluster.workdir / 'logs'}")
-        typer.echo("Ctrl-C to stop")
-        try:
+    try:
+        # from here on Ctrl-C, SIGTERM or SIGHUP unwinds the with-block (or the start), which stops
+        # every process; a SIGKILL leaves that to the kernel (die_with_parent)
+        with stop_on_signals((signal.SIGINT, signal.SIGTERM, signal.SIGHUP)), LocalCluster(config) as cluster:
+            typer.echo(f"API      {cluster.api_url}   (docs: {cluster.api_url}/docs)")
+            typer.echo(f"API key  {cluster.api_key()}")
+            typer.echo(f"Redis    {cluster.redis_url}")
+            typer.echo(f"S3       {cluster.s3_url}  bucket editfarm")
+            typer.echo(f"logs     {cluster.workdir / 'logs'}")
+            typer.echo("Ctrl-C to stop")
             while True:
                 time.sleep(1)
-        except KeyboardInterrupt:
-            typer.echo("stopping…")
+    except Stopped as stopped:
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            typer.echo(f"stopped ({stopped})")
 
 
 @app.command()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from PIL import Image, ImageOps
 
 __all__ = ["ALPHA_MODES", "has_alpha", "to_grey8", "to_render_mode", "upright"]
@@ -66,6 +65,8 @@ def upright(image: Image.Image) -> Image.Image:
 
 def to_grey8(image: Image.Image) -> Image.Image:
     """A 16/32-bit integer or float grey image as 8-bit "L" (see the module doc for the scales)."""
+    import numpy as np  # here: the webhook worker's slim image imports this module and has no numpy
+
     values = np.asarray(image)
     if image.mode == "F":
         grey = np.clip(np.rint(values), 0, 255)
@@ -80,6 +81,8 @@ def _wide_alpha(image: Image.Image) -> Image.Image | None:
     transparent = image.info.get("transparency")
     if image.mode not in _WIDE_GREY_MODES or not isinstance(transparent, int):
         return None
+    import numpy as np  # as in to_grey8
+
     values = np.asarray(image).astype(np.int64)
     return Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8), "L")
 

@@ -6,12 +6,14 @@ real one, over the contract's :class:`broker.queues.RenderQueue` (queue names, m
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import redis
 
 from broker.queues import RenderQueue
 from broker.schema import Job
+from workers.priority import PriorityGate
 
 
 class WorkQueue(Protocol):
@@ -29,21 +31,25 @@ class WorkQueue(Protocol):
 
 
 class CeleryRenderQueue:
-    """:class:`WorkQueue` over the Celery broker's Redis lists. Every method raises redis errors."""
+    """:class:`WorkQueue` over the Celery broker's Redis lists. Every method raises redis errors.
 
-    def __init__(self, *, redis_client: redis.Redis, celery: Any, model: str | None = None) -> None:
+    ``consumed``: the render queues this worker takes messages from (its ``-Q``; None: all);
+    ``give_way_wait_s``: see :class:`workers.priority.PriorityGate`.
+    """
+
+    def __init__(self, *, redis_client: redis.Redis, celery: Any, model: str | None = None,
+                 consumed: Collection[str] | None = None, give_way_wait_s: float = 0.0) -> None:
         self.queues = RenderQueue(model=model, client=redis_client, celery=celery)
+        self.gate = PriorityGate(client=redis_client, queues=self.queues, consumed=consumed,
+                                 wait_s=give_way_wait_s)
 
     def requeue(self, job: Job) -> None:
         self.queues.enqueue(job.id, job.params.priority)
 
     def give_way(self, job: Job) -> bool:
-        """Only messages no worker has taken are in those lists, so jobs waiting in other workers'
-        render lanes do not count. ``job``'s message goes back first in its own queue."""
-        if not self.queues.waiting_above(job.params.priority):
-            return False
-        self.queues.put_back_first(job.id, job.params.priority)
-        return True
+        """Strict priority for a job the render lane took early (workers/priority.py): ``job``'s
+        message goes back first in its own queue when a higher job waits, wherever its message is."""
+        return self.gate.give_way(job)
 
     def jobs_waiting(self) -> bool:
         return self.queues.waiting()

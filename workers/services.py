@@ -60,6 +60,14 @@ def drain_of(settings: WorkerSettings, redis_client: redis.Redis) -> Drain:
     return Drain(redis_client=redis_client, key=key, timeout_s=settings.drain_timeout_s)
 
 
+def _consumed_queues(celery: Any) -> tuple[str, ...] | None:
+    """The queues ``celery`` (a worker's app) consumes, None when it names none (all of them)."""
+    try:
+        return tuple(celery.amqp.queues.consume_from) or None
+    except AttributeError:
+        return None
+
+
 def runner_config(settings: WorkerSettings) -> RunnerConfig:
     s = settings
     return RunnerConfig(worker_name=s.process_name(), lease_s=s.lease_s,
@@ -143,7 +151,10 @@ class WorkerServices:
         webhook_configs = WebhookConfigs(settings=s, tenants=RedisTenantStore(client))
         return cls(
             settings=s, redis=client, celery=celery, notify_celery=notify_celery, objects=objects, store=store,
-            publisher=publisher, queue=CeleryRenderQueue(redis_client=client, celery=celery),
+            publisher=publisher,
+            # the queues this worker consumes: its -Q, selected in the Celery parent before the fork
+            queue=CeleryRenderQueue(redis_client=client, celery=celery, consumed=_consumed_queues(celery),
+                                    give_way_wait_s=s.give_way_wait_s),
             transitions=transitions, webhook_configs=webhook_configs, outbox=WebhookOutbox(client),
             drain=drain_of(s, client),
             heartbeat=Heartbeat(redis_client=client, process_name=s.process_name(), file=s.heartbeat_file,

@@ -50,6 +50,9 @@ class WorkerSettings(ClusterSettings):
     # ... and a rendered job's encode + upload + terminal transition run on a background thread while
     # the next job renders (both under the job's lease)
     finish_in_background: bool = True
+    # strict priority: when the device frees, a job the lane took early waits up to this long for a
+    # higher-priority job that is queued but whose message a worker holds (workers/priority.py)
+    give_way_wait_s: float = 2.0
     # rendering on the CPU: keep freed memory for the next step instead of giving it back to the kernel
     # and page-faulting it in again (workers/malloc.py; ~10 % faster CPU renders, RSS stays at its peak)
     reuse_cpu_memory: bool = True
