@@ -44,6 +44,17 @@ def _name_the_process(sender: str | None = None, **_: object) -> None:
         services.settings.cache_clear()
 
 
+@celeryd_init.connect
+def _refuse_a_card_it_cannot_fit(**_: object) -> None:
+    # In the parent, before the pool forks: NVML/nvidia-smi only, never CUDA. A profile that
+    # cannot run here or does not fit the card exits the worker with the profiles that would fit,
+    # instead of an out-of-memory crash loop of render children.
+    if _role() == "render":
+        from workers.render_setup import exit_if_unfit
+
+        exit_if_unfit(services.settings())
+
+
 @worker_process_init.connect
 def _load_model_in_child(**_: object) -> None:
     # The child, not the parent, loads the model: CUDA does not survive fork.

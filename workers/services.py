@@ -158,8 +158,10 @@ def renderer() -> Renderer:
         s = settings()
         if not s.model:
             raise RuntimeError("EDITFARM_MODEL is not set (a model folder or hub id)")
-        log.info("loading model %s on %s", s.model, device())
-        _renderer = load_renderer(s.model, device(), compile_blocks=s.compile_transformer)
+        from workers.render_setup import load_options
+
+        log.info("loading model %s on %s (profile %s)", s.model, device(), s.profile)
+        _renderer = load_renderer(s.model, device(), **load_options(s))
     return _renderer
 
 
