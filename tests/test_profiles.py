@@ -10,8 +10,15 @@ import pytest
 
 from workers import render_setup
 from workers.card_memory import parse_smi_line, read_card_memory, visible_card
-from workers.fitcheck import EXIT_DOES_NOT_FIT, CardMemory, DoesNotFit, check_fit, estimate_peak_gib, \
-    fitting_profiles, startup_refusal
+from workers.fitcheck import (
+    EXIT_DOES_NOT_FIT,
+    CardMemory,
+    DoesNotFit,
+    check_fit,
+    estimate_peak_gib,
+    fitting_profiles,
+    startup_refusal,
+)
 from workers.pipeline.presets import FastPreset, PresetError, parse_fuse_loras, parse_sizes
 from workers.pipeline.profiles import MemoryProfile, ProfileError, all_profiles, parse_profile
 from workers.settings import WorkerSettings
