@@ -242,3 +242,19 @@ def test_a_compile_after_the_warm_up_is_counted() -> None:
         assert watch.last_shapes == ((5, 4),)
     finally:
         watch.close()
+
+
+def test_the_worker_loads_its_model_with_the_profile_and_preset_of_its_settings(tiny4: str) -> None:
+    from workers.pipeline import load_renderer
+    from workers.render_setup import load_options
+    from workers.settings import WorkerSettings
+
+    options = load_options(WorkerSettings(profile="fp8-storage", block_cache="first-block", block_cache_threshold=0.1,
+                                          scheduler_overrides='{"base_shift": 0.6}'))
+    renderer: Any = load_renderer(tiny4, "cpu", **options)
+    assert renderer.profile.name == "fp8-storage" and renderer.preset.name == "first-block(0.1)"
+    assert renderer.pipe.transformer.transformer_blocks[1].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert renderer.pipe.transformer.is_cache_enabled
+    assert renderer.pipe.scheduler.config.base_shift == 0.6
+    renderer.healthcheck()
+    assert renderer.render(GENERATE)[0].size == (64, 48)
