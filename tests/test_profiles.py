@@ -152,6 +152,7 @@ def test_the_worker_refuses_through_its_settings(monkeypatch: pytest.MonkeyPatch
     def broken() -> CardMemory:
         raise subprocess.CalledProcessError(9, "nvidia-smi")
     assert "EDITFARM_FIT_CHECK=false" in str(render_setup.refusal(settings, read_card=broken))
+    assert render_setup.refusal(WorkerSettings(profile="bf16", device="auto"), read_card=broken) is None
     monkeypatch.setattr(render_setup, "read_card_memory", lambda: A10)
     with pytest.raises(SystemExit) as caught:
         render_setup.exit_if_unfit(settings)

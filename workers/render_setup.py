@@ -61,6 +61,10 @@ def refusal(settings: WorkerSettings, read_card: Any = read_card_memory) -> str 
     try:
         return startup_refusal(settings.profile, settings.device, card, MAX_NATIVE_SIDE, usable=usable_here)
     except _Unreadable as exc:
+        if settings.device == "auto":
+            # the child picks the device; a host with a broken nvidia-smi may still render on the CPU
+            log.warning("fit check skipped: cannot read the card's memory with NVML/nvidia-smi (%s)", exc)
+            return None
         return f"cannot read the card's memory with NVML/nvidia-smi ({exc}); set EDITFARM_FIT_CHECK=false to skip"
 
 
