@@ -59,8 +59,11 @@ def child_env(gpu: str, index: int, base: dict[str, str]) -> dict[str, str]:
 def supervise(gpus: list[str], argv_for: list[str]) -> int:
     """Run one `editfarm worker --gpus N` per GPU and forward SIGTERM/SIGINT; returns the worst exit code.
 
-    A child that dies is restarted after a short pause, unless we are stopping.
+    A child that dies is restarted after a short pause, unless we are stopping or it exited
+    with ``EXIT_DOES_NOT_FIT`` (its profile does not fit its card: a restart would not either).
     """
+    from workers.fitcheck import EXIT_DOES_NOT_FIT
+
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
@@ -88,7 +91,7 @@ def supervise(gpus: list[str], argv_for: list[str]) -> int:
                 continue
             worst = max(worst, proc.returncode or 0)
             del procs[gpu]
-            if not stopping:
+            if not stopping and proc.returncode != EXIT_DOES_NOT_FIT:
                 time.sleep(2)
                 spawn(gpu, index)
     return worst

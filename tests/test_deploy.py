@@ -50,7 +50,7 @@ PACKAGES = ("api", "broker", "cli", "storage", "workers")
 
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
 # Packages only the render worker needs; the slim CPU image goes without them.
-GPU_ONLY = {"torch", "torchvision", "diffusers", "transformers", "accelerate", "tokenizers", "safetensors", "numpy", "peft"}
+GPU_ONLY = {"torch", "torchvision", "diffusers", "transformers", "accelerate", "tokenizers", "safetensors", "numpy", "peft", "torchao"}
 RENDER_QUEUES = ("render.high", "render.normal", "render.low")
 INFLIGHT_KEY = "editfarm:inflight"
 

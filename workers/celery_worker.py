@@ -94,6 +94,17 @@ def _build_in_main(**_: object) -> None:
         _start_process()
 
 
+@celeryd_init.connect
+def _refuse_a_card_it_cannot_fit(**_: object) -> None:
+    # In the parent, before the pool forks: NVML/nvidia-smi only, never CUDA. A profile that
+    # cannot run here or does not fit the card exits the worker with the profiles that would fit,
+    # instead of an out-of-memory crash loop of render children.
+    if _role() == "render":
+        from workers.render_setup import exit_if_unfit
+
+        exit_if_unfit(WorkerSettings())
+
+
 @worker_process_init.connect
 def _build_in_child(**_: object) -> None:
     # The child, not the parent, loads the model: CUDA does not survive fork.

@@ -22,8 +22,18 @@ QUEUE_WAIT = Histogram("editfarm_queue_wait_seconds", "Submission to start of re
 RENDER = Histogram("editfarm_render_seconds", "Pipeline time per job", buckets=_BUCKETS_S)
 UPLOAD = Histogram("editfarm_upload_seconds", "Encode and upload of a job's outputs", buckets=_BUCKETS_S)
 WEBHOOKS = Counter("editfarm_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"])
+RECOMPILES = Counter("editfarm_compile_after_warmup_total",
+                     "torch.compile compiles after the warm-up (a shape the warm-up did not render)")
+RECOMPILE_SECONDS = Counter("editfarm_compile_after_warmup_seconds_total",
+                            "Seconds spent compiling after the warm-up (the renders they stalled)")
 
 _HISTOGRAMS = {"queue_wait": QUEUE_WAIT, "render": RENDER, "upload": UPLOAD}
+
+
+def recompiled(seconds: float) -> None:
+    """The compile watch's hook (workers/pipeline/compile_watch.py)."""
+    RECOMPILES.inc()
+    RECOMPILE_SECONDS.inc(seconds)
 
 
 def observe(name: str, value: float) -> None:

@@ -101,8 +101,10 @@ def load_renderer(settings: WorkerSettings, device: str) -> Renderer:
 
     if not settings.model:
         raise RuntimeError("EDITFARM_MODEL is not set (a model folder or hub id)")
-    log.info("loading model %s on %s", settings.model, device)
-    return load_model(settings.model, device, compile_blocks=settings.compile_transformer)
+    from workers.render_setup import load_options
+
+    log.info("loading model %s on %s (profile %s)", settings.model, device, settings.profile)
+    return load_model(settings.model, device, **load_options(settings))
 
 
 @dataclass

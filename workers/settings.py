@@ -18,6 +18,18 @@ class WorkerSettings(ClusterSettings):
     standin_render_s: float = 0.0
     # torch.compile the transformer's repeated blocks at load (GPU; warm-up pays the compile)
     compile_transformer: bool = False
+    # memory profile (workers/pipeline/profiles.py), e.g. "fp8-storage+offload-text-encoder"; checked
+    # against the card's free memory before the model loads (workers/fitcheck.py) unless fit_check is off
+    profile: str = "bf16"
+    fit_check: bool = True
+    # fast preset (workers/pipeline/presets.py): LoRAs fused at load ("PATH[:SCALE],..."), the scheduler
+    # config overrides they need (JSON object), a block cache (off, first-block, taylorseer) and its
+    # threshold, the sizes the warm-up renders ("1024x1024,768x1344": what a compiled model serves)
+    fuse_loras: str = ""
+    scheduler_overrides: str = ""
+    block_cache: str = "off"
+    block_cache_threshold: float = 0.05
+    warmup_sizes: str = ""
     # "cpu", "cuda" or "auto" (cuda when available; only ever evaluated in the child process).
     device: str = "auto"
     # Name of this worker process in leases and logs; Celery's node name is used when empty.

@@ -7,7 +7,9 @@ test model builder) imports diffusers at module level; import it explicitly wher
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable
 
 from .base import (
     OPERATIONS,
@@ -21,6 +23,8 @@ from .base import (
     StepCallback,
     UpscaleSpec,
 )
+from .presets import FastPreset, PresetError
+from .profiles import MemoryProfile, ProfileError, parse_profile
 
 # `import diffusers` calls torch.cuda.is_available(); by default that CUDA probe makes every
 # forked child fail with "Cannot re-initialize CUDA in forked subprocess" (seen on an H200 with
@@ -33,35 +37,45 @@ __all__ = [
     "OPERATIONS",
     "InvalidRequest",
     "MoveSpec",
+    "FastPreset",
+    "MemoryProfile",
     "OutpaintSpec",
     "Previews",
+    "PresetError",
+    "ProfileError",
     "RenderInterrupted",
     "RenderRequest",
     "Renderer",
     "StepCallback",
     "UpscaleSpec",
     "load_renderer",
+    "parse_profile",
 ]
 
 
-def load_renderer(model: str, device: str, dtype: str | None = None, compile_blocks: bool = False) -> Renderer:
+def load_renderer(model: str, device: str, dtype: str | None = None, compile_blocks: bool = False, *,
+                  profile: MemoryProfile | None = None, preset: FastPreset | None = None,
+                  on_recompile: Callable[[float], None] | None = None) -> Renderer:
     """Load ``model`` (local folder or hub id of a QwenImageEditPipeline) onto ``device``; the
     renderer serves every operation in ``OPERATIONS`` from that one set of weights.
 
-    ``dtype`` defaults to bf16 on CUDA and float32 elsewhere. ``compile_blocks`` compiles the
-    transformer's repeated blocks with torch.compile (GPU speed-up; the first render compiles). Call this in the worker child
+    ``dtype`` defaults to bf16 on CUDA and float32 elsewhere. ``profile``: how the weights are
+    stored and where they live (``profiles``; default all on ``device``); ``preset``: fused
+    LoRAs, block cache, compile (``presets``). ``compile_blocks`` turns the preset's compile on
+    (the transformer's repeated blocks with torch.compile; the warm-up compiles;
+    ``on_recompile(seconds)`` hears of every later compile). Call this in the worker child
     process (after fork), never in the parent: it initialises the device.
 
     Raises:
-        ValueError: unknown ``dtype``.
+        ValueError: unknown ``dtype``; ``ProfileError`` / ``PresetError`` (both ValueError):
+            a profile the device cannot do, a preset that does not fit the model.
         RuntimeError: bad or unavailable ``device``.
         OSError: ``model`` missing or incomplete.
     """
     from .diffusers_renderer import DiffusersRenderer
 
-    renderer = DiffusersRenderer.load(model, device=device, dtype=dtype)
-    if compile_blocks:
-        # regional torch.compile of the repeated MMDiT blocks: 1.21x faster than bare diffusers at
-        # 50 steps on an H200 (bench/results-gpu-h200-compile.json); compiled during warm-up
-        renderer.pipe.transformer.compile_repeated_blocks(fullgraph=True)
-    return renderer
+    preset = preset or FastPreset()
+    if compile_blocks and not preset.compile:
+        preset = dataclasses.replace(preset, compile=True)
+    return DiffusersRenderer.load(model, device=device, dtype=dtype, profile=profile, preset=preset,
+                                  on_recompile=on_recompile)

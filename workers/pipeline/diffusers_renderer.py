@@ -10,7 +10,8 @@ inside ``DiffusersRenderer.load`` — i.e. in the worker child, after the fork.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -20,7 +21,10 @@ from workers import operations
 from workers.operations import Sampling
 
 from .base import Previews, Renderer, RenderInterrupted, RenderRequest, StepCallback
+from .compile_watch import CompileWatch
 from .lora import LoraCache
+from .presets import FastPreset
+from .profiles import MemoryProfile
 
 __all__ = ["DiffusersRenderer", "resolve_dtype"]
 
@@ -112,33 +116,55 @@ class DiffusersRenderer(Renderer):
         # the previews of the render under way (render's argument), read by each pipeline call's
         # step callback; None between renders
         self._previews: Previews | None = None
+        self.profile = MemoryProfile()
+        self.preset = FastPreset()
+        self.compile_watch: CompileWatch | None = None
 
     @classmethod
     def load(cls, model: str, device: str = "cpu", dtype: str | None = None,
-             lora_capacity: int = 8) -> DiffusersRenderer:
-        """Load the pipeline from ``model`` (a local folder or hub id) and move it to ``device``.
+             lora_capacity: int = 8, *, profile: MemoryProfile | None = None, preset: FastPreset | None = None,
+             on_recompile: Callable[[float], None] | None = None,
+             allow_offload_on_cpu: bool = False) -> DiffusersRenderer:
+        """Load the pipeline from ``model`` (a local folder or hub id) and place it on ``device``
+        as ``profile`` says (default: every weight in ``dtype`` on ``device``), sped up as
+        ``preset`` says (default: nothing).
 
         ``dtype`` is a name as accepted by ``resolve_dtype``; default bf16 on CUDA, float32
         elsewhere. Takes seconds (tiny model) to minutes (real 20B weights, ~58 GB in bf16).
         ``lora_capacity``: LoRA adapters kept loaded between jobs (see ``LoraCache``).
+        ``on_recompile(seconds)``: called for every torch.compile after the warm-up.
+        ``allow_offload_on_cpu``: tests and benchmarks only (see ``memory.apply_profile``).
 
         Raises:
             ValueError: unknown ``dtype``.
+            ProfileError: ``device`` cannot do ``profile``, or torchao is missing.
+            PresetError: a fused LoRA or scheduler override does not fit the model.
             RuntimeError: ``device`` is malformed or unavailable (from torch).
             OSError: ``model`` is missing or incomplete (from diffusers/huggingface_hub).
         """
+        from .fast import fuse_and_schedule, speed_up
+        from .memory import apply_profile
+
+        profile = profile or MemoryProfile()
+        preset = preset or FastPreset()
         torch_dtype = resolve_dtype(device, dtype)
-        # Fail on a malformed or absent device before the slow load, not after it.
+        # Fail on a malformed or absent device, or a profile it cannot do, before the slow load.
         if torch.device(device).type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+        if not allow_offload_on_cpu:
+            profile.check_device(torch.device(device).type)
 
         from diffusers import QwenImageEditPipeline
 
         pipe: Any = QwenImageEditPipeline.from_pretrained(model, **{_dtype_kwarg(): torch_dtype})
-        pipe.to(device)
+        fuse_and_schedule(pipe, preset)  # into the full-precision weights, before any cast
+        apply_profile(pipe, profile, device, torch_dtype, allow_offload_on_cpu=allow_offload_on_cpu)
         # tqdm bars would interleave in worker logs; progress is reported through on_step.
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, model=model, device=device, dtype=torch_dtype, lora_capacity=lora_capacity)
+        renderer = cls(pipe, model=model, device=device, dtype=torch_dtype, lora_capacity=lora_capacity)
+        renderer.profile, renderer.preset = profile, preset
+        renderer.compile_watch = speed_up(pipe, preset, on_recompile)
+        return renderer
 
     # -- the pipelines ---------------------------------------------------------------------------
 
@@ -158,17 +184,13 @@ class DiffusersRenderer(Renderer):
             raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {sorted(_PIPELINE_CLASSES)}")
         pipeline_class = getattr(diffusers, class_name)
         scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
-        # from_pipe casts the new pipeline to its dtype argument, float32 if none is given: the
-        # shared modules would be cast in place (a bf16 model silently doubling in memory).
-        # diffusers also warns about that cast whenever a dtype is passed: silence it here.
-        from diffusers.utils import logging as diffusers_logging
-
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()
-        try:
-            pipe = pipeline_class.from_pipe(self.pipe, scheduler=scheduler, **{_dtype_kwarg(): self.dtype})
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
+        # Built from the shared components directly, not with from_pipe: from_pipe always casts
+        # the new pipeline to a dtype (float32 if none is given), in place on the shared modules,
+        # which silently turns float8-stored weights back into full precision (and would double
+        # a bf16 model given no dtype).
+        wanted = inspect.signature(pipeline_class.__init__).parameters
+        shared = {name: module for name, module in self.pipe.components.items() if name in wanted}
+        pipe = pipeline_class(**{**shared, "scheduler": scheduler})
         pipe.set_progress_bar_config(disable=True)
         self._pipes[kind] = pipe
         return pipe
@@ -304,27 +326,39 @@ class DiffusersRenderer(Renderer):
         expected = (host @ host).sum().item()  # small integers: exact in float32 (and TF32)
         if got != expected:
             raise RuntimeError(f"healthcheck on {self.device} computed {got}, expected {expected}")
-        weights_on = next(self.pipe.transformer.parameters()).device
+        # an offloaded transformer lives in host memory by design: check the VAE, which never moves
+        resident = self.pipe.vae if self.profile.offload else self.pipe.transformer
+        weights_on = next(resident.parameters()).device
         if weights_on.type != torch.device(self.device).type:
-            raise RuntimeError(f"transformer weights are on {weights_on}, expected {self.device}")
+            raise RuntimeError(f"{type(resident).__name__} weights are on {weights_on}, expected {self.device}")
 
     def warmup(self) -> None:
         """Make every pipeline (``from_pipe``: milliseconds, no weights copied), then a 2-step
         edit (1 step is refused, see ``render``) of a 64x64 grey image without CFG; the result
-        is discarded. Still encodes/decodes at ~1 MP like any default-size edit."""
+        is discarded. Still encodes/decodes at ~1 MP like any default-size edit.
+
+        Then an edit at each of the preset's ``warmup_sizes`` (a compiled model compiles the
+        shapes it will serve now, not inside a job), after which any compile counts as a
+        recompile (see ``CompileWatch``)."""
         for kind in _PIPELINE_CLASSES:
             self.pipeline(kind)
-        self.render(
-            RenderRequest(
-                operation="edit",
-                prompt="warm up",
-                negative_prompt=None,
-                steps=2,
-                true_cfg_scale=1.0,
-                seed=0,
-                images=[Image.new("RGB", (64, 64), (128, 128, 128))],
+        sizes = [(64, 64, None), *((w, h, (w, h)) for w, h in self.preset.warmup_sizes)]
+        for width, height, size in sizes:
+            self.render(
+                RenderRequest(
+                    operation="edit",
+                    prompt="warm up",
+                    negative_prompt=None,
+                    steps=2,
+                    true_cfg_scale=1.0,
+                    seed=0,
+                    images=[Image.new("RGB", (width, height), (128, 128, 128))],
+                    width=size[0] if size else None,
+                    height=size[1] if size else None,
+                )
             )
-        )
+        if self.compile_watch is not None:
+            self.compile_watch.arm()
 
 
 _PIPELINE_CLASSES: dict[str, str] = {

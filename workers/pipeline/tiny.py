@@ -228,13 +228,15 @@ def build_tiny_vae() -> AutoencoderKLQwenImage:
     )
 
 
-def build_tiny_transformer() -> QwenImageTransformer2DModel:
-    """A 1-block MMDiT, 2 heads of 16, fed 2x2-packed latents and the text hidden states."""
+def build_tiny_transformer(num_layers: int = 1) -> QwenImageTransformer2DModel:
+    """A ``num_layers``-block MMDiT (default 1), 2 heads of 16, fed 2x2-packed latents and the
+    text hidden states. Memory profiles and block caches that treat the first and last blocks
+    apart need 3 or more."""
     return QwenImageTransformer2DModel(
         patch_size=2,
         in_channels=4 * _Z_DIM,
         out_channels=_Z_DIM,
-        num_layers=1,
+        num_layers=num_layers,
         attention_head_dim=_DIT_HEAD_DIM,
         num_attention_heads=2,
         joint_attention_dim=_TEXT_HIDDEN,
@@ -248,7 +250,7 @@ def build_tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
     return FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
 
 
-def build_tiny_edit_components(seed: int = 0) -> dict[str, Any]:
+def build_tiny_edit_components(seed: int = 0, num_layers: int = 1) -> dict[str, Any]:
     """All ``QwenImageEditPipeline`` components, keyed by the pipeline's ``__init__`` names.
 
     Each model is built right after ``torch.manual_seed(seed)`` so its weights do not depend
@@ -261,7 +263,7 @@ def build_tiny_edit_components(seed: int = 0) -> dict[str, Any]:
         torch.manual_seed(seed)
         vae = build_tiny_vae()
         torch.manual_seed(seed)
-        transformer = build_tiny_transformer()
+        transformer = build_tiny_transformer(num_layers)
     return {
         "scheduler": build_tiny_scheduler(),
         "vae": vae,
@@ -272,7 +274,7 @@ def build_tiny_edit_components(seed: int = 0) -> dict[str, Any]:
     }
 
 
-def build_tiny_edit_model(out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_edit_model(out_dir: str | Path, seed: int = 0, num_layers: int = 1) -> Path:
     """Build the tiny edit pipeline and ``save_pretrained`` it into ``out_dir``.
 
     The folder (~0.7 MB) loads with ``QwenImageEditPipeline.from_pretrained(out_dir)`` like a
@@ -282,7 +284,7 @@ def build_tiny_edit_model(out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Any: mypy sees diffusers' lazily-imported classes as opaque dummies.
-    pipe: Any = QwenImageEditPipeline(**build_tiny_edit_components(seed))
+    pipe: Any = QwenImageEditPipeline(**build_tiny_edit_components(seed, num_layers))
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
