@@ -1,8 +1,8 @@
 """A whole editfarm cluster on one machine, as real processes: the engine of `editfarm dev`,
 `editfarm demo` and the integration tests.
 
-Redis (given, or started locally with AOF), an S3-compatible server (moto) with
-the bucket created, the API (uvicorn), render worker(s) and a webhook worker
+Redis (given, or started locally with AOF), a real S3 server (SeaweedFS, data under the
+workdir) with the bucket created, the API (uvicorn), render worker(s) and a webhook worker
 (Celery prefork), each its own process with ``EDITFARM_`` settings in its environment.
 """
 
@@ -20,7 +20,15 @@ from pathlib import Path
 import httpx
 
 from broker.celery_app import RENDER_QUEUE_ORDER
-from cli.localservices import ManagedProcess, ServiceDied, free_port, start_redis, start_s3, wait_until
+from cli.localservices import (
+    ManagedProcess,
+    ServiceDied,
+    free_port,
+    start_moto,
+    start_redis,
+    start_s3,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +46,7 @@ class ClusterConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     quiet: bool = True
     redis_appendfsync: str = "everysec"   # "always": a SIGKILLed Redis loses no write (fault tests)
+    s3_server: str = "seaweedfs"          # "moto": the mock, for benchmarks that compare the two
 
 
 class LocalCluster:
@@ -112,11 +121,10 @@ class LocalCluster:
             self.redis = start_redis(workdir=self.workdir / "redis", log=log_dir / "redis.log",
                                      appendfsync=self.config.redis_appendfsync)
             self.redis_url = f"redis://127.0.0.1:{self.redis.port}/0"
-        self.s3 = start_s3(log=log_dir / "s3.log")
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.s3.url, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket="editfarm")
+        if self.config.s3_server == "moto":
+            self.s3 = start_moto(log=log_dir / "s3.log", bucket="editfarm")
+        else:
+            self.s3 = start_s3(log=log_dir / "s3.log", workdir=self.workdir / "s3", bucket="editfarm")
         if not self.config.model:
             model_dir = self.workdir / "models" / "tiny-edit"
             if not (model_dir / "model_index.json").exists():
