@@ -100,14 +100,14 @@ def launch_args(*, data_dir: Path, config_path: Path, bucket: str, s3_port: int 
         # small volumes: the volume server grows a few at the first write; sparse, but keep them small
         "-master.volumeSizeLimitMB=64",
     ]
-    stray = [Path(f"/tmp/seaweedfs-s3-grpc-{ports['s3.grpc']}.sock"),
-             Path(f"/tmp/seaweedfs-admin-grpc-{ports['admin.grpc']}.sock"),
-             Path(f"/tmp/seaweedfs-filer-{ports['filer']}.sock")]
+    # each component opens a Unix socket named after its port in the temporary folder (Go's os.TempDir)
+    # and may leave it behind: removed on stop
+    temp_dirs = {Path("/tmp"), Path(os.environ.get("TMPDIR") or "/tmp")}
+    stray = [folder / f"seaweedfs-{name.replace('.', '-')}-{port}.sock"
+             for folder in temp_dirs for name, port in ports.items()]
     socket_path = data_dir.parent / "s3.sock"
     if len(str(socket_path)) <= _MAX_SOCKET_PATH:
         args.append(f"-s3.localSocket={socket_path}")
-    else:
-        stray.append(Path(f"/tmp/seaweedfs-s3-{ports['s3']}.sock"))
     return SeaweedLaunch(args=args, s3_port=ports["s3"], stray_sockets=stray)
 
 
