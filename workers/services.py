@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import redis
 
-from broker import keys
+from broker import keys, redis_conn
 from broker.celery_app import (
     RENDER_QUEUE_ORDER,
     RENDER_QUEUES,
@@ -59,8 +59,8 @@ def celery_app():  # type: ignore[no-untyped-def]
 
 @functools.cache
 def _redis(pid: int) -> redis.Redis:
-    return redis.Redis.from_url(settings().redis_url, health_check_interval=30, socket_connect_timeout=5,
-                                socket_timeout=30)
+    return redis_conn.client_from_url(settings().redis_url, health_check_interval=30, socket_connect_timeout=5,
+                                      socket_timeout=30)
 
 
 def redis_client() -> redis.Redis:
