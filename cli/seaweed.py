@@ -99,6 +99,8 @@ def launch_args(*, data_dir: Path, config_path: Path, bucket: str, s3_port: int 
         "-s3.autoCreateBucket=false",
         # small volumes: the volume server grows a few at the first write; sparse, but keep them small
         "-master.volumeSizeLimitMB=64",
+        # stop at once: no load balancer needs the volume server to linger out of its heartbeats
+        "-volume.preStopSeconds=0",
     ]
     # each component opens a Unix socket named after its port in the temporary folder (Go's os.TempDir)
     # and may leave it behind: removed on stop
