@@ -110,6 +110,7 @@ def launch_args(*, data_dir: Path, config_path: Path, bucket: str, s3_port: int 
     socket_path = data_dir.parent / "s3.sock"
     if len(str(socket_path)) <= _MAX_SOCKET_PATH:
         args.append(f"-s3.localSocket={socket_path}")
+        stray.append(socket_path)
     return SeaweedLaunch(args=args, s3_port=ports["s3"], stray_sockets=stray)
 
 
