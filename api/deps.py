@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import redis
-import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
@@ -23,6 +22,7 @@ from api.events import EventSource, RedisEventSource
 from api.idempotency import IdempotencyStore, RedisIdempotencyStore
 from api.limits import RateLimiter, RedisRateLimiter
 from api.settings import ApiSettings
+from broker import redis_conn
 from broker.celery_app import NotifyMessages, enqueue_webhook, make_celery
 from broker.events import EventPublisher, RedisEventPublisher
 from broker.jobstore import JobStore, RedisJobStore
@@ -73,7 +73,7 @@ class Services:
         Builds clients only; nothing connects until first use (``/readyz`` checks).
         """
         # bounded socket timeouts so a dead Redis fails a request instead of hanging it
-        client = redis.Redis.from_url(
+        client = redis_conn.client_from_url(  # plain Redis or Sentinel (broker/redis_conn.py)
             settings.redis_url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=30,
         )
         # the submission path (limits, record + message) runs on the event loop: no thread hops.
@@ -82,7 +82,7 @@ class Services:
         # no task per command as redis-py's own timeout does
         # After a Redis restart every pooled connection is dead and fails its next command once:
         # retry those on a fresh connection (redis.asyncio does not by default)
-        on_loop = aioredis.Redis.from_url(
+        on_loop = redis_conn.async_client_from_url(
             settings.redis_url, socket_connect_timeout=5, socket_timeout=None, health_check_interval=30,
             retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 3),
             retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],

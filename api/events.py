@@ -24,7 +24,7 @@ from typing import Any
 import anyio
 import redis.asyncio as aioredis
 
-from broker import keys
+from broker import keys, redis_conn
 from broker.events import InMemoryEventPublisher
 
 logger = logging.getLogger("editfarm.api")
@@ -115,7 +115,7 @@ class RedisEventSource(EventSource):
         self.connect_timeout_s = connect_timeout_s
 
     async def subscribe(self, job_id: str) -> Subscription:
-        client = aioredis.Redis.from_url(
+        client = redis_conn.async_client_from_url(
             self.redis_url, socket_connect_timeout=self.connect_timeout_s, socket_keepalive=True,
             client_name=self.CLIENT_NAME,
         )

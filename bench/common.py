@@ -225,7 +225,7 @@ class BenchCluster:
     def __init__(self, workdir: Path, render_workers: int = 1, render_s: float = 0.0, timed: bool = False,
                  output_side: int = 0, model: str = "standin", extra_env: dict[str, str] | None = None,
                  webhook_worker: bool = True, api_app: str = "api.app:create_app",
-                 webhook_app: str = "workers.celery_worker:app") -> None:
+                 webhook_app: str = "workers.celery_worker:app", s3_server: str = "seaweedfs") -> None:
         from cli.cluster import ClusterConfig, LocalCluster
 
         self.render_log = workdir / "render-intervals"
@@ -239,7 +239,8 @@ class BenchCluster:
             self.render_log.mkdir(parents=True, exist_ok=True)
             env.update({"EDITFARM_BENCH_RENDER_LOG": str(self.render_log),
                         "EDITFARM_BENCH_OUTPUT_SIDE": str(output_side)})
-        config = ClusterConfig(workdir=workdir, model=model, render_workers=render_workers, extra_env=env)
+        config = ClusterConfig(workdir=workdir, model=model, render_workers=render_workers, extra_env=env,
+                               s3_server=s3_server)
         timed_app = timed
         with_webhooks = webhook_worker
 

@@ -16,6 +16,12 @@ the code as it is); ``current``, the code as it is, is the only one now (the pro
 submission fast path and of the notify task's own first delivery attempt are in the product). The
 top-level figures are those of the first variant; ``by_variant`` has each.
 
+``--s3`` names the S3 servers (``seaweedfs``, the default and what the cluster runs; ``moto``, the
+mock the tests used before) set side by side the same way: each variant runs once per server, the
+extra ones named ``<variant>@<server>`` (e.g. ``current@moto``), and the S3 put alone is timed
+against each (``s3_put_64px_png`` on the first, ``s3_put_64px_png@moto``...), so ``floor_by_s3_ms``
+gives the floor on each server from one run.
+
 Also alternating with the jobs, the parts of the path that are not ours, each measured alone
 (``parts_alone_ms``): an HTTP GET of the API's ``/healthz`` (the submit request's HTTP leg), a
 put of a 64x64 PNG (the stand-in's output) into the same S3 server through the workers' own
@@ -101,10 +107,18 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=200)
     p.add_argument("--variants", default="current", help="comma-separated names from VARIANTS "
                                                           "(current: the code as it is)")
+    p.add_argument("--s3", default="seaweedfs", help="comma-separated S3 servers, side by side: seaweedfs "
+                                                     "(the real server the cluster runs), moto (the mock)")
     args = p.parse_args()
     if args.quick:
         args.jobs = 10
-    variants = args.variants.split(",")
+    servers = args.s3.split(",")
+    if unknown := set(servers) - {"seaweedfs", "moto"}:
+        p.error(f"unknown --s3 {sorted(unknown)}")
+    # (name, VARIANTS entry, S3 server): every variant on every server, the first server's unsuffixed
+    runs = [(variant if server == servers[0] else f"{variant}@{server}", variant, server)
+            for server in servers for variant in args.variants.split(",")]
+    variants = [name for name, _, _ in runs]
     import contextlib
 
     import httpx
@@ -120,10 +134,12 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         receiver = stack.enter_context(TimedReceiver())
         clusters = {}
-        for variant in variants:
+        for name, variant, server in runs:
             api_app, _path, webhook_app = VARIANTS[variant]
-            clusters[variant] = stack.enter_context(BenchCluster(
-                root / variant, render_workers=1, render_s=0.0, api_app=api_app, webhook_app=webhook_app)).cluster
+            clusters[name] = stack.enter_context(BenchCluster(
+                root / name.replace("@", "-"), render_workers=1, render_s=0.0, api_app=api_app,
+                webhook_app=webhook_app, s3_server=server)).cluster
+        paths = {name: VARIANTS[variant][1] for name, variant, _ in runs}
         first = clusters[variants[0]]
         noop_proc = start_noop_worker(first.redis_url, root / "noop.log")
         stack.callback(stop_group, noop_proc)
@@ -133,9 +149,15 @@ def main() -> int:
         clients = {v: stack.enter_context(httpx.Client(base_url=c.api_url, timeout=30,
                                                        headers={"Authorization": f"Bearer {c.api_key()}"}))
                    for v, c in clusters.items()}
-        parts: dict[str, list[float]] = {"api_http_get": [], "s3_put_64px_png": [], "webhook_post": []}
-        objects = S3ObjectStore(S3Config(bucket="editfarm", endpoint_url=first.s3_url, region="us-east-1",
-                                         access_key_id="test", secret_access_key="test", path_style=True))
+        put_part = {server: "s3_put_64px_png" if server == servers[0] else f"s3_put_64px_png@{server}"
+                    for server in servers}
+        parts: dict[str, list[float]] = {"api_http_get": [], **{put_part[s]: [] for s in servers},
+                                         "webhook_post": []}
+        # the S3 put alone, through the workers' own store, on each server (that of the first run on it)
+        objects = {server: S3ObjectStore(S3Config(
+            bucket="editfarm", endpoint_url=clusters[next(n for n, _, s in runs if s == server)].s3_url,
+            region="us-east-1", access_key_id="test", secret_access_key="test", path_style=True))
+            for server in servers}
         png = flat_png(64)
         post_body = json.dumps({"type": "bench.part", "data": {"id": "part", "status": "succeeded",
                                                                 "outputs": [{"url": "x" * 400}]}}).encode()
@@ -145,9 +167,10 @@ def main() -> int:
             began = time.perf_counter()
             clients[variants[0]].get("/healthz").raise_for_status()
             got = {"api_http_get": time.perf_counter() - began}
-            began = time.perf_counter()
-            objects.put(f"bench/parts/{index}.png", png, "image/png")
-            got["s3_put_64px_png"] = time.perf_counter() - began
+            for server, store in objects.items():
+                began = time.perf_counter()
+                store.put(f"bench/parts/{index}.png", png, "image/png")
+                got[put_part[server]] = time.perf_counter() - began
             began = time.perf_counter()
             parts_client.post(receiver.url, content=post_body, headers={"content-type": "application/json"})
             got["webhook_post"] = time.perf_counter() - began
@@ -168,7 +191,7 @@ def main() -> int:
             for variant in variants:
                 body = job_body(steps=2, seed=index, webhook=receiver.url)
                 began = time.perf_counter()
-                answer = clients[variant].post(VARIANTS[variant][1], json=body)
+                answer = clients[variant].post(paths[variant], json=body)
                 posted = time.perf_counter()
                 if answer.status_code != 202:
                     raise RuntimeError(f"{variant} submit answered {answer.status_code}: {answer.text[:300]}")
@@ -194,7 +217,9 @@ def main() -> int:
                                       "p99_le_50_ms": total["p99"] <= 50.0}}
     current = results[variants[0]]
     alone = {name: summary(values, 1000) for name, values in parts.items()}
-    floor = base["p50"] + sum(part["p50"] for part in alone.values())
+    others = alone["api_http_get"]["p50"] + alone["webhook_post"]["p50"]
+    floor_by_s3 = {server: round(base["p50"] + others + alone[put_part[server]]["p50"], 3) for server in servers}
+    floor = floor_by_s3[servers[0]]
     report = {
         "operation": operation, "variants": variants,
         "jobs": current["jobs"], "statuses": current["statuses"],
@@ -203,6 +228,7 @@ def main() -> int:
         "ratio_p50": current["ratio_p50"], "ratio_p99": current["ratio_p99"],
         "breakdown_ms": current["breakdown_ms"], "goals": current["goals"],
         "parts_alone_ms": alone, "floor_ms": round(floor, 3), "floor_over_baseline": ratio(floor, base["p50"]),
+        "s3_servers": servers, "floor_by_s3_ms": floor_by_s3,
         "by_variant": results,
     }
     write_report("orchestration", report, args.out, args.quick, command_line())

@@ -89,6 +89,12 @@ def orchestration_rows(orch: dict[str, Any]) -> list[Row]:
                  f"{alone['s3_put_64px_png']['p50']:.1f} + webhook POST {alone['webhook_post']['p50']:.1f} ms "
                  "(each measured alone, p50)")
         out.append(("Submit → webhook: floor of the parts that are not ours", value, "", "", cmd))
+    by_s3 = orch.get("floor_by_s3_ms", {})
+    if len(by_s3) > 1:  # --s3 seaweedfs,moto: the same floor on each S3 server, side by side
+        puts = {s: alone["s3_put_64px_png" if i == 0 else f"s3_put_64px_png@{s}"]["p50"]
+                for i, s in enumerate(orch["s3_servers"])}
+        value = "; ".join(f"{s}: floor {f:.1f} ms (S3 put {puts[s]:.1f} ms)" for s, f in by_s3.items())
+        out.append(("Submit → webhook floor by S3 server (one run)", value, "", "", cmd))
     return out
 
 

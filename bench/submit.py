@@ -3,7 +3,7 @@
     python -m bench.submit            # full run (~8 min on 2 cores)
     python -m bench.submit --quick    # one short round (smoke)
 
-Starts Redis (AOF, like the local cluster) and the S3 server (moto) once; then, for each
+Starts Redis (AOF, like the local cluster) and the S3 server (SeaweedFS) once; then, for each
 server setting, starts the API (``uvicorn --factory api.app:create_app``) or the bare
 endpoint (``bench.bare_api``) alone on a fresh database, warms it up for 2 s, and loads it
 from a separate process (``wrk`` when installed, else ``bench.loadgen``) for ``--seconds``
@@ -89,11 +89,7 @@ class Services:
         from cli.localservices import start_redis, start_s3
 
         self.redis = start_redis(workdir=root / "redis", log=root / "redis.log")
-        self.s3 = start_s3(log=root / "s3.log")
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.s3.url, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket="editfarm")
+        self.s3 = start_s3(log=root / "s3.log", workdir=root / "s3", bucket="editfarm")
         self.redis_url = f"redis://127.0.0.1:{self.redis.port}/0"
 
     def env(self) -> dict[str, str]:

@@ -17,6 +17,7 @@ from celery import Celery
 from kombu import Queue
 
 from broker import keys
+from broker.redis_conn import celery_broker
 
 RENDER_TASK = "editfarm.render"
 WEBHOOK_TASK = "editfarm.webhook"
@@ -38,8 +39,9 @@ def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600,
     sets how often a worker sweeps for messages unacked past the visibility timeout (kombu's
     default is about 100 s).
     """
-    app = Celery("editfarm", broker=redis_url, set_as_current=False)
-    transport: dict[str, object] = {"visibility_timeout": visibility_timeout_s,
+    broker = celery_broker(redis_url)  # a redis+sentinel:// URL: kombu's sentinel transport
+    app = Celery("editfarm", broker=broker.url, set_as_current=False)
+    transport: dict[str, object] = {**broker.transport_options, "visibility_timeout": visibility_timeout_s,
                                     # poll the queues in the order given to the worker
                                     # (-Q render.high,render.normal,render.low), not round-robin
                                     "queue_order_strategy": "priority"}
@@ -69,6 +71,8 @@ def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600,
         # loading ~40 GB of weights and warming up happens in the child before it reports alive
         worker_proc_alive_timeout=1800,
     )
+    if broker.use_ssl is not None:
+        app.conf.broker_use_ssl = broker.use_ssl
     return app
 
 

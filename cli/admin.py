@@ -15,12 +15,11 @@ secrets_app = typer.Typer(help="Per-tenant webhook signing secrets.", no_args_is
 
 
 def _store():  # type: ignore[no-untyped-def]
-    import redis
-
+    from broker.redis_conn import client_from_url
     from broker.settings import ClusterSettings
     from broker.tenants import RedisTenantStore
 
-    return RedisTenantStore(redis.Redis.from_url(ClusterSettings().redis_url))
+    return RedisTenantStore(client_from_url(ClusterSettings().redis_url))
 
 
 def _when(ts: float | None) -> str:

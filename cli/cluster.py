@@ -1,8 +1,8 @@
 """A whole editfarm cluster on one machine, as real processes: the engine of `editfarm dev`,
 `editfarm demo` and the integration tests.
 
-Redis (given, or started locally with AOF), an S3-compatible server (moto) with
-the bucket created, the API (uvicorn), render worker(s) and a webhook worker
+Redis (given, or started locally with AOF), a real S3 server (SeaweedFS, data under the
+workdir) with the bucket created, the API (uvicorn), render worker(s) and a webhook worker
 (Celery prefork), each its own process with ``EDITFARM_`` settings in its environment.
 """
 
@@ -22,7 +22,15 @@ import httpx
 
 from broker.celery_app import RENDER_QUEUE_ORDER
 from cli.lifetime import parent_death_signal
-from cli.localservices import ManagedProcess, ServiceDied, free_port, start_redis, start_s3, wait_until
+from cli.localservices import (
+    ManagedProcess,
+    ServiceDied,
+    free_port,
+    start_moto,
+    start_redis,
+    start_s3,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,6 +70,7 @@ class ClusterConfig:
     # every process started gets killed by the kernel if this one dies, even by SIGKILL
     # (cli/lifetime.py; only when the cluster is started from the main thread)
     die_with_parent: bool = False
+    s3_server: str = "seaweedfs"          # "moto": the mock, for benchmarks that compare the two
 
 
 class LocalCluster:
@@ -137,11 +146,11 @@ class LocalCluster:
                                      appendfsync=self.config.redis_appendfsync,
                                      die_with_parent=self.config.die_with_parent)
             self.redis_url = f"redis://127.0.0.1:{self.redis.port}/0"
-        self.s3 = start_s3(log=log_dir / "s3.log", die_with_parent=self.config.die_with_parent)
-        import boto3
-
-        boto3.client("s3", endpoint_url=self.s3.url, region_name="us-east-1", aws_access_key_id="test",
-                     aws_secret_access_key="test").create_bucket(Bucket="editfarm")
+        if self.config.s3_server == "moto":
+            self.s3 = start_moto(log=log_dir / "s3.log", bucket="editfarm", die_with_parent=self.config.die_with_parent)
+        else:
+            self.s3 = start_s3(log=log_dir / "s3.log", workdir=self.workdir / "s3", bucket="editfarm",
+                               die_with_parent=self.config.die_with_parent)
         if not self.config.model:
             model_dir = self.workdir / "models" / "tiny-edit"
             if not (model_dir / "model_index.json").exists():

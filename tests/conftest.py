@@ -33,8 +33,9 @@ def redis_client(redis_server: ManagedProcess) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def s3_server() -> Iterator[ManagedProcess]:
-    server = start_s3()
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
+    """A real S3 server (SeaweedFS) on loopback, bucket ``editfarm``, credentials ``test``/``test``."""
+    server = start_s3(workdir=tmp_path_factory.mktemp("s3"))
     yield server
     server.stop()
 

@@ -1,7 +1,7 @@
 """One edit job end to end through real parts: API → Redis → Celery worker process → S3 → signed webhook.
 
 Every part is real: a Redis server, the API under uvicorn, a `celery worker`
-process loading the tiny Qwen-Image-Edit pipeline with `from_pretrained`, moto's
+process loading the tiny Qwen-Image-Edit pipeline with `from_pretrained`, SeaweedFS's
 S3 server over HTTP, and an HTTP webhook receiver.
 """
 

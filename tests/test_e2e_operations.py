@@ -1,5 +1,5 @@
 """Every operation end to end through real parts: the API under uvicorn → Redis → a `celery
-worker` process running the tiny Qwen-Image model → moto's S3 server.
+worker` process running the tiny Qwen-Image model → SeaweedFS's S3 server.
 
 The jobs are submitted together once (the module's ``results``) and the tests check their
 outputs, so the module costs one cluster start plus about fifteen small renders. Inputs keep

@@ -1,6 +1,6 @@
 """Faults survived, proven with real processes.
 
-One local cluster (Redis with AOF, moto's S3 server, the API, two render workers running the
+One local cluster (Redis with AOF, the S3 server (SeaweedFS), the API, two render workers running the
 zero-cost render stand-in, the webhook worker with the reaper) plus two render workers with the
 real tiny Qwen-Image model on their own queue; the stand-in workers reach S3 through a TCP proxy
 that can be switched off, and the webhooks go to a receiver that can fail on purpose. Each scenario
@@ -73,7 +73,7 @@ REPORTS: list[Tally] = []
 
 
 class Faults:
-    """The cluster, the S3 proxy in front of moto for the render workers, the webhook receiver."""
+    """The cluster, the S3 proxy in front of SeaweedFS for the render workers, the webhook receiver."""
 
     def __init__(self, cluster: LocalCluster, s3_proxy: TcpProxy, receiver: FlakyReceiver, tiny_model: Path) -> None:
         self.cluster, self.s3_proxy, self.receiver = cluster, s3_proxy, receiver
@@ -236,7 +236,7 @@ def test_s3_down_during_uploads_jobs_wait_and_retry_and_never_succeed_without_th
     unbacked: list[str] = []
 
     def outage_done() -> bool:
-        # meanwhile: a job that is succeeded has its object (read from moto directly, not through the proxy)
+        # meanwhile: a job that is succeeded has its object (read from the S3 server directly, not through the proxy)
         for job_id, row in job_fields(cluster, jobs, "status", "outputs").items():
             if row["status"] == "succeeded":
                 for output in row["outputs"] or [None]:

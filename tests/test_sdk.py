@@ -1,6 +1,6 @@
 """The Python SDK (editfarm_client) against the real API of a real local cluster.
 
-Redis, moto's S3 server, the API under uvicorn, a Celery render worker loading
+Redis, SeaweedFS's S3 server, the API under uvicorn, a Celery render worker loading
 the tiny Qwen-Image-Edit pipeline and the webhook worker are real processes
 (:class:`cli.cluster.LocalCluster`); the SDK talks to them over HTTP.
 """

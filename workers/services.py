@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import redis
 
-from broker import keys
+from broker import keys, redis_conn
 from broker.celery_app import NotifyMessages, enqueue_notify, enqueue_webhook, make_celery
 from broker.events import RedisEventPublisher
 from broker.jobstore import RedisJobStore
@@ -50,8 +50,8 @@ def worker_celery(settings: WorkerSettings) -> Any:
 
 def connect_redis(settings: WorkerSettings) -> redis.Redis:
     """A Redis client for this process (a connection pool must never be shared across fork)."""
-    return redis.Redis.from_url(settings.redis_url, health_check_interval=30, socket_connect_timeout=5,
-                                socket_timeout=30)
+    return redis_conn.client_from_url(settings.redis_url, health_check_interval=30, socket_connect_timeout=5,
+                                      socket_timeout=30)
 
 
 def drain_of(settings: WorkerSettings, redis_client: redis.Redis) -> Drain:
