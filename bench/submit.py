@@ -23,7 +23,9 @@ puts it into the same S3 server with boto3 and makes the same Redis writes (repo
 
 Variants: ``api`` (the real ``POST /v1/jobs``), ``bare`` (``bench.bare_api``: only the same
 Redis writes, async), ``bare-sync`` (the same writes with the blocking client in a thread; not in
---quick) and ``bare+s3`` (edit only: plus the input's S3 put).
+--quick) and ``bare+s3`` (edit only: plus the image's base64 decode, ``verify()`` and S3 put).
+``--settings`` picks server settings by name (comma-separated); ``--workers ""`` skips the
+multi-process rows.
 
 Settings compared at 1 process: uvicorn's h11 + asyncio with log level info and the access
 log (how ``editfarm api`` runs today: the project does not depend on uvloop/httptools), the
