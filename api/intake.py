@@ -8,13 +8,13 @@ records and queues the job.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-import anyio
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
@@ -67,7 +67,8 @@ async def capped_stream(request: Request, limit: int, pace: BodyPace | None = No
     try:
         while True:
             try:
-                with anyio.fail_after(max(0.0, pace.remaining_s(received))):
+                # asyncio's timeout, not anyio's: a third of the cost, paid for every chunk
+                async with asyncio.timeout(pace.remaining_s(received)):
                     chunk = await chunks.__anext__()
             except StopAsyncIteration:
                 return
@@ -93,7 +94,7 @@ async def _take_slot(ticket: UploadTicket, pace: BodyPace) -> None:
     against the sender's rate). Raises ApiError 408."""
     waiting_since = time.monotonic()
     try:
-        with anyio.fail_after(max(0.0, pace.total_remaining_s())):
+        async with asyncio.timeout(pace.total_remaining_s()):
             await ticket.take()
     except TimeoutError:
         raise request_timeout() from None

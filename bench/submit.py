@@ -68,7 +68,10 @@ LIMITS_NEVER_REFUSE = {"EDITFARM_RATE_LIMIT_PER_MIN": "1000000000", "EDITFARM_MA
 APPS = {"api": "api.app:create_app", "bare": "bench.bare_api:create_app"}
 # variant → (app, path)
 VARIANTS = {"api": ("api", "/v1/jobs"), "bare": ("bare", "/v1/jobs"), "bare+s3": ("bare", "/v1/jobs"),
-            "bare-sync": ("bare", "/v1/jobs")}
+            "bare-sync": ("bare", "/v1/jobs"), "api-dynamic-malloc": ("api", "/v1/jobs")}
+# variant → settings of its app beyond the services' (api-dynamic-malloc: glibc's own mmap threshold, which
+# keeps freed upload buffers in the heap: what the API's memory bound costs an upload in page faults)
+VARIANT_ENV = {"api-dynamic-malloc": {"EDITFARM_MALLOC_MMAP_THRESHOLD_BYTES": "0"}}
 
 
 def have(module: str) -> bool:
@@ -281,7 +284,7 @@ def one_run(services: Services, root: Path, variant: str, setting: dict[str, Any
     services.flush()
     extra = {"EDITFARM_BENCH_BARE_S3": "true" if variant == "bare+s3" else "",
              "EDITFARM_BENCH_BARE_OPERATION": json.loads(body_file.read_text())["operation"],
-             "EDITFARM_BENCH_BARE_SYNC": "true" if variant == "bare-sync" else ""}
+             "EDITFARM_BENCH_BARE_SYNC": "true" if variant == "bare-sync" else "", **VARIANT_ENV.get(variant, {})}
     port = free_port()
     proc = start_app(services, app, setting["args"], workers, port, root / f"{variant}.log", extra)
     url = f"http://127.0.0.1:{port}{path}"
@@ -339,7 +342,8 @@ def main() -> int:
     operation = body["operation"]
     variants = ["api", "bare"] + (["bare+s3"] if operation == "edit" else [])
     if args.mode == "edit":
-        variants = ["api", "bare+s3"]  # the Redis-only variants tell nothing more about an upload
+        # the Redis-only variants tell nothing more about an upload
+        variants = ["api", "bare+s3"] + ([] if args.quick else ["api-dynamic-malloc"])
     elif not args.quick:
         variants += ["bare-sync"]
     settings = server_settings()
