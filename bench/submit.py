@@ -68,10 +68,13 @@ LIMITS_NEVER_REFUSE = {"EDITFARM_RATE_LIMIT_PER_MIN": "1000000000", "EDITFARM_MA
 APPS = {"api": "api.app:create_app", "bare": "bench.bare_api:create_app"}
 # variant → (app, path)
 VARIANTS = {"api": ("api", "/v1/jobs"), "bare": ("bare", "/v1/jobs"), "bare+s3": ("bare", "/v1/jobs"),
-            "bare-sync": ("bare", "/v1/jobs"), "api-dynamic-malloc": ("api", "/v1/jobs")}
+            "bare-sync": ("bare", "/v1/jobs"), "api-dynamic-malloc": ("api", "/v1/jobs"),
+            "api-uploads-4": ("api", "/v1/jobs")}
 # variant → settings of its app beyond the services' (api-dynamic-malloc: glibc's own mmap threshold, which
 # keeps freed upload buffers in the heap: what the API's memory bound costs an upload in page faults)
-VARIANT_ENV = {"api-dynamic-malloc": {"EDITFARM_MALLOC_MMAP_THRESHOLD_BYTES": "0"}}
+# api-uploads-4: 4 upload slots (3 for one tenant) instead of 2 (1): what the slots cost one busy tenant
+VARIANT_ENV = {"api-dynamic-malloc": {"EDITFARM_MALLOC_MMAP_THRESHOLD_BYTES": "0"},
+               "api-uploads-4": {"EDITFARM_MAX_CONCURRENT_UPLOADS": "4"}}
 
 
 def have(module: str) -> bool:
@@ -325,6 +328,7 @@ def main() -> int:
     p.add_argument("--mode", choices=["generate", "edit"], default="generate",
                    help="generate: no input image; edit: a 1024x1024 PNG as a data URL")
     p.add_argument("--settings", default="", help="comma-separated server settings to run (default: all)")
+    p.add_argument("--variants", default="", help="comma-separated variants to run (default: per mode)")
     args = p.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.workers = 1.5, 1, ""
@@ -343,9 +347,11 @@ def main() -> int:
     variants = ["api", "bare"] + (["bare+s3"] if operation == "edit" else [])
     if args.mode == "edit":
         # the Redis-only variants tell nothing more about an upload
-        variants = ["api", "bare+s3"] + ([] if args.quick else ["api-dynamic-malloc"])
+        variants = ["api", "bare+s3"] + ([] if args.quick else ["api-dynamic-malloc", "api-uploads-4"])
     elif not args.quick:
         variants += ["bare-sync"]
+    if args.variants:
+        variants = [v for v in args.variants.split(",") if v in VARIANTS]
     settings = server_settings()
     if args.settings:
         chosen = set(args.settings.split(","))
