@@ -322,7 +322,8 @@ def main() -> int:
     p = parser("submit", __doc__)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--connections", type=int, default=0,
+                   help="keep-alive connections (default: 64; 8 for --mode edit, whose requests take 2.7 MB each)")
     p.add_argument("--workers", default="2,3", help="API processes to try with the fastest setting")
     p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
     p.add_argument("--mode", choices=["generate", "edit"], default="generate",
@@ -332,6 +333,7 @@ def main() -> int:
     args = p.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.workers = 1.5, 1, ""
+    args.connections = args.connections or (8 if args.mode == "edit" else 64)
     if args.mode == "edit" and args.out == p.get_default("out"):
         args.out = str(Path(args.out).with_name("submit-edit.json"))
     tool = args.loadgen if args.loadgen != "auto" else ("wrk" if shutil.which("wrk") else "python")
