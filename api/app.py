@@ -20,13 +20,13 @@ from fastapi import FastAPI
 from api.auth import parse_api_keys
 from api.deps import Services
 from api.errors import install_error_handlers
-from api.intake import UploadSlots
 from api.limits import LimitsMemory
 from api.malloc import fix_mmap_threshold
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.models import component_schemas
 from api.routers import deliveries, health, jobs, monitoring, submit, ui
 from api.settings import ApiSettings
+from api.uploads import UploadSlots
 
 logger = logging.getLogger("editfarm.api")
 
@@ -111,7 +111,7 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
     )
     app.state.services = services
     app.state.api_keys = api_keys
-    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads)
+    app.state.upload_slots = UploadSlots(settings.max_concurrent_uploads, settings.uploads_per_tenant())
     app.state.limits_memory = LimitsMemory()
     # process-wide and idempotent: each app built in a process sets the same value
     fix_mmap_threshold(settings.malloc_mmap_threshold_bytes)

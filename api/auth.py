@@ -111,8 +111,3 @@ async def current_tenant(
 
 
 TenantDep = Annotated[str, Depends(current_tenant)]
-
-
-async def tenant_of(request: Request) -> str:
-    """:data:`TenantDep` without FastAPI's dependency solving (``POST /v1/jobs`` calls it itself)."""
-    return await current_tenant(await _bearer(request), request)

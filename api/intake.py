@@ -9,9 +9,9 @@ records and queues the job.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -19,13 +19,13 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import ClientDisconnect
 
 from api.errors import ApiError, from_validation_errors
 from api.fetch import check_url_policy
 from api.images import InputImage, intake_image
 from api.models import MULTIPART_JSON_FIELDS, SubmitParams
 from api.settings import ApiSettings
+from api.uploads import LARGE_BODY_BYTES, BodyPace, UploadTicket, request_timeout
 from broker import keys
 from broker.schema import (
     MAX_CANVAS_SIDE,
@@ -50,17 +50,56 @@ _IMAGE_FIELDS = ("image", "images", "mask")
 _MAX_FILES = 2 + MAX_REFERENCE_IMAGES
 
 
-async def capped_stream(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
-    """The request body, raising 413 payload_too_large once more than ``limit`` bytes arrived."""
+async def capped_stream(request: Request, limit: int, pace: BodyPace | None = None,
+                        ticket: UploadTicket | None = None) -> AsyncGenerator[bytes, None]:
+    """The request body, raising 413 payload_too_large once more than ``limit`` bytes arrived, and
+    408 request_timeout when the next bytes are not there by ``pace``'s deadline (default: the
+    app's settings). ``ticket`` takes its upload slot once the body proves large (declared, or
+    arrived, :data:`LARGE_BODY_BYTES` or more): a sender that has sent nothing holds none.
+    """
+    if pace is None:
+        pace = body_pace(request.app.state.services.settings)
+    declared = request.headers.get("content-length", "")
+    large = declared.isdigit() and int(declared) >= LARGE_BODY_BYTES
     received = 0
+    more_body = True
+    # the ASGI messages themselves rather than Request.stream(): one deadline per message, and none
+    # for the empty message that ends a body; asyncio's timeout, a third of anyio's cost
+    while more_body:
+        try:
+            async with asyncio.timeout(pace.remaining_s(received)):
+                message = await request.receive()
+        except TimeoutError:
+            raise request_timeout() from None
+        if message["type"] != "http.request":  # http.disconnect
+            raise ApiError(400, ErrorCode.INVALID_REQUEST, "client disconnected")
+        more_body = message.get("more_body", False)
+        chunk = message.get("body", b"")
+        if not chunk:
+            continue
+        received += len(chunk)
+        if received > limit:
+            raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"request body is larger than {limit} bytes")
+        if ticket is not None and not ticket.holding and (large or received >= LARGE_BODY_BYTES):
+            await _take_slot(ticket, pace)
+        yield chunk
+
+
+def body_pace(settings: ApiSettings) -> BodyPace:
+    """The deadline of a body whose reading begins now."""
+    return BodyPace(settings.body_timeout_s, settings.body_min_bytes_per_s, settings.body_max_s)
+
+
+async def _take_slot(ticket: UploadTicket, pace: BodyPace) -> None:
+    """Wait for an upload slot, at most until the body's total deadline (the wait does not count
+    against the sender's rate). Raises ApiError 408."""
+    waiting_since = time.monotonic()
     try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"request body is larger than {limit} bytes")
-            yield chunk
-    except ClientDisconnect:
-        raise ApiError(400, ErrorCode.INVALID_REQUEST, "client disconnected") from None
+        async with asyncio.timeout(pace.total_remaining_s()):
+            await ticket.take()
+    except TimeoutError:
+        raise request_timeout() from None
+    pace.waited_s += time.monotonic() - waiting_since
 
 
 def reject_constant(name: str) -> NoReturn:
@@ -77,10 +116,11 @@ class Sources:
     mask: str | bytes | None = None
 
 
-async def _parse_json(request: Request, limit: int) -> tuple[dict[str, Any], Sources]:
+async def _parse_json(request: Request, limit: int, pace: BodyPace,
+                      ticket: UploadTicket | None) -> tuple[dict[str, Any], Sources]:
     # one growing buffer, not a list of chunks joined (two copies of the body at once)
     raw = bytearray()
-    async for chunk in capped_stream(request, limit):
+    async for chunk in capped_stream(request, limit, pace, ticket):
         raw += chunk
     try:
         body = json.loads(raw, parse_constant=reject_constant)  # NaN/Infinity are not JSON
@@ -106,8 +146,9 @@ async def _parse_json(request: Request, limit: int) -> tuple[dict[str, Any], Sou
     return body, sources
 
 
-async def _parse_multipart(request: Request, limit: int) -> tuple[dict[str, Any], Sources]:
-    parser = MultiPartParser(request.headers, capped_stream(request, limit),
+async def _parse_multipart(request: Request, limit: int, pace: BodyPace,
+                           ticket: UploadTicket | None) -> tuple[dict[str, Any], Sources]:
+    parser = _Utf8FormParser(request.headers, capped_stream(request, limit, pace, ticket),
                              max_files=_MAX_FILES, max_fields=48, max_part_size=limit)
     try:
         form: FormData = await parser.parse()
@@ -149,6 +190,23 @@ async def _parse_multipart(request: Request, limit: int) -> tuple[dict[str, Any]
         await form.close()
 
 
+class _Utf8FormParser(MultiPartParser):
+    """Starlette's parser, except that a text field that is not UTF-8 is refused (422 invalid_request
+    naming it) instead of being read as Latin-1: the bytes would become a different prompt than the
+    one the client meant, silently."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is None:
+            try:
+                part.data.decode("utf-8")
+            except UnicodeDecodeError:
+                name = part.field_name[:64]
+                raise ApiError(422, ErrorCode.INVALID_REQUEST, f"form field {name!r} is not UTF-8 text",
+                               param=name) from None
+        super().on_part_end()
+
+
 def _json_field(name: str, text: str) -> Any:
     """A structured multipart field (``boxes``, ``outpaint``, ...) sent as JSON text."""
     try:
@@ -158,20 +216,23 @@ def _json_field(name: str, text: str) -> Any:
                        param=name) from None
 
 
-async def parse_body(request: Request, settings: ApiSettings) -> tuple[dict[str, Any], Sources]:
-    """(fields other than the images, the image sources) from a JSON or multipart body.
+async def parse_body(request: Request, settings: ApiSettings,
+                     ticket: UploadTicket | None = None) -> tuple[dict[str, Any], Sources]:
+    """(fields other than the images, the image sources) from a JSON or multipart body, read under
+    the body deadline (see :func:`capped_stream`); ``ticket`` takes an upload slot for a large body.
 
-    Raises ApiError 413 (Content-Length or bytes read > max_body_bytes), 415, 400, 422.
+    Raises ApiError 413 (Content-Length or bytes read > max_body_bytes), 415, 400, 422, 408.
     """
+    pace = body_pace(settings)
     limit = settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, ErrorCode.PAYLOAD_TOO_LARGE, f"request body is larger than {limit} bytes")
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
-        return await _parse_json(request, limit)
+        return await _parse_json(request, limit, pace, ticket)
     if media == "multipart/form-data":
-        return await _parse_multipart(request, limit)
+        return await _parse_multipart(request, limit, pace, ticket)
     raise ApiError(415, ErrorCode.UNSUPPORTED_MEDIA_TYPE,
                    "Content-Type must be application/json or multipart/form-data")
 
@@ -291,35 +352,6 @@ async def intake_images(sources: Sources, settings: ApiSettings) -> Intake:
         source, sources.mask = sources.mask, None
         mask = await intake_image(source, settings, param="mask")
     return Intake(image, references, mask)
-
-
-# bodies at least this big (or of unknown size) take an upload slot (see UploadSlots)
-LARGE_BODY_BYTES = 1024 * 1024
-
-
-class UploadSlots:
-    """At most ``limit`` large submissions (body ≥ :data:`LARGE_BODY_BYTES`) taken in at once per process.
-
-    A 1024² upload costs its body, the image string, its decoded bytes and its pixels: ~20 MB while
-    it is read and validated. Unbounded, 16 concurrent uploads took an API process from 100 MB to
-    290 MB; the work is CPU-bound, so waiting for a slot (before the body is read) costs no
-    throughput. Small bodies (generate, https:// image URLs) never wait.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._semaphore: asyncio.Semaphore | None = None  # made on the serving loop
-
-    @contextlib.asynccontextmanager
-    async def hold(self, request: Request) -> AsyncIterator[None]:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) < LARGE_BODY_BYTES:
-            yield
-            return
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.limit)
-        async with self._semaphore:
-            yield
 
 
 def store_inputs(objects: ObjectStore, tenant: str, job_id: str,

@@ -35,8 +35,16 @@ class ApiSettings(ClusterSettings):
     max_reference_images: int = Field(default=MAX_REFERENCE_IMAGES, ge=0, le=MAX_REFERENCE_IMAGES)
     max_boxes: int = Field(default=MAX_BOXES, ge=0, le=MAX_BOXES)
     # submissions with a body of 1 MiB or more (uploads, data URLs) read and validated at once, per
-    # API process; the others wait for a slot before their body is read (bounds the API's memory)
+    # API process; the others wait for a slot once their bytes arrive (bounds the API's memory)
     max_concurrent_uploads: int = Field(default=2, ge=1)
+    # of those, held by one tenant at once; 0 = all but one, so one tenant never holds every slot
+    max_concurrent_uploads_per_tenant: int = Field(default=0, ge=0)
+    # a request body must arrive within body_timeout_s, plus 1 s per body_min_bytes_per_s bytes
+    # received, and within body_max_s of the request in all: else 408 request_timeout and the
+    # connection is closed (slow senders hold neither a slot nor a connection for long)
+    body_timeout_s: float = Field(default=10.0, gt=0)
+    body_min_bytes_per_s: int = Field(default=32 * 1024, gt=0)
+    body_max_s: float = Field(default=120.0, gt=0)
     # glibc: buffers of this size or more are mmapped and given back when freed (see api/malloc.py);
     # 0 leaves glibc's dynamic threshold (the API process then keeps its upload peak)
     malloc_mmap_threshold_bytes: int = Field(default=256 * 1024, ge=0, le=32 * MIB)
@@ -64,6 +72,10 @@ class ApiSettings(ClusterSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+
+    def uploads_per_tenant(self) -> int:
+        """Upload slots one tenant may hold at once (see ``max_concurrent_uploads_per_tenant``)."""
+        return self.max_concurrent_uploads_per_tenant or max(1, self.max_concurrent_uploads - 1)
 
     def s3_config(self) -> S3Config:
         """The object-store configuration these settings describe."""

@@ -1,6 +1,6 @@
 """Render the "Performance" table of ``docs/performance.md`` from ``bench/results/``: ``python -m bench.report``.
 
-Reads ``submit``, ``orchestration``, ``duty_cycle``, ``scaleout``, ``pipeline``, ``memory``
+Reads ``submit``, ``submit-edit``, ``orchestration``, ``duty_cycle``, ``scaleout``, ``pipeline``, ``memory``
 (``<name>.json``, as written by each benchmark) and the GPU reports
 (``bench/results-gpu-*.json``, from ``bench/gpu_real_size.py`` on an H200), and writes
 Markdown rows (figure, value, goal, met?, and the command behind the number) between the two
@@ -68,6 +68,23 @@ def submit_rows(sub: dict[str, Any]) -> list[Row]:
                 out.append((f"Submission, API processes: jobs/s ({variant})", ", ".join(cells), goal, met, cmd))
     out.append(("API RSS under submission load (largest process)", f"{h['api_rss_mb_peak_per_process']:.0f} MB",
                 "≤ 150 MB", yes(h["api_rss_mb_peak_per_process"] <= 150), cmd))
+    return out
+
+
+def edit_submit_rows(sub: dict[str, Any]) -> list[Row]:
+    """``bench.submit --mode edit``: the API against the bare endpoint that decodes, verifies and stores the image."""
+    cmd, fair = f"`{sub['command']}`", sub["fair_baseline"]
+    rate = {(r["variant"], r["setting"], r["workers"]): r for r in sub["results"]}
+    out: list[Row] = []
+    for r in sub["results"]:
+        base = rate.get((fair, r["setting"], 1))
+        if r["workers"] == 1 and r["variant"] == "api" and base:
+            value = (f"{r['jobs_per_s']:.0f} jobs/s vs bare {base['jobs_per_s']:.0f} = "
+                     f"**{r['jobs_per_s'] / base['jobs_per_s']:.2f}×**; CPU/job {r['app_cpu_ms_per_job']:.1f} ms "
+                     f"vs {base['app_cpu_ms_per_job']:.1f} ms")
+            out.append((f"Edit submission (1024² PNG data URL, {sub.get('body_bytes', 0) / 1e6:.1f} MB), "
+                        f"1 API process, {r['setting']}", value, "≥ 0.8× bare",
+                        yes(r["jobs_per_s"] / base["jobs_per_s"] >= 0.8), cmd))
     return out
 
 
@@ -206,7 +223,8 @@ def memory_rows(mem: dict[str, Any]) -> list[Row]:
 
 def rows() -> list[Row]:
     out: list[Row] = []
-    for name, render in (("submit", submit_rows), ("orchestration", orchestration_rows), ("duty_cycle", duty_rows),
+    for name, render in (("submit", submit_rows), ("submit-edit", edit_submit_rows),
+                         ("orchestration", orchestration_rows), ("duty_cycle", duty_rows),
                          ("scaleout", scale_rows), ("pipeline", pipeline_rows)):
         data = load(name)
         if data:

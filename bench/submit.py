@@ -1,7 +1,8 @@
 """Submission throughput: ``POST /v1/jobs`` against a bare endpoint doing the same Redis writes.
 
-    python -m bench.submit            # full run (~8 min on 2 cores)
-    python -m bench.submit --quick    # one short round (smoke)
+    python -m bench.submit                # full run (~8 min on 2 cores)
+    python -m bench.submit --quick        # one short round (smoke)
+    python -m bench.submit --mode edit    # edit jobs carrying a 1024x1024 PNG as a data URL
 
 Starts Redis (AOF, like the local cluster) and the S3 server (SeaweedFS) once; then, for each
 server setting, starts the API (``uvicorn --factory api.app:create_app``) or the bare
@@ -12,13 +13,19 @@ with ``--connections`` keep-alive connections. Rounds are interleaved (api, bare
 over rounds, the ratio api/bare per setting, CPU per job of the app, Redis and S3 server
 processes, and the app processes' peak RSS under load.
 
-The body is a ``generate`` job when ``broker.schema.Operation`` has it (no input image),
-else an ``edit`` of the smallest valid PNG (1x1), in which case the API also puts that
-image into S3 per request and the ``bare+s3`` variant does the same put.
+``--mode generate`` (the default) posts a ``generate`` job when ``broker.schema.Operation`` has it
+(no input image), else an ``edit`` of the smallest valid PNG (1x1), in which case the API also
+puts that image into S3 per request and the ``bare+s3`` variant does the same put.
+``--mode edit`` posts an ``edit`` job whose image is a 1024x1024 photo-like PNG (~2 MB, a data URL
+of ~2.7 MB) against ``bare+s3``, which base64-decodes it, checks it with Pillow's ``verify()``,
+puts it into the same S3 server with boto3 and makes the same Redis writes (report:
+``bench/results/submit-edit.json``).
 
 Variants: ``api`` (the real ``POST /v1/jobs``), ``bare`` (``bench.bare_api``: only the same
 Redis writes, async), ``bare-sync`` (the same writes with the blocking client in a thread; not in
---quick) and ``bare+s3`` (edit only: plus the input's S3 put).
+--quick) and ``bare+s3`` (edit only: plus the image's base64 decode, ``verify()`` and S3 put).
+``--settings`` picks server settings by name (comma-separated); ``--workers ""`` skips the
+multi-process rows.
 
 Settings compared at 1 process: uvicorn's h11 + asyncio with log level info and the access
 log (how ``editfarm api`` runs today: the project does not depend on uvloop/httptools), the
@@ -61,7 +68,13 @@ LIMITS_NEVER_REFUSE = {"EDITFARM_RATE_LIMIT_PER_MIN": "1000000000", "EDITFARM_MA
 APPS = {"api": "api.app:create_app", "bare": "bench.bare_api:create_app"}
 # variant → (app, path)
 VARIANTS = {"api": ("api", "/v1/jobs"), "bare": ("bare", "/v1/jobs"), "bare+s3": ("bare", "/v1/jobs"),
-            "bare-sync": ("bare", "/v1/jobs")}
+            "bare-sync": ("bare", "/v1/jobs"), "api-dynamic-malloc": ("api", "/v1/jobs"),
+            "api-uploads-4": ("api", "/v1/jobs")}
+# variant → settings of its app beyond the services' (api-dynamic-malloc: glibc's own mmap threshold, which
+# keeps freed upload buffers in the heap: what the API's memory bound costs an upload in page faults)
+# api-uploads-4: 4 upload slots (3 for one tenant) instead of 2 (1): what the slots cost one busy tenant
+VARIANT_ENV = {"api-dynamic-malloc": {"EDITFARM_MALLOC_MMAP_THRESHOLD_BYTES": "0"},
+               "api-uploads-4": {"EDITFARM_MAX_CONCURRENT_UPLOADS": "4"}}
 
 
 def have(module: str) -> bool:
@@ -154,7 +167,7 @@ def load(url: str, body_file: Path, seconds: float, connections: int, tool: str)
         script = body_file.with_suffix(".lua")
         script.write_text(WRK_SCRIPT.format(body=body_file, key=API_KEY))
         seconds = max(1, round(seconds))  # wrk takes whole seconds
-        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script),
+        out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "30s", "--latency", "-s", str(script),
                               url], capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
         if "Requests/sec" not in out:
             raise RuntimeError(f"wrk failed: {out}")
@@ -225,6 +238,22 @@ class RssSampler:
         self._thread.join()
 
 
+def photo_png(side_px: int = 1024) -> bytes:
+    """A ``side_px``² PNG that compresses like a photo (smooth gradients plus sensor-like noise: ~2 MB at
+    1024²), unlike flat grey (a few KB) or pure noise (3 MB, worse than any photo)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:side_px, 0:side_px]
+    base = np.stack([(x / 4) % 256, (y / 4) % 256, ((x + y) / 8) % 256], axis=-1)
+    noisy = base + np.random.default_rng(0).normal(0, 6, base.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def probe_body(services: Services, root: Path) -> dict[str, Any]:
     """``generate`` if this API accepts it (no input image), else an edit of the 1x1 PNG."""
     import httpx
@@ -254,7 +283,7 @@ def one_run(services: Services, root: Path, variant: str, setting: dict[str, Any
     services.flush()
     extra = {"EDITFARM_BENCH_BARE_S3": "true" if variant == "bare+s3" else "",
              "EDITFARM_BENCH_BARE_OPERATION": json.loads(body_file.read_text())["operation"],
-             "EDITFARM_BENCH_BARE_SYNC": "true" if variant == "bare-sync" else ""}
+             "EDITFARM_BENCH_BARE_SYNC": "true" if variant == "bare-sync" else "", **VARIANT_ENV.get(variant, {})}
     port = free_port()
     proc = start_app(services, app, setting["args"], workers, port, root / f"{variant}.log", extra)
     url = f"http://127.0.0.1:{port}{path}"
@@ -289,23 +318,42 @@ def main() -> int:
     p = parser("submit", __doc__)
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--connections", type=int, default=0,
+                   help="keep-alive connections (default: 64; 8 for --mode edit, whose requests take 2.7 MB each)")
     p.add_argument("--workers", default="2,3", help="API processes to try with the fastest setting")
     p.add_argument("--loadgen", choices=["auto", "wrk", "python"], default="auto")
+    p.add_argument("--mode", choices=["generate", "edit"], default="generate",
+                   help="generate: no input image; edit: a 1024x1024 PNG as a data URL")
+    p.add_argument("--settings", default="", help="comma-separated server settings to run (default: all)")
+    p.add_argument("--variants", default="", help="comma-separated variants to run (default: per mode)")
     args = p.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.workers = 1.5, 1, ""
+    args.connections = args.connections or (8 if args.mode == "edit" else 64)
+    if args.mode == "edit" and args.out == p.get_default("out"):
+        args.out = str(Path(args.out).with_name("submit-edit.json"))
     tool = args.loadgen if args.loadgen != "auto" else ("wrk" if shutil.which("wrk") else "python")
     root = workdir(args.workdir, "submit")
     services = Services(root)
-    body = job_body(steps=2) if args.quick else probe_body(services, root)
+    if args.mode == "edit":
+        body = job_body("edit", steps=2, image=photo_png())
+    else:
+        body = job_body(steps=2) if args.quick else probe_body(services, root)
     body_file = root / "body.json"
     body_file.write_text(json.dumps(body))
     operation = body["operation"]
     variants = ["api", "bare"] + (["bare+s3"] if operation == "edit" else [])
-    if not args.quick:
+    if args.mode == "edit":
+        # the Redis-only variants tell nothing more about an upload
+        variants = ["api", "bare+s3"] + ([] if args.quick else ["api-dynamic-malloc", "api-uploads-4"])
+    elif not args.quick:
         variants += ["bare-sync"]
+    if args.variants:
+        variants = [v for v in args.variants.split(",") if v in VARIANTS]
     settings = server_settings()
+    if args.settings:
+        chosen = set(args.settings.split(","))
+        settings = [s for s in settings if s["name"] in chosen] or settings[-1:]
     if args.quick:
         settings = settings[-1:]
     log(f"operation={operation}, loadgen={tool}, settings={[s['name'] for s in settings]}, variants={variants}")
@@ -362,7 +410,7 @@ def main() -> int:
     best_single = max((r for r in api_rows if r["workers"] == 1), key=lambda r: r["jobs_per_s"])
     fair_single = rate(fair, best_single["setting"], 1) or 0
     report = {
-        "operation": operation, "loadgen": tool, "connections": args.connections, "seconds": args.seconds,
+        "mode": args.mode, "operation": operation, "body_bytes": body_file.stat().st_size, "loadgen": tool, "connections": args.connections, "seconds": args.seconds,
         "rounds": args.rounds, "fair_baseline": fair,
         "results": sorted(table, key=lambda r: (r["workers"], r["setting"], r["variant"])),
         "ratio_api_over_bare_1_process": ratios,

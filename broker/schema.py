@@ -146,6 +146,7 @@ class ErrorCode(str, enum.Enum):
     IMAGE_FETCH_FAILED = "image_fetch_failed"
     URL_NOT_ALLOWED = "url_not_allowed"
     PAYLOAD_TOO_LARGE = "payload_too_large"
+    REQUEST_TIMEOUT = "request_timeout"  # 408: the request body arrived too slowly
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     UNAUTHORIZED = "unauthorized"
     NOT_FOUND = "not_found"

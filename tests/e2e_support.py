@@ -7,6 +7,7 @@ import io
 import json
 import queue
 import time
+import zlib
 from typing import Any
 
 import httpx
@@ -25,6 +26,17 @@ def png_bytes(size: tuple[int, int] = (96, 64), color: tuple[int, int, int] = (3
         img.putpixel((x, x % size[1]), (255, 255, 0))
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def png_with_corrupt_pixels(size: tuple[int, int] = (96, 64)) -> bytes:
+    """A PNG whose chunks are all intact (right CRCs, IEND there) but whose compressed pixel data is not:
+    the API's integrity check (Pillow's ``verify()``) passes it; only a full decode finds it."""
+    png = png_bytes(size)
+    start = png.index(b"IDAT") - 4
+    length = int.from_bytes(png[start:start + 4], "big")
+    garbage = b"\x78\x9c" + bytes((i * 37 + 11) % 256 for i in range(max(8, length - 2)))
+    chunk = len(garbage).to_bytes(4, "big") + b"IDAT" + garbage + zlib.crc32(b"IDAT" + garbage).to_bytes(4, "big")
+    return png[:start] + chunk + png[start + 12 + length:]
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

@@ -104,6 +104,31 @@ def test_a_truncated_png_is_invalid_image() -> None:
     assert_refused(post_image(client, data_url(png[: len(png) // 2])), services, 422, "invalid_image")
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_a_truncated_jpeg_or_webp_is_invalid_image(fmt: str) -> None:
+    # no cheap integrity check exists for these: the API decodes them fully
+    client, services = make_client()
+    noisy = Image.effect_noise((256, 256), 64).convert("RGB")
+    buf = io.BytesIO()
+    noisy.save(buf, format=fmt, quality=90)
+    data = buf.getvalue()
+    assert_refused(post_image(client, data_url(data[: len(data) // 2])), services, 422, "invalid_image")
+
+
+def test_a_png_is_checked_chunk_by_chunk_without_decoding_its_pixels() -> None:
+    """The API proves a PNG intact by its chunks (CRCs to IEND, ``verify()``), not by decoding it: a
+    file whose chunks are intact but whose compressed pixels are not (made so on purpose) is taken in,
+    and the worker's full decode refuses it before any render (tests/test_e2e_edit.py)."""
+    from tests.e2e_support import png_with_corrupt_pixels
+
+    client, services = make_client()
+    bad = png_with_corrupt_pixels()
+    flipped = bytearray(image_bytes(size=(64, 64)))
+    flipped[flipped.index(b"IDAT") + 6] ^= 0xFF  # one bit pattern changed inside the pixel data: its CRC fails
+    assert_refused(post_image(client, data_url(bytes(flipped))), services, 422, "invalid_image")
+    assert post_image(client, data_url(bad)).status_code == 202
+
+
 def test_an_empty_upload_is_invalid_image() -> None:
     client, services = make_client()
     response = client.post("/v1/jobs", headers=ACME, data={"prompt": "p"},

@@ -1,5 +1,5 @@
-"""What bounds the API's memory under uploads: upload slots, the sources dropped after intake, data URLs
-decoded without extra copies, glibc's fixed mmap threshold."""
+"""What bounds the API's memory under uploads: upload slots (more in test_api_uploads.py), the sources
+dropped after intake, data URLs decoded without extra copies, glibc's fixed mmap threshold."""
 
 from __future__ import annotations
 
@@ -13,41 +13,9 @@ from PIL import Image
 
 from api.errors import ApiError
 from api.images import decode_data_url
-from api.intake import LARGE_BODY_BYTES, Sources, UploadSlots, intake_images
+from api.intake import Sources, intake_images
 from api.malloc import fix_mmap_threshold
 from api.testing import make_settings
-
-
-class _Request:
-    def __init__(self, content_length: int | None) -> None:
-        self.headers = {} if content_length is None else {"content-length": str(content_length)}
-
-
-def _peak_inside(slots: UploadSlots, sizes: list[int | None]) -> int:
-    inside, peak = 0, 0
-
-    async def one(size: int | None) -> None:
-        nonlocal inside, peak
-        async with slots.hold(_Request(size)):  # type: ignore[arg-type]
-            inside += 1
-            peak = max(peak, inside)
-            await asyncio.sleep(0.01)
-            inside -= 1
-
-    async def run() -> None:
-        await asyncio.gather(*(one(s) for s in sizes))
-
-    asyncio.run(run())
-    return peak
-
-
-def test_large_or_unsized_bodies_are_taken_in_at_most_limit_at_a_time() -> None:
-    assert _peak_inside(UploadSlots(2), [LARGE_BODY_BYTES] * 6 + [None] * 2) == 2
-    assert _peak_inside(UploadSlots(3), [4 * LARGE_BODY_BYTES] * 6) == 3
-
-
-def test_small_bodies_never_wait_for_a_slot() -> None:
-    assert _peak_inside(UploadSlots(1), [LARGE_BODY_BYTES - 1] * 5) == 5
 
 
 def _png(side: int = 8) -> bytes:
@@ -92,4 +60,7 @@ def test_the_app_takes_its_upload_slots_from_the_settings() -> None:
     from api.testing import fake_services
 
     app: Any = create_app(services=fake_services(make_settings(max_concurrent_uploads=3)))
-    assert app.state.upload_slots.limit == 3
+    assert app.state.upload_slots.limit == 3 and app.state.upload_slots.per_tenant == 2
+    app = create_app(services=fake_services(make_settings(max_concurrent_uploads=4,
+                                                          max_concurrent_uploads_per_tenant=3)))
+    assert app.state.upload_slots.per_tenant == 3

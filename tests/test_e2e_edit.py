@@ -22,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 
 from cli.cluster import LocalCluster
 from cli.demo import WebhookReceiver
-from tests.e2e_support import Hooks, auth, data_url, png_bytes, wait_terminal
+from tests.e2e_support import Hooks, auth, data_url, png_bytes, png_with_corrupt_pixels, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -134,6 +134,22 @@ def test_bad_input_gets_a_documented_4xx_and_never_reaches_a_worker(
             args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
             job_id = args[0]
             assert r.exists(f"editfarm:job:{job_id}")
+
+
+def test_an_image_the_api_takes_in_but_that_does_not_decode_fails_its_job_not_the_worker(
+        cluster: LocalCluster) -> None:
+    """The API checks a PNG's chunks, not its pixels: one with intact chunks and corrupt compressed
+    data is accepted, then the worker's full decode refuses it before any render: a clean failed
+    job with a code the tenant can act on, and the worker goes on with the next job."""
+    bad = submit_json(cluster, image=data_url(png_with_corrupt_pixels()))
+    assert bad.status_code == 202, bad.text
+    failed = wait_terminal(cluster.api_url, bad.json()["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "input_unreadable", failed
+    assert "/" not in failed["error"]["message"] and "Traceback" not in failed["error"]["message"]
+    assert failed["outputs"] == []
+    good = submit_json(cluster)
+    assert good.status_code == 202, good.text
+    assert wait_terminal(cluster.api_url, good.json()["id"])["status"] == "succeeded"
 
 
 def test_requests_without_a_valid_key_are_401(cluster: LocalCluster) -> None:

@@ -3,7 +3,8 @@
 POST takes ``application/json`` or ``multipart/form-data`` on the same route, so the body is
 parsed by :mod:`api.intake` (not by FastAPI) and declared to OpenAPI via ``openapi_extra``.
 Order: auth → submission limits (unless this process knows the tenant is far from them; see
-:mod:`api.limits`) → size/content type → parse → Idempotency-Key → params (+ webhook and LoRA
+:mod:`api.limits`) → size/content type → parse (under the body deadline; a large body takes an upload
+slot, see :mod:`api.uploads`) → Idempotency-Key → params (+ webhook and LoRA
 policy) → image intake → object store → submission limits + job record + render message.
 
 The limits, the job record and its Celery message are checked and written by one Redis script
@@ -15,23 +16,19 @@ a submission without input images makes one Redis round trip and no thread-pool 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
 
-from api.auth import TenantDep, tenant_of
+from api.auth import TenantDep
 from api.deps import Services
 from api.errors import STORE_ERRORS, ApiError
 from api.fetch import check_url_policy
 from api.idempotency import (
-    HEADER,
     IDEMPOTENCY_RESPONSES,
     IdempotencyKeyHeader,
     IdempotencyScope,
@@ -55,6 +52,7 @@ from api.limits import (
     enforce_submission_limits,
 )
 from api.models import JobOut
+from api.uploads import UploadTicket
 from api.views import ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
 from broker.schema import Job, JobParams, new_job_id
 from storage.store import ObjectStore, StorageUnavailable
@@ -62,19 +60,7 @@ from storage.store import ObjectStore, StorageUnavailable
 logger = logging.getLogger("editfarm.api")
 
 
-class _SubmitRoute(APIRoute):
-    """The route class of ``POST /v1/jobs``. Its OpenAPI operation comes from :func:`submit_job`'s
-    declared parameters (the API key, the Idempotency-Key header), as for any route; per request,
-    :func:`_handle` calls the same functions itself instead of FastAPI solving the dependency graph
-    (~25 µs of CPU per solved dependency: a fifth of a submission's CPU). A dependency added to
-    :func:`submit_job` or :func:`admit_submission` must be added to :func:`_handle` too
-    (``tests/test_api_jobs.py`` checks the declared graph)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        return _handle
-
-
-router = APIRouter(tags=["jobs"], route_class=_SubmitRoute)
+router = APIRouter(tags=["jobs"])
 
 _SUBMIT_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
@@ -95,19 +81,10 @@ class Submission:
 
 async def admit_submission(request: Request, tenant: TenantDep, key: IdempotencyKeyHeader = None) -> Submission:
     """After authentication: the per-tenant submission limits before the body is read (for a tenant
-    near them; see :mod:`api.limits`), then the Idempotency-Key's syntax. Declared as
-    :func:`submit_job`'s dependency (OpenAPI), called by :func:`_handle`."""
+    near them; see :mod:`api.limits`), then the Idempotency-Key's syntax."""
     counted = await enforce_submission_limits(request, tenant)
     services: Services = request.app.state.services
     return Submission(tenant, services, IdempotencyScope(services, tenant, check_key(key)), counted)
-
-
-async def _handle(request: Request) -> Response:
-    """:func:`submit_job` with its dependencies, called as FastAPI would: the tenant
-    (:func:`api.auth.current_tenant`), then :func:`admit_submission` with the Idempotency-Key."""
-    tenant = await tenant_of(request)
-    submission = await admit_submission(request, tenant, request.headers.get(HEADER))
-    return await submit_job(request, submission)
 
 
 @router.post(
@@ -134,11 +111,12 @@ async def submit_job(request: Request, submission: Annotated[Submission, Depends
                     await count_submission(request, submission.tenant)
 
 
-async def _take_in(request: Request, submission: Submission, base_url: str) -> JSONResponse | tuple[JobParams, Intake]:
+async def _take_in(request: Request, submission: Submission, base_url: str,
+                   ticket: UploadTicket) -> JSONResponse | tuple[JobParams, Intake]:
     """The body parsed and checked, its images taken in: (params, images), or the replay of an
     earlier identical request (Idempotency-Key). Raises ApiError."""
     services, settings = submission.services, submission.services.settings
-    fields, sources = await parse_body(request, settings)
+    fields, sources = await parse_body(request, settings, ticket)
     check_input_limits(fields, sources, settings)
     replay = await submission.idempotency.claim(fields, sources, lambda job: read_view(job, base_url, services))
     if replay is not None:
@@ -157,10 +135,13 @@ async def _take_in(request: Request, submission: Submission, base_url: str) -> J
 async def _submit(request: Request, submission: Submission) -> JSONResponse:
     tenant, services, idempotency = submission.tenant, submission.services, submission.idempotency
     base_url = public_base_url(request, services)
-    # the memory-heavy part (body, image strings, decodes) of a large body holds an upload slot;
-    # the object-store put after it waits on the network, not the CPU, so it runs outside
-    async with request.app.state.upload_slots.hold(request):
-        taken = await _take_in(request, submission, base_url)
+    # the memory-heavy part (body, image strings, decodes) of a large body holds an upload slot, from
+    # its first bytes on; the object-store put after it waits on the network, not the CPU: outside
+    ticket = UploadTicket(request.app.state.upload_slots, tenant)
+    try:
+        taken = await _take_in(request, submission, base_url, ticket)
+    finally:
+        ticket.give_back()
     if isinstance(taken, JSONResponse):
         return taken
     params, intake = taken
