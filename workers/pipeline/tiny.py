@@ -48,9 +48,7 @@ import diffusers
 import torch
 from diffusers import (
     AutoencoderKLQwenImage,
-    AutoencoderKLQwenImage21,
     FlowMatchEulerDiscreteScheduler,
-    QwenImage21Transformer2DModel,
     QwenImageTransformer2DModel,
 )
 from tokenizers import pre_tokenizers
@@ -61,10 +59,6 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
-    Qwen3VLConfig,
-    Qwen3VLForConditionalGeneration,
-    Qwen3VLProcessor,
-    Qwen3VLVideoProcessor,
 )
 
 __all__ = [
@@ -374,6 +368,8 @@ def build_tiny_model(out_dir: str | Path, *, pipeline: str = "QwenImageEditPipel
 
 
 # -- Qwen-Image 2.1 ----------------------------------------------------------------------------
+# Its classes are imported where used: a diffusers without Qwen-Image 2.1 (0.40 and older) still
+# builds the other tiny models. Returned as Any: mypy sees diffusers' lazy classes as dummies.
 
 # Tiny dims. Text head_dim 16, so mrope_section sums to 8; the transformer's head is 16 wide too
 # (its rotary axes sum to it).
@@ -421,8 +417,10 @@ QWEN21_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_qwen21_processor(tokenizer: Qwen2Tokenizer) -> Qwen3VLProcessor:
+def build_tiny_qwen21_processor(tokenizer: Qwen2Tokenizer) -> Any:
     """The Qwen3-VL processor (image + video processors + ``tokenizer``) with a small pixel cap."""
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
     pixel_kwargs: dict[str, Any] = {
         "patch_size": _Q21_VISION_PATCH,
         "merge_size": _Q21_VISION_MERGE,
@@ -437,8 +435,10 @@ def build_tiny_qwen21_processor(tokenizer: Qwen2Tokenizer) -> Qwen3VLProcessor:
     )
 
 
-def build_tiny_qwen21_text_encoder() -> Qwen3VLForConditionalGeneration:
+def build_tiny_qwen21_text_encoder() -> Any:
     """A 1-layer Qwen3-VL with a 1-block vision tower, random weights (current torch RNG)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
     config = Qwen3VLConfig(
         text_config={
             "vocab_size": _VOCAB_SIZE,
@@ -475,8 +475,10 @@ def build_tiny_qwen21_text_encoder() -> Qwen3VLForConditionalGeneration:
     return Qwen3VLForConditionalGeneration(config)
 
 
-def build_tiny_qwen21_vae() -> AutoencoderKLQwenImage21:
+def build_tiny_qwen21_vae() -> Any:
     """A 5-level Qwen-Image 2.1 VAE (spatial x16, RGBA in and out like the real one), 8 channels."""
+    from diffusers import AutoencoderKLQwenImage21
+
     return AutoencoderKLQwenImage21(
         base_dim=8,
         decoder_base_dim=8,
@@ -489,8 +491,10 @@ def build_tiny_qwen21_vae() -> AutoencoderKLQwenImage21:
     )
 
 
-def build_tiny_qwen21_transformer() -> QwenImage21Transformer2DModel:
+def build_tiny_qwen21_transformer() -> Any:
     """A 1-block single-stream transformer, 2 heads of 16, reading unpatched latents."""
+    from diffusers import QwenImage21Transformer2DModel
+
     return QwenImage21Transformer2DModel(
         patch_size=1,
         in_channels=_Q21_Z_DIM,
