@@ -32,6 +32,7 @@ test: venv
 # receivers), and not the modules that render with the tiny diffusers pipeline in process, run
 # helm, or start interpreters that import torch. The session's Redis and S3 servers still start.
 FAST_SKIP := tests/test_pipeline_tiny.py tests/test_pipeline_operations.py tests/test_pipeline_lora.py \
+	tests/test_pipeline_family.py \
 	tests/test_deploy.py tests/test_worker_malloc.py
 test-fast: venv
 	$(PY) -m pytest -m "not integration" $(addprefix --ignore=,$(FAST_SKIP)) $(PYTEST_ARGS)

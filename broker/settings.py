@@ -30,6 +30,8 @@ class ClusterSettings(BaseSettings):
 
     webhook_secret: SecretStr | None = None
     model: str = ""
+    # the model catalog (YAML, see docs/models.md); EDITFARM_MODEL alone is a one-model catalog
+    models_file: str = ""
     # LoRA files (a job's `loras`) may come from s3://<s3_bucket>/... and, besides, from these
     # buckets (comma-separated), read with the same credentials
     lora_buckets: str = ""

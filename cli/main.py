@@ -154,12 +154,30 @@ app.add_typer(secrets_app, name="webhook-secret")
 
 
 @model_app.command("tiny")
-def model_tiny(directory: Path, seed: int = 0) -> None:
-    """Build a tiny random-weight Qwen-Image-Edit pipeline with the real classes (for tests and demos)."""
-    from workers.pipeline.tiny import build_tiny_edit_model
+def model_tiny(
+    directory: Path,
+    seed: int = 0,
+    pipeline: str = typer.Option("QwenImageEditPipeline",
+                                 help="the pipeline class: QwenImagePipeline, QwenImageEditPipeline, "
+                                      "QwenImageEditPlusPipeline, QwenImageEditInpaintPipeline, "
+                                      "QwenImage21Pipeline"),
+) -> None:
+    """Build a tiny random-weight Qwen-Image model of one pipeline class with the real classes
+    (for tests and demos); it loads with that class's from_pretrained."""
+    from broker.catalog import KNOWN_PIPELINES
 
-    path = build_tiny_edit_model(directory, seed=seed)
+    if pipeline not in KNOWN_PIPELINES:  # before importing diffusers: a typo answers at once
+        typer.echo(f"unknown pipeline {pipeline!r}; one of {', '.join(KNOWN_PIPELINES)}", err=True)
+        raise typer.Exit(2)
+    from workers.pipeline.tiny import build_tiny_model
+
+    path = build_tiny_model(directory, pipeline=pipeline, seed=seed)
     typer.echo(str(path))
+
+
+from cli.models import models_app  # noqa: E402 - the catalog commands live in their own module
+
+app.add_typer(models_app, name="models")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,18 @@
-"""A tiny random-weight Qwen-Image-Edit pipeline built from the real classes.
+"""Tiny random-weight Qwen-Image models built from the real classes, one per pipeline family.
 
-One saved folder serves every operation: the renderer loads it as a ``QwenImageEditPipeline``
-and makes the text-to-image, inpaint, img2img and multi-image edit pipelines from it with
-``from_pipe`` (they need a subset of the same components). ``write_tiny_lora`` writes a
-random LoRA for its transformer in the diffusers LoRA format.
+``build_tiny_model(dir, pipeline=...)`` saves a model that loads with that pipeline class's
+``from_pretrained``: ``QwenImagePipeline`` (text to image), ``QwenImageEditPipeline``,
+``QwenImageEditPlusPipeline`` (multi-image edit), ``QwenImageEditInpaintPipeline`` and
+``QwenImage21Pipeline`` (its own architecture: Qwen3-VL encoder, 16x VAE, single-stream
+transformer). Like the real family, the Qwen-Image models share the text encoder and VAE of a
+seed and differ in the transformer, so a text-to-image model's weights are not the edit model's
+(the edit inpaint pipeline runs the edit model's weights, as the real one does).
+
+The edit model (``build_tiny_edit_model``, the default) serves every operation in today's
+one-model cluster: the renderer loads it as a ``QwenImageEditPipeline`` and makes the
+text-to-image, inpaint, img2img and multi-image edit pipelines from it with ``from_pipe`` (they
+need a subset of the same components). ``write_tiny_lora`` writes a random LoRA for its
+transformer in the diffusers LoRA format.
 
 Used by tests, CI and local development: no hub download is possible (or wanted), yet the
 worker must exercise exactly the code path real weights take: ``save_pretrained`` here,
@@ -23,6 +32,11 @@ Dimension constraints (violating one fails at the first forward pass, not at con
 * transformer ``in_channels == 4 * z_dim`` (2x2 packing), ``out_channels == z_dim``;
 * transformer ``sum(axes_dims_rope) == attention_head_dim``, each axis even;
 * VAE ``len(temperal_downsample) == len(dim_mult) - 1`` (this also sets the scale factor).
+
+Qwen-Image 2.1 has its own (checked in ``_check_qwen21_dims``): the transformer reads the VAE's
+latents unpatched (``in_channels == z_dim``), the VAE compresses 16x (five ``dim_mult`` stages)
+and one merged vision token covers one 2x2 group of latents (vision ``patch_size *
+spatial_merge_size == 32``); text ``head_dim / 2 == sum(mrope_section)``.
 """
 
 from __future__ import annotations
@@ -30,11 +44,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 from diffusers import (
     AutoencoderKLQwenImage,
     FlowMatchEulerDiscreteScheduler,
-    QwenImageEditPipeline,
     QwenImageTransformer2DModel,
 )
 from tokenizers import pre_tokenizers
@@ -49,9 +63,13 @@ from transformers import (
 
 __all__ = [
     "SPECIAL_TOKENS",
+    "TINY_PIPELINES",
+    "build_tiny_components",
     "build_tiny_edit_components",
     "build_tiny_edit_model",
+    "build_tiny_model",
     "build_tiny_processor",
+    "build_tiny_qwen21_components",
     "build_tiny_scheduler",
     "build_tiny_text_encoder",
     "build_tiny_tokenizer",
@@ -281,12 +299,237 @@ def build_tiny_edit_model(out_dir: str | Path, seed: int = 0, num_layers: int = 
     real checkpoint and is deterministic for a given ``seed`` and library versions.
     Returns ``out_dir`` as a ``Path``. Raises ``OSError`` if it cannot be written.
     """
+    return build_tiny_model(out_dir, pipeline="QwenImageEditPipeline", seed=seed, num_layers=num_layers)
+
+
+# -- the family --------------------------------------------------------------------------------
+
+# Every pipeline class a tiny model can be built for (the Qwen-Image pipelines the model catalog
+# knows, broker/catalog.py).
+TINY_PIPELINES: tuple[str, ...] = (
+    "QwenImagePipeline",
+    "QwenImageEditPipeline",
+    "QwenImageEditPlusPipeline",
+    "QwenImageEditInpaintPipeline",
+    "QwenImage21Pipeline",
+)
+
+# The Qwen-Image models share the text encoder and VAE and differ in the transformer (as the real
+# Qwen-Image, -Edit and -Edit-2509 do): each family member's transformer is seeded this far from
+# ``seed``. 0 for the edit model keeps its weights what they were before the family existed; the
+# edit inpaint pipeline runs the edit model's weights, like the real one.
+_TRANSFORMER_SEED_OFFSET: dict[str, int] = {
+    "QwenImageEditPipeline": 0,
+    "QwenImageEditInpaintPipeline": 0,
+    "QwenImagePipeline": 1_000_003,
+    "QwenImageEditPlusPipeline": 2_000_003,
+}
+_NO_PROCESSOR = frozenset({"QwenImagePipeline"})  # text to image: no vision input
+
+
+def build_tiny_components(pipeline: str = "QwenImageEditPipeline", seed: int = 0,
+                          num_layers: int = 1) -> dict[str, Any]:
+    """The components of a tiny ``pipeline`` (one of ``TINY_PIPELINES``), keyed by its
+    ``__init__`` names; deterministic for a ``seed``. The caller's RNG state is restored.
+    ``num_layers``: transformer blocks of the Qwen-Image (not 2.1) models.
+
+    Raises:
+        ValueError: ``pipeline`` is not one of ``TINY_PIPELINES``.
+    """
+    if pipeline == "QwenImage21Pipeline":
+        return build_tiny_qwen21_components(seed)
+    if pipeline not in _TRANSFORMER_SEED_OFFSET:
+        raise ValueError(f"no tiny model for {pipeline!r}; one of {', '.join(TINY_PIPELINES)}")
+    components = build_tiny_edit_components(seed, num_layers)
+    offset = _TRANSFORMER_SEED_OFFSET[pipeline]
+    if offset:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + offset)
+            components["transformer"] = build_tiny_transformer(num_layers)
+    if pipeline in _NO_PROCESSOR:
+        del components["processor"]
+    return components
+
+
+def build_tiny_model(out_dir: str | Path, *, pipeline: str = "QwenImageEditPipeline", seed: int = 0,
+                     num_layers: int = 1) -> Path:
+    """Build a tiny ``pipeline`` model and ``save_pretrained`` it into ``out_dir``.
+
+    The folder (under 1 MB) loads with ``<pipeline>.from_pretrained(out_dir)`` like a real
+    checkpoint of that class and is deterministic for a given ``seed`` and library versions.
+    Returns ``out_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: ``pipeline`` is not one of ``TINY_PIPELINES``.
+        OSError: the folder cannot be written.
+    """
+    components = build_tiny_components(pipeline, seed, num_layers)  # first: an unknown class writes nothing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # Any: mypy sees diffusers' lazily-imported classes as opaque dummies.
-    pipe: Any = QwenImageEditPipeline(**build_tiny_edit_components(seed, num_layers))
+    pipe: Any = getattr(diffusers, pipeline)(**components)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
+
+
+# -- Qwen-Image 2.1 ----------------------------------------------------------------------------
+# Its classes are imported where used: a diffusers without Qwen-Image 2.1 (0.40 and older) still
+# builds the other tiny models. Returned as Any: mypy sees diffusers' lazy classes as dummies.
+
+# Tiny dims. Text head_dim 16, so mrope_section sums to 8; the transformer's head is 16 wide too
+# (its rotary axes sum to it).
+_Q21_TEXT_HIDDEN = 32
+_Q21_TEXT_HEADS = 2
+_Q21_TEXT_HEAD_DIM = 16
+_Q21_MROPE_SECTION = [2, 3, 3]
+_Q21_VISION_HIDDEN = 16
+# One merged vision token must cover the 2x2 latents of a 32 px tile (the VAE's 16x, then the
+# transformer's 2x2 grouping of image slots): patch 16, merged 2x2, as in the real model.
+_Q21_VISION_PATCH = 16
+_Q21_VISION_MERGE = 2
+# 8 latent channels: CPU oneDNN takes conv3d only with >= 8 input channels (see build_tiny_vae),
+# and it keeps the latents apart from the 4-channel (RGBA) images the VAE reads.
+_Q21_Z_DIM = 8
+_Q21_DIT_HEAD_DIM = 16
+_Q21_DIT_AXES_ROPE = (4, 6, 6)
+_Q21_VISION_MIN_PIXELS = (_Q21_VISION_PATCH * _Q21_VISION_MERGE) ** 2
+_Q21_VISION_MAX_PIXELS = (_Q21_VISION_PATCH * _Q21_VISION_MERGE) ** 2 * 16
+
+
+def _check_qwen21_dims() -> None:
+    """The 2.1 constraints listed in the module docstring, checked at import."""
+    assert _Q21_TEXT_HEAD_DIM == 2 * sum(_Q21_MROPE_SECTION)
+    assert sum(_Q21_DIT_AXES_ROPE) == _Q21_DIT_HEAD_DIM and all(d % 2 == 0 for d in _Q21_DIT_AXES_ROPE)
+    assert _Q21_VISION_PATCH * _Q21_VISION_MERGE == 32
+
+
+_check_qwen21_dims()
+
+# The ChatML layout the 2.1 pipeline formats its prompts in by hand; it also tokenizes its system
+# message through this template to know how many leading tokens to drop, so the two must agree
+# (the real checkpoint ships Qwen3-VL's template, which renders these messages the same way).
+QWEN21_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
+    "{%- elif part['type'] == 'image' -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+
+
+def build_tiny_qwen21_processor(tokenizer: Qwen2Tokenizer) -> Any:
+    """The Qwen3-VL processor (image + video processors + ``tokenizer``) with a small pixel cap."""
+    from transformers import Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    pixel_kwargs: dict[str, Any] = {
+        "patch_size": _Q21_VISION_PATCH,
+        "merge_size": _Q21_VISION_MERGE,
+        "temporal_patch_size": 2,
+    }
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(
+            **pixel_kwargs, min_pixels=_Q21_VISION_MIN_PIXELS, max_pixels=_Q21_VISION_MAX_PIXELS),
+        video_processor=Qwen3VLVideoProcessor(**pixel_kwargs),
+        tokenizer=tokenizer,
+        chat_template=QWEN21_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_qwen21_text_encoder() -> Any:
+    """A 1-layer Qwen3-VL with a 1-block vision tower, random weights (current torch RNG)."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    config = Qwen3VLConfig(
+        text_config={
+            "vocab_size": _VOCAB_SIZE,
+            "hidden_size": _Q21_TEXT_HIDDEN,
+            "intermediate_size": 2 * _Q21_TEXT_HIDDEN,
+            "num_hidden_layers": 1,
+            "num_attention_heads": _Q21_TEXT_HEADS,
+            "num_key_value_heads": 1,
+            "head_dim": _Q21_TEXT_HEAD_DIM,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "mrope_section": _Q21_MROPE_SECTION,
+                                "rope_theta": 1e6},
+            "bos_token_id": _token_id("<|endoftext|>"),
+            "eos_token_id": _token_id("<|im_end|>"),
+            "pad_token_id": _token_id("<|endoftext|>"),
+        },
+        vision_config={
+            "depth": 1,
+            "hidden_size": _Q21_VISION_HIDDEN,
+            "intermediate_size": 2 * _Q21_VISION_HIDDEN,
+            "num_heads": 2,
+            "out_hidden_size": _Q21_TEXT_HIDDEN,
+            "patch_size": _Q21_VISION_PATCH,
+            "spatial_merge_size": _Q21_VISION_MERGE,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,  # an 8x8 grid, interpolated to the image's
+            "deepstack_visual_indexes": [0],  # the real ones (8, 16, 24) exceed a 1-block tower
+        },
+        image_token_id=_token_id("<|image_pad|>"),
+        video_token_id=_token_id("<|video_pad|>"),
+        vision_start_token_id=_token_id("<|vision_start|>"),
+        vision_end_token_id=_token_id("<|vision_end|>"),
+    )
+    return Qwen3VLForConditionalGeneration(config)
+
+
+def build_tiny_qwen21_vae() -> Any:
+    """A 5-level Qwen-Image 2.1 VAE (spatial x16, RGBA in and out like the real one), 8 channels."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    return AutoencoderKLQwenImage21(
+        base_dim=8,
+        decoder_base_dim=8,
+        z_dim=_Q21_Z_DIM,
+        dim_mult=[1, 1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True, True],
+        latents_mean=[0.0] * _Q21_Z_DIM,
+        latents_std=[1.0] * _Q21_Z_DIM,
+    )
+
+
+def build_tiny_qwen21_transformer() -> Any:
+    """A 1-block single-stream transformer, 2 heads of 16, reading unpatched latents."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    return QwenImage21Transformer2DModel(
+        patch_size=1,
+        in_channels=_Q21_Z_DIM,
+        out_channels=_Q21_Z_DIM,
+        num_layers=1,
+        attention_head_dim=_Q21_DIT_HEAD_DIM,
+        num_attention_heads=2,
+        context_in_dim=_Q21_TEXT_HIDDEN,
+        mlp_ratio=2,
+        axes_dims_rope=_Q21_DIT_AXES_ROPE,
+    )
+
+
+def build_tiny_qwen21_components(seed: int = 0) -> dict[str, Any]:
+    """All ``QwenImage21Pipeline`` components, each model seeded like the edit model's."""
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = build_tiny_tokenizer()
+        torch.manual_seed(seed)
+        text_encoder = build_tiny_qwen21_text_encoder()
+        torch.manual_seed(seed)
+        vae = build_tiny_qwen21_vae()
+        torch.manual_seed(seed)
+        transformer = build_tiny_qwen21_transformer()
+    return {
+        "scheduler": build_tiny_scheduler(),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "processor": build_tiny_qwen21_processor(tokenizer),
+        "transformer": transformer,
+    }
 
 
 # The attention projections of every MMDiT block (image and text streams), like real
