@@ -22,6 +22,9 @@ QUEUE_WAIT = Histogram("editfarm_queue_wait_seconds", "Submission to start of re
 RENDER = Histogram("editfarm_render_seconds", "Pipeline time per job", buckets=_BUCKETS_S)
 UPLOAD = Histogram("editfarm_upload_seconds", "Encode and upload of a job's outputs", buckets=_BUCKETS_S)
 WEBHOOKS = Counter("editfarm_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"])
+REPLICA_SHORTFALLS = Counter("editfarm_redis_replica_shortfalls_total",
+                             "Job store writes fewer than EDITFARM_REDIS_MIN_REPLICAS replicas acknowledged in time",
+                             ["what"])
 
 _HISTOGRAMS = {"queue_wait": QUEUE_WAIT, "render": RENDER, "upload": UPLOAD}
 
@@ -32,6 +35,11 @@ def observe(name: str, value: float) -> None:
         _HISTOGRAMS[name].observe(value)
     elif name.startswith("job."):
         JOBS.labels(status=name.removeprefix("job.")).inc(value)
+
+
+def replica_shortfall(what: str, acked: int) -> None:
+    """The job store's hook (broker/replication.py): a write too few replicas acknowledged."""
+    REPLICA_SHORTFALLS.labels(what=what).inc()
 
 
 class ClusterCollector(Collector):
