@@ -26,7 +26,7 @@ from broker.queues import RenderQueue
 from broker.replication import NO_WAIT, ReplicaPolicy, ReplicaShortfall
 from broker.schema import Job, JobParams, JobStatus, new_job_id
 from cli.localservices import ManagedProcess, start_redis
-from tests.replica_support import start_replica, wait_replica_gone
+from cli.redisreplica import start_replica, wait_replica_gone
 
 QUEUE = RENDER_QUEUES["normal"]
 GENERATE = {"operation": "generate", "prompt": "a red bicycle", "width": 64, "height": 64, "seed": 7}
@@ -38,8 +38,6 @@ SLACK_S = 2.0  # an API request's own work on 2 shared cores
 @pytest.fixture(scope="module")
 def primary(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
     server = start_redis(workdir=tmp_path_factory.mktemp("primary"), appendonly=False)
-    with redis.Redis(port=server.port) as setup:
-        setup.config_set("repl-diskless-sync-delay", 0)  # a replica syncs at once, not after 5 s
     yield server
     server.stop()
 
@@ -264,3 +262,21 @@ def test_a_job_kept_on_the_primary_is_what_a_retry_with_its_key_returns(
     assert retried.status_code == 200 and retried.headers["Idempotent-Replayed"] == "true", retried.text
     (job_id,) = [i.decode() for i in client.zrange(keys.tenant_jobs("acme"), 0, -1)]
     assert retried.json()["id"] == job_id
+
+
+# -- settings -----------------------------------------------------------------------------------------
+
+
+def test_the_settings_reach_the_api_and_worker_stores() -> None:
+    from pydantic import ValidationError
+
+    from workers.settings import WorkerSettings
+
+    app = create_app(make_settings(redis_min_replicas=2, redis_wait_timeout_ms=1500,
+                                   redis_url="redis://127.0.0.1:1/0", s3_endpoint_url="http://127.0.0.1:1"))
+    replicas = app.state.services.store.replicas
+    assert (replicas.min_replicas, replicas.wait_timeout_ms) == (2, 1500)
+    assert WorkerSettings(redis_min_replicas=1).replica_policy().waits
+    assert not WorkerSettings().replica_policy().waits  # the default: no WAIT
+    with pytest.raises(ValidationError):  # WAIT with 0 ms would block forever
+        WorkerSettings(redis_wait_timeout_ms=0)

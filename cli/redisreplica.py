@@ -1,4 +1,5 @@
-"""A Redis replica of a test Redis, as a real ``redis-server --replicaof`` process on loopback."""
+"""A Redis replica of a local Redis, as a real ``redis-server --replicaof`` process on loopback: for
+the tests and benchmarks of ``EDITFARM_REDIS_MIN_REPLICAS`` (a primary's writes confirmed by ``WAIT``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import redis
 
+from broker import keys
 from cli.localservices import ManagedProcess, free_port, redis_server_binary, wait_until
 
 
@@ -15,6 +17,8 @@ def start_replica(primary_port: int, workdir: Path, port: int | None = None) -> 
     (its full sync done) and it has acknowledged a write: just after a sync its first ack can take
     up to a second (the replica's once-a-second ``REPLCONF ACK``), longer than the tests' ``WAIT``."""
     port = port or free_port()
+    with redis.Redis(port=primary_port) as setup:
+        setup.config_set("repl-diskless-sync-delay", 0)  # sync at once, not after Redis's 5 s default
     workdir.mkdir(parents=True, exist_ok=True)
     args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
             "--save", "", "--appendonly", "no", "--protected-mode", "yes",
@@ -43,7 +47,7 @@ def _online(primary: redis.Redis, replica_port: int) -> bool:
 
 def _acknowledges(primary: redis.Redis) -> bool:
     pipe = primary.pipeline(transaction=False)
-    pipe.set("editfarm-test:replica-ack", "1", px=10_000)
+    pipe.set(keys.REPLICA_PROBE, "replica-start", px=10_000)
     pipe.execute_command("WAIT", 1, 2000)
     return int(pipe.execute()[1]) >= 1
 
