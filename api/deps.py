@@ -90,7 +90,7 @@ class Services:
         celery = make_celery(settings.redis_url, settings.visibility_timeout_s)
         return cls(
             settings=settings,
-            store=RedisJobStore(client, on_loop),
+            store=RedisJobStore(client, on_loop, replicas=settings.replica_policy()),
             objects=S3ObjectStore(settings.s3_config()),
             publisher=RedisEventPublisher(client),
             events=RedisEventSource(settings.redis_url),

@@ -162,6 +162,15 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_handler)
 
 
+def store_unavailable() -> ApiError:
+    """503 ``store_unavailable``: the job store's replicas did not confirm a write in time
+    (``EDITFARM_REDIS_MIN_REPLICAS``, broker/replication.py). Retrying with the same Idempotency-Key
+    is safe: it returns the job if one was kept, and creates one otherwise."""
+    return ApiError(503, ErrorCode.STORE_UNAVAILABLE,
+                    "the job store could not confirm the job on its replicas in time; retry with the same "
+                    "Idempotency-Key", headers={"Retry-After": "1"})
+
+
 def internal_error() -> ApiError:
     """What an unexpected exception is answered with: 500 internal_error instead of a bare text page.
 

@@ -38,9 +38,10 @@ from fastapi import Header
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.errors import STORE_ERRORS, ApiError, ErrorResponse
+from api.errors import STORE_ERRORS, ApiError, ErrorResponse, store_unavailable
 from api.models import JobOut
 from broker import keys, scripts
+from broker.replication import ReplicaShortfall
 from broker.schema import ErrorCode, Job
 
 logger = logging.getLogger("editfarm.api")
@@ -169,7 +170,8 @@ class IdempotencyScope:
         """Own the key for this request (None: go on and create the job), or the response to return:
         200 with the job an earlier identical request made (``render`` builds its view; blocking).
 
-        Raises ApiError 409 idempotency_conflict / idempotency_in_progress, 503.
+        Raises ApiError 409 idempotency_conflict / idempotency_in_progress, 503 (``store_unavailable``:
+        the replayed job is not yet on enough replicas).
         """
         if self.key is None:
             return None
@@ -202,6 +204,10 @@ class IdempotencyScope:
                         self._held = pending
                         return None
                     continue
+                try:  # a job answered 503 store_unavailable before: replayed once replicas hold it
+                    await run_in_threadpool(self.services.store.confirm_replicated, job.id)
+                except ReplicaShortfall:
+                    raise store_unavailable() from None
                 view = await run_in_threadpool(render, job)
                 logger.info("replayed %s for tenant %s (%s)", job.id, self.tenant, HEADER)
                 return JSONResponse(view, status_code=200, headers={

@@ -22,7 +22,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "payload_too_large", 415: "unsupported_media_type",
         422: "missing_field / invalid_parameter / unknown_operation / missing_image / invalid_image / "
              "unsupported_image_format / image_too_large / image_fetch_failed / url_not_allowed",
-        503: "unavailable (object store, job store or queue)",
+        503: "unavailable (object store, job store or queue) / store_unavailable (POST /v1/jobs: the job store's "
+             "replicas did not confirm the job in time; retry with the same Idempotency-Key)",
     }.items()
 }
 

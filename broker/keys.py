@@ -36,6 +36,10 @@ INFLIGHT = f"{PREFIX}inflight"
 DEADLINES = f"{PREFIX}deadlines"
 """Sorted set of queued job ids scored by their queue deadline (epoch s)."""
 
+REPLICA_PROBE = f"{PREFIX}replica-probe"
+"""String written (with a 60 s TTL) just before a ``WAIT`` that must cover what is already on the
+primary: ``WAIT`` counts from the connection's own last write (broker/jobstore/redis.py)."""
+
 
 # -- Celery's queues: kombu keeps each queue as a Redis list named after it (no prefix: the names are
 # what operators pass to workers with -Q and what KEDA and dashboards read)

@@ -170,6 +170,8 @@ class ErrorCode(str, enum.Enum):
     OUT_OF_MEMORY = "out_of_memory"
     # infrastructure
     UNAVAILABLE = "unavailable"
+    # 503: the job store's replicas did not confirm the write in time; retry with the same Idempotency-Key
+    STORE_UNAVAILABLE = "store_unavailable"
 
 
 class JobError(BaseModel):

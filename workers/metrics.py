@@ -26,6 +26,9 @@ RECOMPILES = Counter("editfarm_compile_after_warmup_total",
                      "torch.compile compiles after the warm-up (a shape the warm-up did not render)")
 RECOMPILE_SECONDS = Counter("editfarm_compile_after_warmup_seconds_total",
                             "Seconds spent compiling after the warm-up (the renders they stalled)")
+REPLICA_SHORTFALLS = Counter("editfarm_redis_replica_shortfalls_total",
+                             "Job store writes fewer than EDITFARM_REDIS_MIN_REPLICAS replicas acknowledged in time",
+                             ["what"])
 
 _HISTOGRAMS = {"queue_wait": QUEUE_WAIT, "render": RENDER, "upload": UPLOAD}
 
@@ -42,6 +45,11 @@ def observe(name: str, value: float) -> None:
         _HISTOGRAMS[name].observe(value)
     elif name.startswith("job."):
         JOBS.labels(status=name.removeprefix("job.")).inc(value)
+
+
+def replica_shortfall(what: str, acked: int) -> None:
+    """The job store's hook (broker/replication.py): a write too few replicas acknowledged."""
+    REPLICA_SHORTFALLS.labels(what=what).inc()
 
 
 class ClusterCollector(Collector):

@@ -143,7 +143,8 @@ class WorkerServices:
         # notify task from the webhook worker's task-received/started/succeeded events.
         notify_celery = worker_celery(s)
         notify_celery.conf.task_send_sent_event = False
-        store, publisher = RedisJobStore(client), RedisEventPublisher(client)
+        store = RedisJobStore(client, replicas=s.replica_policy(metrics.replica_shortfall))
+        publisher = RedisEventPublisher(client)
         notify_messages = NotifyMessages()
 
         def notify(job: Job, event: str) -> None:

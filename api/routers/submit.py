@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import TenantDep
 from api.deps import Services
-from api.errors import STORE_ERRORS, ApiError
+from api.errors import STORE_ERRORS, ApiError, store_unavailable
 from api.fetch import check_url_policy
 from api.idempotency import (
     IDEMPOTENCY_RESPONSES,
@@ -54,6 +54,7 @@ from api.limits import (
 from api.models import JobOut
 from api.uploads import UploadTicket
 from api.views import ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
+from broker.replication import ReplicaShortfall
 from broker.schema import Job, JobParams, new_job_id
 from storage.store import ObjectStore, StorageUnavailable
 
@@ -162,6 +163,10 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
     try:
         # the limits, the record, its message and its queue position in one atomic step: all or nothing
         position = await create_within_limits(request, tenant, job, queue, message, counted)
+    except ReplicaShortfall as exc:  # inputs kept, as below; a kept job answers a retry with this key
+        if exc.kept:
+            await idempotency.complete(job_id)
+        raise store_unavailable() from None
     except ApiError:  # refused by the limits: no job, so no inputs either
         await _discard(services.objects, stored)
         raise

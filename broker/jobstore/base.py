@@ -72,6 +72,15 @@ class JobStore(abc.ABC):
         """:meth:`check_quota` for the event loop (this default runs it in a thread)."""
         return await asyncio.to_thread(self.check_quota, tenant, quota)
 
+    def confirm_replicated(self, job_id: str) -> None:
+        """Return once the store's replicas hold what it holds now (``job_id`` names the job this
+        is for). This default has no replicas: it returns at once.
+
+        Raises:
+            broker.replication.ReplicaShortfall: too few replicas acknowledged in time.
+        """
+        return None
+
     def _local_quota(self) -> LocalQuota:
         # made on first use (subclasses need not call an __init__ here); dict.setdefault is atomic
         found: LocalQuota | None = self.__dict__.get("_quota_state")

@@ -4,6 +4,7 @@ the same Lua scripts (``broker/lua/``) that change the hash, so every change is 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -14,7 +15,10 @@ from broker import keys, scripts
 from broker.jobstore.base import Expect, JobStore, transition_checks
 from broker.jobstore.codec import decode_job, encode
 from broker.jobstore.quota import NO_QUOTA, Quota, QuotaAnswer
-from broker.schema import PRIORITY_ORDER, Job, JobStatus, Priority, dump_fields
+from broker.replication import NO_WAIT, ReplicaPolicy, ReplicaShortfall
+from broker.schema import PRIORITY_ORDER, TERMINAL_STATUSES, Job, JobStatus, Priority, dump_fields
+
+logger = logging.getLogger("editfarm.store")
 
 # the index sets every job script receives as KEYS[2..7] (see lua/reindex.lua)
 INDEX_KEYS = (*keys.QUEUED_ALL, keys.RUNNING, keys.INFLIGHT, keys.DEADLINES)
@@ -24,6 +28,7 @@ TRANSITION_SCRIPT = scripts.source("reindex", "checks", "transition")
 CREATE_SCRIPT = scripts.source("reindex", "create")
 CREATE_AND_ENQUEUE_SCRIPT = scripts.source("reindex", "quota", "create_and_enqueue")
 QUOTA_CHECK_SCRIPT = scripts.source("quota", "quota_check")
+WITHDRAW_SCRIPT = scripts.source("reindex", "withdraw")
 
 
 def _cas_args(expect: Expect, fields: Mapping[str, Any]) -> list[Any]:
@@ -82,6 +87,26 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _evalsha(script: Any, script_keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+    return ("EVALSHA", script.sha, len(script_keys), *script_keys, *args)
+
+
+def _script_reply(replies: list[Any]) -> tuple[Any, int] | None:
+    """(script reply, replicas acknowledged) of a script + WAIT pipeline run with
+    ``raise_on_error=False``; None if the server did not know the script (load it, run again).
+
+    Raises:
+        redis.exceptions.RedisError: the script or the WAIT failed.
+    """
+    reply, acked = replies
+    if isinstance(reply, redis.exceptions.NoScriptError):
+        return None
+    for answer in (reply, acked):
+        if isinstance(answer, Exception):
+            raise answer
+    return reply, int(acked)
+
+
 class RedisJobStore(JobStore):
     """Jobs as Redis hashes with Lua compare-and-set.
 
@@ -94,9 +119,13 @@ class RedisJobStore(JobStore):
     """
 
     def __init__(self, client: redis.Redis, async_client: aioredis.Redis | None = None,
-                 async_timeout_s: float = 10.0) -> None:
+                 async_timeout_s: float = 10.0, *, replicas: ReplicaPolicy = NO_WAIT) -> None:
         self._async_timeout_s = async_timeout_s
         self.redis = client
+        # creates and terminal transitions wait for this many replicas (broker/replication.py);
+        # the WAIT timeout must stay below the clients' socket timeouts
+        self.replicas = replicas
+        self._withdraw = client.register_script(WITHDRAW_SCRIPT)
         self._cas = client.register_script(CAS_SCRIPT)
         self._transition = client.register_script(TRANSITION_SCRIPT)
         self._create = client.register_script(CREATE_SCRIPT)
@@ -137,15 +166,105 @@ class RedisJobStore(JobStore):
         return (await self.create_and_enqueue_within_async(job, queue, message, NO_QUOTA)).position
 
     def create_and_enqueue_within(self, job: Job, queue: str, message: str, quota: Quota) -> QuotaAnswer:
+        """As the base's; with a :class:`~broker.replication.ReplicaPolicy` that waits, the job counts
+        as created only once enough replicas hold it.
+
+        Raises:
+            KeyError: the id is taken.
+            ReplicaShortfall: too few replicas acknowledged the create in time (see :meth:`_fall_short`).
+        """
         script_keys, args = _create_args(job, queue, message, quota)
-        return _answer(self._create_and_enqueue(keys=script_keys, args=args), job.id)
+        if not self.replicas.waits:
+            return _answer(self._create_and_enqueue(keys=script_keys, args=args), job.id)
+        reply, acked = self._script_and_wait(self._create_and_enqueue, script_keys, args)
+        answer = _answer(reply, job.id)
+        if answer.refused is None and acked < self.replicas.min_replicas:
+            self._fall_short(job, queue, message, acked)
+        return answer
 
     async def create_and_enqueue_within_async(self, job: Job, queue: str, message: str,
                                               quota: Quota) -> QuotaAnswer:
+        """:meth:`create_and_enqueue_within` on the event loop (its script and ``WAIT`` in one
+        pipeline, so on one connection).
+
+        Raises:
+            KeyError: the id is taken.
+            ReplicaShortfall: as :meth:`create_and_enqueue_within`.
+        """
         if self._on_loop is None:
             return await asyncio.to_thread(self.create_and_enqueue_within, job, queue, message, quota)
         script_keys, args = _create_args(job, queue, message, quota)
-        return _answer(await self._run_on_loop("create", script_keys, args), job.id)
+        if not self.replicas.waits:
+            return _answer(await self._run_on_loop("create", script_keys, args), job.id)
+        reply, acked = await self._script_and_wait_on_loop("create", script_keys, args)
+        answer = _answer(reply, job.id)
+        if answer.refused is None and acked < self.replicas.min_replicas:
+            await asyncio.to_thread(self._fall_short, job, queue, message, acked)
+        return answer
+
+    def _script_and_wait(self, script: Any, script_keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        """``script`` then ``WAIT`` on one connection, one round trip: (script reply, replicas acked)."""
+        for _ in range(2):
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.execute_command(*_evalsha(script, script_keys, args))
+            pipe.execute_command(*self.replicas.wait_args())
+            done = _script_reply(pipe.execute(raise_on_error=False))
+            if done is not None:
+                return done
+            script.registered_client.script_load(script.script)  # a restarted or flushed server
+        raise redis.exceptions.NoScriptError("the script could not be loaded")
+
+    async def _script_and_wait_on_loop(self, name: str, script_keys: list[str], args: list[Any]) -> tuple[Any, int]:
+        """:meth:`_script_and_wait` with the event loop's client, bounded by ``async_timeout_s``."""
+        assert self._on_loop is not None
+        script = self._on_loop[name]
+        client = script.registered_client
+        async with asyncio.timeout(self._async_timeout_s):
+            for _ in range(2):
+                pipe = client.pipeline(transaction=False)
+                pipe.execute_command(*_evalsha(script, script_keys, args))
+                pipe.execute_command(*self.replicas.wait_args())
+                done = _script_reply(await pipe.execute(raise_on_error=False))
+                if done is not None:
+                    return done
+                await client.script_load(script.script)
+        raise redis.exceptions.NoScriptError("the script could not be loaded")
+
+    def _fall_short(self, job: Job, queue: str, message: str, acked: int) -> None:
+        """A create that too few replicas acknowledged: withdraw it if no worker has taken it yet (a
+        failover could drop it after the client was told "accepted"), else keep it (it runs already).
+
+        Raises:
+            ReplicaShortfall: always; ``kept`` says which.
+        """
+        self.replicas.on_shortfall("create", acked)
+        withdrawn = self._withdraw(keys=[keys.job(job.id), *INDEX_KEYS, keys.tenant_jobs(job.tenant), queue],
+                                   args=[job.id, message])
+        kept = not withdrawn
+        logger.warning("create of %s: %d of %d replica(s) acknowledged within %d ms; %s", job.id, acked,
+                       self.replicas.min_replicas, self.replicas.wait_timeout_ms,
+                       "kept (a worker had taken it)" if kept else "withdrawn")
+        raise ReplicaShortfall("create", acked=acked, wanted=self.replicas.min_replicas, job_id=job.id, kept=kept)
+
+    def confirm_replicated(self, job_id: str) -> None:
+        """Wait until enough replicas hold what is on the primary now (a replayed job, for one).
+
+        ``WAIT`` counts replicas that acknowledged this connection's last write, so a write that
+        replicates (the probe key, with a TTL) goes first, on the same connection.
+
+        Raises:
+            ReplicaShortfall: too few replicas acknowledged in time (``kept``: the job stays).
+        """
+        if not self.replicas.waits:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.execute_command("SET", keys.REPLICA_PROBE, job_id, "PX", 60_000)
+        pipe.execute_command(*self.replicas.wait_args())
+        acked = int(pipe.execute()[1])
+        if acked < self.replicas.min_replicas:
+            self.replicas.on_shortfall("confirm", acked)
+            raise ReplicaShortfall("confirm", acked=acked, wanted=self.replicas.min_replicas, job_id=job_id,
+                                   kept=True)
 
     def check_quota(self, tenant: str, quota: Quota) -> QuotaAnswer:
         script_keys, args = _check_args(tenant, quota)
@@ -177,7 +296,15 @@ class RedisJobStore(JobStore):
         checks, changes = transition_checks(to, fields, from_, expect)
         args = [job_id, push[1] if push else "", *_cas_args(checks, changes)]
         script_keys = [keys.job(job_id), *INDEX_KEYS, push[0] if push else keys.job(job_id)]
-        raw = self._transition(keys=script_keys, args=args)
+        if self.replicas.waits and to in TERMINAL_STATUSES:
+            raw, acked = self._script_and_wait(self._transition, script_keys, args)
+            if raw and acked < self.replicas.min_replicas:
+                # the job did end, on the primary: report it ended (see docs/reliability.md)
+                self.replicas.on_shortfall("transition", acked)
+                logger.warning("%s of %s: %d of %d replica(s) acknowledged within %d ms", to.value, job_id,
+                               acked, self.replicas.min_replicas, self.replicas.wait_timeout_ms)
+        else:
+            raw = self._transition(keys=script_keys, args=args)
         if not raw:
             return None
         return decode_job(dict(zip(raw[0::2], raw[1::2], strict=True)))

@@ -280,7 +280,9 @@ def error_from_response(response: httpx.Response, body: bytes | None = None) -> 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retry 429 and 503 (any request: nothing was created) and, for GET, 502/504 and lost connections;
+    """Retry 429 and 503 (nothing was created; after a submit's 503 ``store_unavailable`` a job may have
+    been kept, but a submit always carries an Idempotency-Key, so its retry returns that job) and, for
+    GET, 502/504 and lost connections;
     a connection that was never made is retried for any request.
 
     The wait is the response's ``Retry-After`` when it gives one, otherwise an exponential backoff
