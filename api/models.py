@@ -46,7 +46,8 @@ class JobRequest(SubmitParams):
 
 
 class OutputOut(Output):
-    url: str = Field(description="Presigned GET URL of the output; expires after presign_expiry_s.")
+    url: str | None = Field(description="Presigned GET URL of the output; expires after presign_expiry_s. "
+                                        "null once the job's data_removed.")
 
 
 class JobErrorOut(BaseModel):
@@ -73,6 +74,8 @@ class JobOut(BaseModel):
     params: JobParams
     progress: Progress
     outputs: list[OutputOut]
+    data_removed: bool = Field(default=False, description="The job's inputs and outputs were deleted by "
+                                                          "their retention (EDITFARM_OBJECT_RETENTION_DAYS).")
     error: JobErrorOut | None
     attempts: int
     created_at: str | None = Field(description="ISO-8601 UTC")
