@@ -279,3 +279,48 @@ def test_a_job_gets_its_tenants_retention_or_a_shorter_one_it_asks_for_never_a_l
     assert _submit(client).json()["params"]["retention_s"] == 600
     assert _submit(client, retention_s=601).status_code == 422
     assert _submit(client, retention_s=0).status_code == 422
+
+
+# -- the bucket's lifecycle rule and the per-tenant setting, through the CLI --------------------------
+
+
+def test_storage_lifecycle_apply_writes_the_expiration_rule_and_keeps_other_rules(
+        s3: S3ObjectStore, s3_server: ManagedProcess) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from storage.lifecycle import RULE_ID, current_rules
+
+    other = {"ID": "operator-rule", "Filter": {"Prefix": "logs/"}, "Status": "Enabled", "Expiration": {"Days": 3}}
+    s3.client.put_bucket_lifecycle_configuration(Bucket=s3.bucket, LifecycleConfiguration={"Rules": [other]})
+    env = {"EDITFARM_S3_ENDPOINT_URL": s3_server.url, "EDITFARM_S3_BUCKET": s3.bucket,
+           "EDITFARM_S3_ACCESS_KEY_ID": "test", "EDITFARM_S3_SECRET_ACCESS_KEY": "test",
+           "EDITFARM_OBJECT_RETENTION_DAYS": "30"}
+    runner = CliRunner()
+    result = runner.invoke(app, ["storage", "lifecycle", "apply"], env=env)
+    assert result.exit_code == 0, result.output
+    rules = {r["ID"]: r for r in current_rules(s3)}
+    assert rules[RULE_ID]["Expiration"] == {"Days": 30}
+    assert rules[RULE_ID]["Filter"] == {"Prefix": "tenants/"}
+    assert "operator-rule" in rules
+    again = runner.invoke(app, ["storage", "lifecycle", "apply", "--days", "7"], env=env)
+    assert again.exit_code == 0, again.output
+    assert [r["Expiration"] for r in current_rules(s3) if r["ID"] == RULE_ID] == [{"Days": 7}]
+    unset = runner.invoke(app, ["storage", "lifecycle", "apply"], env={**env, "EDITFARM_OBJECT_RETENTION_DAYS": "0"})
+    assert unset.exit_code == 2
+
+
+def test_a_tenants_retention_is_set_in_redis_and_read_back(redis_client: redis.Redis,
+                                                          redis_server: ManagedProcess) -> None:
+    from typer.testing import CliRunner
+
+    from broker.tenants import RedisTenantStore
+    from cli.main import app
+
+    env = {"EDITFARM_REDIS_URL": f"redis://127.0.0.1:{redis_server.port}/0"}
+    runner = CliRunner()
+    assert runner.invoke(app, ["retention", "set", "--tenant", "acme", "--seconds", "86400"], env=env).exit_code == 0
+    assert RedisTenantStore(redis_client).retention_s("acme") == 86400
+    assert runner.invoke(app, ["retention", "show", "--tenant", "acme"], env=env).output.strip() == "86400"
+    assert runner.invoke(app, ["retention", "clear", "--tenant", "acme"], env=env).exit_code == 0
+    assert RedisTenantStore(redis_client).retention_s("acme") is None
