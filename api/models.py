@@ -92,6 +92,11 @@ class JobList(BaseModel):
         description="Pass as `cursor` for the next (older) page; null when there is none. A page may be "
                     "shorter than `limit` (even empty) while next_cursor is not null."
     )
+    includes_archived: bool = Field(
+        default=False,
+        description="Always false: the list ends with the oldest job still in Redis. A job past its retention "
+                    "(deleted from Redis, archived or not) is not listed; GET /v1/jobs/{id} reads an archived one.",
+    )
 
 
 class CancelRequest(BaseModel):

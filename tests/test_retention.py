@@ -232,6 +232,9 @@ def test_get_answers_from_the_archive_with_the_same_body(redis_client: redis.Red
     assert archived.status_code == 200
     assert _without_urls(archived.json()) == _without_urls(live.json())
     assert archived.headers["cache-control"] == "no-store"
+    # the list covers what is still in Redis, and says so
+    listed = client.get("/v1/jobs", headers=headers).json()
+    assert listed["data"] == [] and listed["next_cursor"] is None and listed["includes_archived"] is False
     # another tenant's archived job answers like an unknown one
     other = client.get(f"/v1/jobs/{job.id}", headers={"Authorization": f"Bearer {TEST_KEYS['globex']}"})
     assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"

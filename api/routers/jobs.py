@@ -167,7 +167,9 @@ async def list_jobs(
     Follow ``next_cursor`` until it is null. Cursors stay valid while new jobs
     arrive (new jobs appear on the first page, never shift later ones). With a
     status filter a page may hold fewer than ``limit`` jobs, or none, while
-    ``next_cursor`` is still set.
+    ``next_cursor`` is still set. The list ends with the oldest job still in Redis:
+    jobs past their retention are not listed (``includes_archived`` is false), even when
+    archived; ``GET /v1/jobs/{id}`` reads those.
     """
     statuses = _parse_statuses(status)
     after = _decode_cursor(cursor) if cursor else None
@@ -177,7 +179,8 @@ async def list_jobs(
     except STORE_ERRORS as exc:
         logger.warning("job store unavailable listing jobs: %s", type(exc).__name__)
         raise unavailable("the job store") from None
-    return JSONResponse({"data": page, "next_cursor": next_cursor}, headers={"Cache-Control": "no-store"})
+    return JSONResponse({"data": page, "next_cursor": next_cursor, "includes_archived": False},
+                        headers={"Cache-Control": "no-store"})
 
 
 # -- cancel --------------------------------------------------------------------------------------
