@@ -25,8 +25,15 @@ MAX_JOB_RETENTION_S = 10 * 365 * 24 * 3600
 
 SWEEP_SCRIPT = scripts.source("reindex", "sweep_job")
 
-DELETED, GONE, NOT_TERMINAL, NOT_DUE = 1, 0, -1, -2
+DELETED, GONE, NOT_TERMINAL, NOT_DUE, WEBHOOK_NOT_STORED = 1, 0, -1, -2, -3
 """lua/sweep_job.lua's answers."""
+
+NOTIFY_GRACE_S = 7 * 24 * 3600
+"""A finished job that asked for a webhook waits at most this long for its terminal message to be
+stored (the outbox's own TTL: past it a stored message may have expired)."""
+
+WEBHOOK_RETRY_S = 60.0
+"""How long a job waiting for its terminal webhook message waits before the next try."""
 
 # the index sets lua/sweep_job.lua receives as KEYS[2..7] (the same order as the job store's)
 _INDEX_KEYS = (*keys.QUEUED_ALL, keys.RUNNING, keys.INFLIGHT, keys.DEADLINES)
@@ -90,15 +97,18 @@ class RetentionIndex:
         score = self.redis.zscore(keys.EXPIRY, job_id)
         return None if score is None else float(score)
 
-    def delete(self, job_id: str, now: float) -> int:
-        """Delete the job if it is still terminal and due at ``now``: :data:`DELETED`, or why not
-        (:data:`GONE`, :data:`NOT_TERMINAL`, :data:`NOT_DUE`).
+    def delete(self, job_id: str, now: float, *, notify_grace_s: float = NOTIFY_GRACE_S,
+               retry_s: float = WEBHOOK_RETRY_S) -> int:
+        """Delete the job if it is still terminal and due at ``now`` and, when it asked for a webhook,
+        its terminal message is stored (or ``notify_grace_s`` passed since it finished):
+        :data:`DELETED`, or why not (:data:`GONE`, :data:`NOT_TERMINAL`, :data:`NOT_DUE`,
+        :data:`WEBHOOK_NOT_STORED`: tried again ``retry_s`` later).
 
         Raises:
             redis.RedisError: Redis is unreachable.
         """
         script_keys = [keys.job(job_id), *_INDEX_KEYS, keys.EXPIRY, keys.job_webhooks(job_id)]
-        return int(self._sweep(keys=script_keys, args=[job_id, repr(now)]))
+        return int(self._sweep(keys=script_keys, args=[job_id, repr(now), repr(notify_grace_s), repr(retry_s)]))
 
     def size(self) -> int:
         """Terminal jobs still in Redis."""

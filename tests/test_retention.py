@@ -327,3 +327,33 @@ def test_a_tenants_retention_is_set_in_redis_and_read_back(redis_client: redis.R
     assert runner.invoke(app, ["retention", "show", "--tenant", "acme"], env=env).output.strip() == "86400"
     assert runner.invoke(app, ["retention", "clear", "--tenant", "acme"], env=env).exit_code == 0
     assert RedisTenantStore(redis_client).retention_s("acme") is None
+
+
+def test_a_job_waits_for_its_terminal_webhook_message_before_it_goes(
+        redis_client: redis.Redis, store: RedisJobStore, index: RetentionIndex) -> None:
+    from broker.retention import WEBHOOK_NOT_STORED
+    from workers.webhooks import message_id_for
+
+    job = Job(id=new_job_id(), tenant="acme", created_at=T0,
+              params=JobParams(prompt="a purple sky", seed=7, retention_s=5, webhook="https://example.invalid/h"))
+    store.create(job)
+    finish(store, job, at=T0)
+    # the notify task has not stored job.succeeded yet: the record it is built from stays
+    assert index.delete(job.id, T0 + 6) == WEBHOOK_NOT_STORED
+    assert store.get(job.id) is not None
+    assert index.expires_at(job.id) == pytest.approx(T0 + 6 + 60)
+    assert RetentionSweeper(store=store, index=index, clock=Clock(T0 + 7)).sweep()["deleted"] == 0
+    OutboxRecords(redis_client).put(message_id_for(job.id, "job.succeeded"),
+                                    {"url": "https://example.invalid/h", "body": "{}", "tenant": "acme",
+                                     "state": "delivered"}, job_id=job.id)
+    assert index.delete(job.id, T0 + 7) == DELETED
+    assert mentions(redis_client, job.id) == []
+
+
+def test_a_job_whose_webhook_never_came_goes_after_the_notify_grace(
+        store: RedisJobStore, index: RetentionIndex) -> None:
+    job = Job(id=new_job_id(), tenant="acme", created_at=T0,
+              params=JobParams(prompt="a purple sky", seed=7, retention_s=5, webhook="https://example.invalid/h"))
+    store.create(job)
+    finish(store, job, at=T0)
+    assert index.delete(job.id, T0 + 100, notify_grace_s=50) == DELETED
