@@ -24,6 +24,7 @@ MAX_JOB_RETENTION_S = 10 * 365 * 24 * 3600
 """The longest retention a job parameter or tenant setting may name."""
 
 SWEEP_SCRIPT = scripts.source("reindex", "sweep_job")
+BACKFILL_SCRIPT = scripts.source("reindex", "expiry_backfill")
 
 DELETED, GONE, NOT_TERMINAL, NOT_DUE, WEBHOOK_NOT_STORED = 1, 0, -1, -2, -3
 """lua/sweep_job.lua's answers."""
@@ -82,6 +83,7 @@ class RetentionIndex:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
         self._sweep = client.register_script(SWEEP_SCRIPT)
+        self._backfill = client.register_script(BACKFILL_SCRIPT)
 
     def due(self, now: float, limit: int = 100) -> list[str]:
         """Up to ``limit`` job ids whose retention ended before ``now``, the longest-due first.
@@ -113,3 +115,20 @@ class RetentionIndex:
     def size(self) -> int:
         """Terminal jobs still in Redis."""
         return int(self.redis.zcard(keys.EXPIRY))
+
+    def backfill(self, batch: int = 1000) -> int:
+        """Index the terminal jobs that ended before retention existed (a SCAN over the job hashes:
+        run once after upgrading, `editfarm retention backfill`); how many were added.
+
+        Raises:
+            redis.RedisError: Redis is unreachable.
+        """
+        added = 0
+        prefix = keys.job("")
+        for raw in self.redis.scan_iter(match=f"{prefix}*", count=batch, _type="hash"):
+            key = _text(raw)
+            job_id = key[len(prefix):]
+            if ":" in job_id:  # editfarm:job:<id>:webhooks and the like
+                continue
+            added += int(self._backfill(keys=[key, keys.EXPIRY], args=[job_id]))
+        return added

@@ -85,3 +85,16 @@ def retention_show(tenant: str = typer.Option(..., "--tenant")) -> None:
     """TENANT's own retention in seconds, or 'default'."""
     value = _tenants().retention_s(tenant)
     typer.echo("default" if value is None else str(value))
+
+
+@retention_app.command("backfill")
+def retention_backfill() -> None:
+    """Index finished jobs recorded before retention existed, so the sweeper finds them (run once
+    after upgrading; harmless to run again)."""
+    import redis
+
+    from broker.retention import RetentionIndex
+    from broker.settings import ClusterSettings
+
+    added = RetentionIndex(redis.Redis.from_url(ClusterSettings().redis_url)).backfill()
+    typer.echo(f"{added} finished job(s) added to the expiry index")

@@ -357,3 +357,17 @@ def test_a_job_whose_webhook_never_came_goes_after_the_notify_grace(
     store.create(job)
     finish(store, job, at=T0)
     assert index.delete(job.id, T0 + 100, notify_grace_s=50) == DELETED
+
+
+def test_backfill_indexes_finished_jobs_recorded_before_retention(
+        redis_client: redis.Redis, store: RedisJobStore, index: RetentionIndex) -> None:
+    old, queued = make_job(retention_s=None), make_job(retention_s=None)
+    for job in (old, queued):
+        store.create(job)
+    finish(store, old, at=T0)
+    redis_client.zrem(keys.EXPIRY, old.id)  # as a record from before the expiry index
+    redis_client.sadd(keys.job_webhooks(old.id), "msg_x")  # not a job hash: skipped
+    assert index.backfill(batch=1) == 1
+    assert index.expires_at(old.id) == pytest.approx(T0 + DEFAULT_JOB_RETENTION_S)
+    assert index.expires_at(queued.id) is None
+    assert index.backfill() == 0  # again: nothing new
