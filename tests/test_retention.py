@@ -371,3 +371,24 @@ def test_backfill_indexes_finished_jobs_recorded_before_retention(
     assert index.expires_at(old.id) == pytest.approx(T0 + DEFAULT_JOB_RETENTION_S)
     assert index.expires_at(queued.id) is None
     assert index.backfill() == 0  # again: nothing new
+
+
+def test_the_sdk_says_data_removed_and_refuses_to_download_a_removed_output() -> None:
+    from editfarm_client import Client, EditfarmError
+    from editfarm_client.models import Job as SdkJob
+
+    services = fake_services(make_settings(object_retention_days=1))
+    client = TestClient(create_app(services=services))
+    now = time.time()
+    job = make_job(created_at=now - 3 * 86400)
+    out = Output(key="tenants/acme/jobs/x/outputs/0.png", content_type="image/png", width=64, height=64,
+                 sha256="0" * 64, size_bytes=10)
+    services.store.create(job)
+    services.store.transition(job.id, JobStatus.RUNNING, {"started_at": now - 2 * 86400 - 1})
+    services.store.transition(job.id, JobStatus.SUCCEEDED, {"finished_at": now - 2 * 86400,
+                                                            "outputs": [out.model_dump()]})
+    headers = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
+    seen = SdkJob.from_dict(client.get(f"/v1/jobs/{job.id}", headers=headers).json())
+    assert seen.data_removed is True and seen.outputs[0].url == ""
+    with Client(base_url="http://127.0.0.1:9", api_key="k") as sdk, pytest.raises(EditfarmError, match="removed"):
+        sdk.read_output(seen.outputs[0])
