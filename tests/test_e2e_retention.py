@@ -15,6 +15,8 @@ from broker import keys
 from cli.cluster import ClusterConfig, LocalCluster
 from tests.e2e_support import API_KEYS, auth, wait_terminal
 
+pytestmark = pytest.mark.integration
+
 ENV = {"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": "0", "EDITFARM_ARCHIVE_JOBS": "true",
        "EDITFARM_RETENTION_SWEEP_INTERVAL_S": "0.5"}
 
