@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import Services
 from api.errors import STORE_ERRORS, ApiError
@@ -20,26 +23,65 @@ logger = logging.getLogger("editfarm.api")
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+# A tenant's own retention, per process, for a few seconds: read on every submission, changed rarely
+# (`editfarm retention set` reaches new submissions within this delay). Keyed by the tenant store's
+# identity as well, so test apps with their own stores never share entries. Bounded: cleared when full.
+TENANT_RETENTION_CACHE_S = 5.0
+_CACHE_MAX = 10_000
+_cache: dict[tuple[int, str], tuple[float, int | None]] = {}
+
+
+def clear_tenant_retention_cache() -> None:
+    """Forget every cached tenant retention (tests that change one between submissions)."""
+    _cache.clear()
+
+
+def _tenant_retention_s(services: Services, tenant: str) -> int | None:
+    """The tenant's own retention (blocking on a cache miss).
+
+    Raises:
+        ApiError: 503 unavailable when the tenant store is unreachable.
+    """
+    key = (id(services.tenants), tenant)
+    now = time.monotonic()
+    hit = _cache.get(key)
+    if hit is not None and now - hit[0] < TENANT_RETENTION_CACHE_S:
+        return hit[1]
+    try:
+        value = services.tenants.retention_s(tenant)
+    except STORE_ERRORS as exc:
+        logger.warning("tenant store unavailable reading a retention: %s", type(exc).__name__)
+        raise unavailable("the job store") from None
+    if len(_cache) >= _CACHE_MAX:
+        _cache.clear()
+    _cache[key] = (now, value)
+    return value
+
+
 def settle_retention(services: Services, tenant: str, params: JobParams) -> JobParams:
-    """``params`` with the retention the job gets written into ``retention_s`` (blocking: reads the
-    tenant's setting).
+    """``params`` with the retention the job gets written into ``retention_s`` (blocking on a cache
+    miss: reads the tenant's setting).
 
     Raises:
         ApiError: 422 invalid_parameter when the job asks for a longer retention than its tenant's;
             503 unavailable when the tenant store is unreachable.
     """
     try:
-        tenant_s = services.tenants.retention_s(tenant)
-    except STORE_ERRORS as exc:
-        logger.warning("tenant store unavailable reading a retention: %s", type(exc).__name__)
-        raise unavailable("the job store") from None
-    try:
-        settled = job_retention_s(params.retention_s, tenant_s, services.settings.job_retention_s)
+        settled = job_retention_s(params.retention_s, _tenant_retention_s(services, tenant),
+                                  services.settings.job_retention_s)
     except RetentionTooLong as exc:
         raise ApiError(422, ErrorCode.INVALID_PARAMETER, str(exc), param="retention_s") from None
     if settled == params.retention_s:
         return params
     return params.model_copy(update={"retention_s": settled})
+
+
+async def settle_retention_async(services: Services, tenant: str, params: JobParams) -> JobParams:
+    """:func:`settle_retention` on the event loop when the tenant's setting is cached, else in a thread."""
+    hit = _cache.get((id(services.tenants), tenant))
+    if hit is not None and time.monotonic() - hit[0] < TENANT_RETENTION_CACHE_S:
+        return settle_retention(services, tenant, params)
+    return await run_in_threadpool(settle_retention, services, tenant, params)
 
 
 def archived_job(services: Services, job_id: str, tenant: str) -> Job | None:

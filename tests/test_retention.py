@@ -13,12 +13,14 @@ import redis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
+from api.retention import clear_tenant_retention_cache
 from api.testing import TEST_KEYS, fake_services, make_settings
 from broker import keys
 from broker.jobstore import RedisJobStore
 from broker.outbox import OutboxRecords
 from broker.retention import DEFAULT_JOB_RETENTION_S, DELETED, NOT_DUE, NOT_TERMINAL, RetentionIndex
 from broker.schema import Job, JobParams, JobStatus, Output, new_job_id
+from broker.tenants import InMemoryTenantStore
 from cli.localservices import ManagedProcess
 from storage import S3Config, S3ObjectStore
 from workers.sweeper import RetentionSweeper
@@ -279,6 +281,7 @@ def test_a_job_gets_its_tenants_retention_or_a_shorter_one_it_asks_for_never_a_l
     assert longer.json()["error"]["code"] == "invalid_parameter"
     assert longer.json()["error"]["param"] == "retention_s"
     services.tenants.set_retention_s("acme", 600)
+    clear_tenant_retention_cache()  # a change reaches an API process within TENANT_RETENTION_CACHE_S
     assert _submit(client).json()["params"]["retention_s"] == 600
     assert _submit(client, retention_s=601).status_code == 422
     assert _submit(client, retention_s=0).status_code == 422
@@ -392,3 +395,16 @@ def test_the_sdk_says_data_removed_and_refuses_to_download_a_removed_output() ->
     assert seen.data_removed is True and seen.outputs[0].url == ""
     with Client(base_url="http://127.0.0.1:9", api_key="k") as sdk, pytest.raises(EditfarmError, match="removed"):
         sdk.read_output(seen.outputs[0])
+
+
+def test_a_tenant_store_that_is_down_answers_503_not_500() -> None:
+    class DownTenants(InMemoryTenantStore):
+        def retention_s(self, tenant: str) -> int | None:
+            raise redis.ConnectionError("down")
+
+    clear_tenant_retention_cache()
+    services = dataclasses.replace(fake_services(), tenants=DownTenants())
+    response = _submit(TestClient(create_app(services=services)))
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "unavailable"
+    assert "ConnectionError" not in response.text

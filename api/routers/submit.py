@@ -55,7 +55,7 @@ from api.limits import (
     enforce_submission_limits,
 )
 from api.models import JobOut
-from api.retention import settle_retention
+from api.retention import settle_retention_async
 from api.views import ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
 from broker.schema import Job, JobParams, new_job_id
 from storage.store import ObjectStore, StorageUnavailable
@@ -144,7 +144,7 @@ async def _take_in(request: Request, submission: Submission, base_url: str) -> J
     replay = await submission.idempotency.claim(fields, sources, lambda job: read_view(job, base_url, services))
     if replay is not None:
         return replay
-    params = await run_in_threadpool(settle_retention, services, submission.tenant, validate_params(fields))
+    params = await settle_retention_async(services, submission.tenant, validate_params(fields))
     check_sources(params, sources)
     if params.webhook is not None:
         await run_in_threadpool(check_url_policy, params.webhook, settings, "webhook")
