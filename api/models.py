@@ -46,7 +46,8 @@ class JobRequest(SubmitParams):
 
 
 class OutputOut(Output):
-    url: str = Field(description="Presigned GET URL of the output; expires after presign_expiry_s.")
+    url: str | None = Field(description="Presigned GET URL of the output; expires after presign_expiry_s. "
+                                        "null once the job's data_removed.")
 
 
 class JobErrorOut(BaseModel):
@@ -73,6 +74,8 @@ class JobOut(BaseModel):
     params: JobParams
     progress: Progress
     outputs: list[OutputOut]
+    data_removed: bool = Field(default=False, description="The job's inputs and outputs were deleted by "
+                                                          "their retention (EDITFARM_OBJECT_RETENTION_DAYS).")
     error: JobErrorOut | None
     attempts: int
     created_at: str | None = Field(description="ISO-8601 UTC")
@@ -88,6 +91,11 @@ class JobList(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next (older) page; null when there is none. A page may be "
                     "shorter than `limit` (even empty) while next_cursor is not null."
+    )
+    includes_archived: bool = Field(
+        default=False,
+        description="Always false: the list ends with the oldest job still in Redis. A job past its retention "
+                    "(deleted from Redis, archived or not) is not listed; GET /v1/jobs/{id} reads an archived one.",
     )
 
 

@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import Services
 from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from api.metrics import ApiMetrics
+from broker.retention import data_removed
 from broker.schema import ErrorCode, Job, JobStatus
 from broker.views import job_view
 
@@ -74,7 +75,8 @@ def presign(services: Services, key: str) -> str:
 def public_view(job: Job, base_url: str, services: Services, queue_position: int | None) -> dict[str, Any]:
     """The public view of ``job``: :func:`broker.views.job_view` plus ``queue_position`` after ``status``."""
     view: dict[str, Any] = {}
-    for name, value in job_view(job, lambda key: presign(services, key), base_url).items():
+    removed = data_removed(job, services.settings.object_retention_days)
+    for name, value in job_view(job, lambda key: presign(services, key), base_url, data_removed=removed).items():
         view[name] = value
         if name == "status":
             view["queue_position"] = queue_position if job.status is JobStatus.QUEUED else None

@@ -40,6 +40,10 @@ REPLICA_PROBE = f"{PREFIX}replica-probe"
 """String written (with a 60 s TTL) just before a ``WAIT`` that must cover what is already on the
 primary: ``WAIT`` counts from the connection's own last write (broker/jobstore/redis.py)."""
 
+EXPIRY = f"{PREFIX}expiry"
+"""Sorted set of terminal job ids scored by when their retention ends (epoch s): the retention
+sweeper (workers/sweeper.py) reads the due ones. Written by lua/reindex.lua."""
+
 
 # -- Celery's queues: kombu keeps each queue as a Redis list named after it (no prefix: the names are
 # what operators pass to workers with -Q and what KEDA and dashboards read)
@@ -119,6 +123,11 @@ def idempotency(tenant: str, key: str) -> str:
     return f"{PREFIX}tenant:{tenant}:idem:{key}"
 
 
+def tenant_retention(tenant: str) -> str:
+    """String: the tenant's job retention in seconds, overriding EDITFARM_JOB_RETENTION_S."""
+    return f"{PREFIX}tenant:{tenant}:retention_s"
+
+
 def worker_heartbeat(worker_name: str) -> str:
     """String with the last heartbeat (epoch s) of a worker process."""
     return f"{PREFIX}worker:{worker_name}:heartbeat"
@@ -142,6 +151,11 @@ def preview_object(tenant: str, job_id: str, step: int) -> str:
 
 def output_object(tenant: str, job_id: str, index: int, ext: str) -> str:
     return f"tenants/{tenant}/jobs/{job_id}/outputs/{index}.{ext}"
+
+
+def job_archive_object(tenant: str, job_id: str) -> str:
+    """The job record archived before the retention sweeper deleted it from Redis."""
+    return f"tenants/{tenant}/jobs/{job_id}/job.json"
 
 
 def mask_object(tenant: str, job_id: str, ext: str) -> str:

@@ -407,6 +407,9 @@ class JobParams(BaseModel):
     timeout_s: float | None = Field(default=None, gt=0, le=86400)
     # not started within this many seconds of submission → canceled with code "queue_deadline"
     queue_deadline_s: float | None = Field(default=None, gt=0, le=7 * 86400)
+    # the finished job leaves Redis this many seconds after finished_at: at most the tenant's retention
+    # (which the API writes here when the job asks for none)
+    retention_s: int | None = Field(default=None, gt=0, le=10 * 365 * 86400)
 
     @model_validator(mode="after")
     def _fits_the_operation(self) -> JobParams:

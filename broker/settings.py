@@ -37,6 +37,14 @@ class ClusterSettings(BaseSettings):
     s3_path_style: bool = True
     presign_expiry_s: int = 24 * 3600
 
+    # a finished job leaves Redis this long after it ended (a tenant may have its own, a job a shorter one)
+    job_retention_s: int = 7 * 24 * 3600
+    # before that, its record goes to tenants/<t>/jobs/<id>/job.json, where GET /v1/jobs/{id} finds it
+    archive_jobs: bool = False
+    # a job's inputs, previews and outputs are deleted this many days after it ended (the bucket's
+    # lifecycle rule, `editfarm storage lifecycle apply`); 0: kept forever
+    object_retention_days: int = 0
+
     webhook_secret: SecretStr | None = None
     model: str = ""
     # the model catalog (YAML, see docs/models.md); EDITFARM_MODEL alone is a one-model catalog

@@ -96,6 +96,15 @@ class TenantStore(abc.ABC):
         return fresh
 
 
+    def retention_s(self, tenant: str) -> int | None:
+        """The tenant's own job retention in seconds (None: EDITFARM_JOB_RETENTION_S applies)."""
+        return None
+
+    def set_retention_s(self, tenant: str, retention_s: int | None) -> None:
+        """Set the tenant's own job retention (None: clear it)."""
+        raise NotImplementedError
+
+
 class RedisTenantStore(TenantStore):
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
@@ -138,6 +147,16 @@ class RedisTenantStore(TenantStore):
     def _save_secrets(self, tenant: str, items: list[WebhookSecret]) -> None:
         self.redis.set(keys.tenant_webhook_secrets(tenant), json.dumps([asdict(i) for i in items]))
 
+    def retention_s(self, tenant: str) -> int | None:
+        raw: Any = self.redis.get(keys.tenant_retention(tenant))
+        return None if raw is None else int(raw)
+
+    def set_retention_s(self, tenant: str, retention_s: int | None) -> None:
+        if retention_s is None:
+            self.redis.delete(keys.tenant_retention(tenant))
+        else:
+            self.redis.set(keys.tenant_retention(tenant), str(retention_s))
+
 
 class InMemoryTenantStore(TenantStore):
     """Dicts, for unit tests."""
@@ -145,6 +164,7 @@ class InMemoryTenantStore(TenantStore):
     def __init__(self) -> None:
         self._keys: dict[str, ApiKeyInfo] = {}
         self._secrets: dict[str, list[WebhookSecret]] = {}
+        self._retention_s: dict[str, int] = {}
         self._lock = threading.Lock()
 
     def _save_key(self, digest: str, info: ApiKeyInfo) -> None:
@@ -173,3 +193,13 @@ class InMemoryTenantStore(TenantStore):
     def _save_secrets(self, tenant: str, items: list[WebhookSecret]) -> None:
         with self._lock:
             self._secrets[tenant] = list(items)
+
+    def retention_s(self, tenant: str) -> int | None:
+        return self._retention_s.get(tenant)
+
+    def set_retention_s(self, tenant: str, retention_s: int | None) -> None:
+        with self._lock:
+            if retention_s is None:
+                self._retention_s.pop(tenant, None)
+            else:
+                self._retention_s[tenant] = retention_s

@@ -19,8 +19,10 @@ def iso(ts: float | None) -> str | None:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def job_view(job: Job, presign: Callable[[str], str], base_url: str = "") -> dict[str, Any]:
-    """The job as the public JSON object. ``presign(key)`` returns a GET URL for an output key."""
+def job_view(job: Job, presign: Callable[[str], str], base_url: str = "", *,
+             data_removed: bool = False) -> dict[str, Any]:
+    """The job as the public JSON object. ``presign(key)`` returns a GET URL for an output key;
+    ``data_removed``: the job's objects were deleted by their retention, so outputs have no URL."""
     params = job.params.model_dump(mode="json")
     return {
         "id": job.id,
@@ -29,8 +31,9 @@ def job_view(job: Job, presign: Callable[[str], str], base_url: str = "") -> dic
         "params": params,
         "progress": job.progress.model_dump(),
         "outputs": [
-            {**out.model_dump(), "url": presign(out.key)} for out in job.outputs
+            {**out.model_dump(), "url": None if data_removed else presign(out.key)} for out in job.outputs
         ],
+        "data_removed": data_removed,
         "error": job.error.model_dump() if job.error else None,
         "attempts": job.attempts,
         "created_at": iso(job.created_at),

@@ -146,11 +146,14 @@ def demo(workdir: Path = Path(".editfarm/demo"), out: Path = Path("out")) -> Non
 
 from cli.admin import keys_app, secrets_app  # noqa: E402
 from cli.jobs import jobs_app, submit  # noqa: E402 - the job commands live in their own module
+from cli.retention import retention_app, storage_app  # noqa: E402
 
 app.command()(submit)
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(secrets_app, name="webhook-secret")
+app.add_typer(storage_app, name="storage")
+app.add_typer(retention_app, name="retention")
 
 
 @model_app.command("tiny")

@@ -245,7 +245,8 @@ def test_a_tenant_lists_only_its_own_jobs(client_services: Any) -> None:
     client, services = client_services
     seed_jobs(services.store, "acme", [JobStatus.QUEUED] * 3)
     response = client.get("/v1/jobs", headers=GLOBEX)
-    assert response.status_code == 200 and response.json() == {"data": [], "next_cursor": None}
+    assert response.status_code == 200 and response.json() == {"data": [], "next_cursor": None,
+                                                                     "includes_archived": False}
     mine = submitted_id(client, GLOBEX)
     assert [j["id"] for j in client.get("/v1/jobs", headers=GLOBEX).json()["data"]] == [mine]
     acme_cursor = client.get("/v1/jobs", params={"limit": 1}, headers=ACME).json()["next_cursor"]

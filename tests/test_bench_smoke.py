@@ -37,6 +37,8 @@ EXPECTED: dict[str, dict[str, Any]] = {
                "standin_worker": ["child_idle_mb", "child_after_jobs_mb", "prefork_parent_mb"],
                "model_worker": dict, "goals": dict},
     "replicas": {"summary": ["min_replicas_0", "min_replicas_1", "ratio_1_over_0", "store_create_us"], "runs": dict},
+    "retention": {"pushed": int, "samples": list, "bytes_per_retained_job": int,
+                  "steady": ["used_memory_mib_max", "bytes_per_job_in_redis_max", "in_redis_over_last_retention_max"]},
 }
 
 
@@ -49,7 +51,7 @@ def _run(name: str, out: Path, extra: list[str]) -> tuple[str, subprocess.Comple
 def test_every_benchmark_writes_its_report(tmp_path: Path, tiny_model: Path) -> None:
     extra = {"pipeline": ["--model", str(tiny_model)]}
     outs = {name: tmp_path / f"{name}.json" for name in EXPECTED}
-    order = ["pipeline", "submit", "orchestration", "duty_cycle", "scaleout", "memory", "replicas"]
+    order = ["pipeline", "submit", "orchestration", "duty_cycle", "scaleout", "memory", "replicas", "retention"]
     with ThreadPoolExecutor(3) as pool:
         finished = list(pool.map(lambda n: _run(n, outs[n], extra.get(n, [])), order))
     for name, proc in finished:

@@ -23,6 +23,7 @@ from broker import keys, redis_conn
 from broker.celery_app import NotifyMessages, enqueue_notify, enqueue_webhook, make_celery
 from broker.events import RedisEventPublisher
 from broker.jobstore import RedisJobStore
+from broker.retention import RetentionIndex
 from broker.schema import Job
 from broker.tenants import RedisTenantStore
 from storage import S3Config, S3ObjectStore, StorageUnavailable
@@ -36,6 +37,7 @@ from workers.reaper import Reaper
 from workers.render_queue import CeleryRenderQueue
 from workers.runner import Runner, RunnerConfig
 from workers.settings import WorkerSettings
+from workers.sweeper import RetentionSweeper
 from workers.transitions import Transitions
 from workers.webhook_configs import WebhookConfigs
 from workers.webhooks import WebhookOutbox, make_client
@@ -233,11 +235,13 @@ class WorkerServices:
         return {str(self.renderer.device): int(torch.cuda.memory_allocated())}
 
     def start_background(self, role: str) -> None:
-        """Per-process threads: heartbeat and metrics (both roles), the reaper (webhook workers)."""
+        """Per-process threads: heartbeat and metrics (both roles), the reaper and the retention sweeper
+        (webhook workers)."""
         self.heartbeat.start()
         metrics.serve(self.settings.metrics_port, lambda: self.store, self.gpu_memory)
         if role == "webhooks":
             self.reaper().start()
+            self.sweeper().start()
 
     # -- webhooks --------------------------------------------------------------------------------
 
@@ -263,3 +267,8 @@ class WorkerServices:
             return bool(self.redis.set(keys.reaped(job_id, lease_until), "1", nx=True, ex=3600))
         return Reaper(store=self.store, transitions=self.transitions, queue=self.queue, claim=claim,
                       interval_s=self.settings.reaper_interval_s)
+
+    def sweeper(self) -> RetentionSweeper:
+        return RetentionSweeper(store=self.store, index=RetentionIndex(self.redis),
+                                archive=self.objects if self.settings.archive_jobs else None,
+                                interval_s=self.settings.retention_sweep_interval_s)

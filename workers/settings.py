@@ -70,6 +70,8 @@ class WorkerSettings(ClusterSettings):
     reuse_cpu_memory: bool = True
     # how often the reaper (in webhook workers) looks for lapsed leases and queue deadlines (seconds)
     reaper_interval_s: float = 2.0
+    # how often the retention sweeper (in webhook workers) deletes finished jobs past their retention
+    retention_sweep_interval_s: float = 10.0
 
     webhook_timeout_s: float = 15.0
     # delays before each attempt (s); "0,5,300" or a JSON list in the environment

@@ -20,6 +20,7 @@ from api.deps import Services, ServicesDep
 from api.errors import STORE_ERRORS, ApiError, ErrorResponse, from_validation_errors
 from api.intake import capped_stream, reject_constant
 from api.models import CancelRequest, JobList, JobOut
+from api.retention import archived_job
 from api.sse import EventStreamResponse, JobEventStream
 from api.views import (
     ERRORS,
@@ -33,6 +34,7 @@ from api.views import (
 )
 from broker import events
 from broker.schema import ErrorCode, Job, JobStatus
+from storage import StorageUnavailable
 
 logger = logging.getLogger("editfarm.api")
 router = APIRouter(tags=["jobs"])
@@ -45,8 +47,9 @@ router = APIRouter(tags=["jobs"])
 async def get_job(job_id: str, request: Request, tenant: TenantDep, services: ServicesDep) -> JSONResponse:
     """The job with presigned output URLs and, while queued, its ``queue_position``.
 
-    Another tenant's job answers exactly like an unknown id (404)."""
-    job = await tenant_job_or_404(services, job_id, tenant)
+    Another tenant's job answers exactly like an unknown id (404). A finished job that left Redis
+    (its retention) answers from the archive when EDITFARM_ARCHIVE_JOBS is on."""
+    job = await _live_or_archived(services, job_id, tenant)
     try:
         view = await run_in_threadpool(read_view, job, public_base_url(request, services), services)
     except STORE_ERRORS as exc:
@@ -54,6 +57,24 @@ async def get_job(job_id: str, request: Request, tenant: TenantDep, services: Se
         raise unavailable("the job store") from None
     # presigned URLs are credentials for a while: keep them out of shared caches
     return JSONResponse(view, headers={"Cache-Control": "no-store"})
+
+
+async def _live_or_archived(services: Services, job_id: str, tenant: str) -> Job:
+    """The tenant's job from Redis, else from the archive. Raises ApiError 404, or 503 when a store
+    is down."""
+    try:
+        return await tenant_job_or_404(services, job_id, tenant)
+    except ApiError as exc:
+        if exc.status_code != 404 or not services.settings.archive_jobs:
+            raise
+    try:
+        job = await run_in_threadpool(archived_job, services, job_id, tenant)
+    except StorageUnavailable:
+        logger.warning("object store unavailable reading an archived job")
+        raise unavailable("the object store") from None
+    if job is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, "no such job")
+    return job
 
 
 # -- listing -------------------------------------------------------------------------------------
@@ -146,7 +167,9 @@ async def list_jobs(
     Follow ``next_cursor`` until it is null. Cursors stay valid while new jobs
     arrive (new jobs appear on the first page, never shift later ones). With a
     status filter a page may hold fewer than ``limit`` jobs, or none, while
-    ``next_cursor`` is still set.
+    ``next_cursor`` is still set. The list ends with the oldest job still in Redis:
+    jobs past their retention are not listed (``includes_archived`` is false), even when
+    archived; ``GET /v1/jobs/{id}`` reads those.
     """
     statuses = _parse_statuses(status)
     after = _decode_cursor(cursor) if cursor else None
@@ -156,7 +179,8 @@ async def list_jobs(
     except STORE_ERRORS as exc:
         logger.warning("job store unavailable listing jobs: %s", type(exc).__name__)
         raise unavailable("the job store") from None
-    return JSONResponse({"data": page, "next_cursor": next_cursor}, headers={"Cache-Control": "no-store"})
+    return JSONResponse({"data": page, "next_cursor": next_cursor, "includes_archived": False},
+                        headers={"Cache-Control": "no-store"})
 
 
 # -- cancel --------------------------------------------------------------------------------------

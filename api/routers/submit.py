@@ -53,6 +53,7 @@ from api.limits import (
 )
 from api.models import JobOut
 from api.uploads import UploadTicket
+from api.retention import settle_retention_async
 from api.views import ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
 from broker.replication import ReplicaShortfall
 from broker.schema import Job, JobParams, new_job_id
@@ -122,7 +123,7 @@ async def _take_in(request: Request, submission: Submission, base_url: str,
     replay = await submission.idempotency.claim(fields, sources, lambda job: read_view(job, base_url, services))
     if replay is not None:
         return replay
-    params = validate_params(fields)
+    params = await settle_retention_async(services, submission.tenant, validate_params(fields))
     check_sources(params, sources)
     if params.webhook is not None:
         await run_in_threadpool(check_url_policy, params.webhook, settings, "webhook")

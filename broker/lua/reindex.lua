@@ -2,6 +2,22 @@
 -- (queue position), deadlines, running (lease_until) and the inflight list that KEDA counts.
 -- KEYS[1] is the job hash, KEYS[2..7] the indexes in INDEX_KEYS order (broker/jobstore/redis.py).
 local KEY_PREFIX = '@PREFIX@'
+-- broker.retention.DEFAULT_JOB_RETENTION_S: for a job whose params carry no retention_s (the API
+-- always writes one; records from before retention existed do not)
+local DEFAULT_RETENTION_S = 604800
+-- Epoch seconds after which a terminal job may leave Redis (lua/sweep_job.lua): finished_at (else
+-- created_at) + params.retention_s.
+local function expires_at()
+  local params = cjson.decode(redis.call('HGET', KEYS[1], 'params') or 'null')
+  local retention = type(params) == 'table' and params['retention_s']
+  if type(retention) ~= 'number' then retention = DEFAULT_RETENTION_S end
+  local finished = tonumber(redis.call('HGET', KEYS[1], 'finished_at'))
+    or tonumber(redis.call('HGET', KEYS[1], 'created_at')) or 0
+  return finished + retention
+end
+local function is_terminal(status)
+  return status == '"succeeded"' or status == '"failed"' or status == '"canceled"'
+end
 local function reindex(id)
   local status = redis.call('HGET', KEYS[1], 'status')
   for i = 2, 4 do redis.call('ZREM', KEYS[i], id) end
@@ -27,5 +43,12 @@ local function reindex(id)
     redis.call('SADD', active, id)
   else
     redis.call('SREM', active, id)
+  end
+  -- terminal jobs wait in the expiry index, by when they may go, so a sweep reads only the due ones
+  -- (derived key, as above)
+  if is_terminal(status) then
+    redis.call('ZADD', KEY_PREFIX .. 'expiry', expires_at(), id)
+  else
+    redis.call('ZREM', KEY_PREFIX .. 'expiry', id)
   end
 end

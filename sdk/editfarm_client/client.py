@@ -39,7 +39,7 @@ from editfarm_client._base import (
 )
 from editfarm_client._sse import SSEParser
 from editfarm_client._uploads import ImageInput
-from editfarm_client.errors import APIConnectionError, APIError, WaitTimeout
+from editfarm_client.errors import APIConnectionError, APIError, EditfarmError, WaitTimeout
 from editfarm_client.models import (
     DoneEvent,
     Job,
@@ -54,6 +54,13 @@ from editfarm_client.models import (
 
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
+
+
+def _download_url(output: Output) -> str:
+    """The output's URL. Raises EditfarmError when it has none (its job's data was removed)."""
+    if not output.url:
+        raise EditfarmError(f"{output.key} has no URL: the job's data was removed by its retention")
+    return output.url
 
 
 class _Common:
@@ -386,7 +393,7 @@ class Client(_Common):
     def read_output(self, output: Output, *, verify: bool = True) -> bytes:
         """The bytes of one output from its presigned URL, checked against ``sha256``/``size_bytes``."""
         try:
-            response = self._downloads.get(output.url)
+            response = self._downloads.get(_download_url(output))
         except httpx.TransportError as exc:
             raise APIConnectionError(f"downloading {output.key}: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 400:
@@ -663,7 +670,7 @@ class AsyncClient(_Common):
     async def read_output(self, output: Output, *, verify: bool = True) -> bytes:
         """See :meth:`Client.read_output`."""
         try:
-            response = await self._downloads.get(output.url)
+            response = await self._downloads.get(_download_url(output))
         except httpx.TransportError as exc:
             raise APIConnectionError(f"downloading {output.key}: {type(exc).__name__}: {exc}") from exc
         if response.status_code >= 400:

@@ -129,6 +129,8 @@ class Job:
     finished_at: dt.datetime | None
     urls: dict[str, str]
     raw: dict[str, Any] = field(repr=False, compare=False)
+    # the job's inputs and outputs were deleted by their retention: outputs keep their metadata, no url
+    data_removed: bool = False
 
     @property
     def done(self) -> bool:
@@ -172,6 +174,7 @@ class Job:
             finished_at=_parse_time(data.get("finished_at")),
             urls={str(k): str(v) for k, v in urls.items()} if isinstance(urls, Mapping) else {},
             raw=dict(data),
+            data_removed=bool(data.get("data_removed")),
         )
 
 
