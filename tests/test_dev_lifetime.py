@@ -125,7 +125,7 @@ def the_cluster_processes(run: Dev) -> dict[int, str]:
     """Every process of the running cluster, checked to be all there."""
     children = run.children()
     commands = " | ".join(children.values())
-    for part in ("redis-server|valkey-server", "moto.server", "uvicorn", "render0@local", "webhooks@local"):
+    for part in ("redis-server|valkey-server", "weed mini", "uvicorn", "render0@local", "webhooks@local"):
         assert re.search(part, commands), commands
     render = [cmd for cmd in children.values() if "render0@local" in cmd]
     assert len(render) >= 2, render  # the Celery worker and its pool child

@@ -52,8 +52,8 @@ from api.limits import (
     enforce_submission_limits,
 )
 from api.models import JobOut
-from api.uploads import UploadTicket
 from api.retention import settle_retention_async
+from api.uploads import UploadTicket
 from api.views import ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
 from broker.replication import ReplicaShortfall
 from broker.schema import Job, JobParams, new_job_id
