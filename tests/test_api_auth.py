@@ -14,7 +14,7 @@ from api import auth
 from api.app import create_app
 from api.auth import parse_api_keys
 from api.settings import ApiSettings
-from api.testing import TEST_KEYS, fake_services, make_settings
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +141,7 @@ def test_a_key_created_in_the_tenant_store_authenticates_until_revoked() -> None
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from api.testing import fake_services, make_settings
+    from editfarm_testing.api import fake_services, make_settings
 
     services = fake_services(make_settings())
     info, key = services.tenants.create_key("initech")

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import create_app
 from api.deps import Services
 from api.models import JobList, JobOut
-from api.testing import TEST_KEYS, fake_services, make_settings, notified, notify_args, queued
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, notified, notify_args, queued
 from broker import keys
 from broker.celery_app import NOTIFY_TASK, WEBHOOK_QUEUE
 from broker.events import InMemoryEventPublisher

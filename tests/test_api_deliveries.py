@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.delivery_log import InMemoryDeliveryLog, RedisDeliveryLog
 from api.deps import Services
-from api.testing import TEST_KEYS, RecordingRedeliver, fake_services
+from editfarm_testing.api import TEST_KEYS, RecordingRedeliver, fake_services
 from broker import keys
 from broker.jobstore import RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Operation

@@ -23,7 +23,7 @@ from PIL import Image
 from api.app import create_app
 from api.deps import Services
 from api.events import InMemoryEventBus, RedisEventSource
-from api.testing import TEST_KEYS, fake_services, make_settings
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 from broker import keys
 from broker.events import RedisEventPublisher
 from broker.jobstore import RedisJobStore

@@ -26,7 +26,7 @@ from api.idempotency import (
     request_digest,
 )
 from api.intake import Sources
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
 from broker.jobstore import InMemoryJobStore, RedisJobStore
 

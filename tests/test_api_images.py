@@ -22,7 +22,7 @@ from api.app import create_app
 from api.deps import Services
 from api.errors import ApiError
 from api.images import decode_data_url, inspect_image
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from storage.store import InMemoryObjectStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}

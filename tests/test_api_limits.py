@@ -24,7 +24,7 @@ from api.limits import (
     retry_after_s,
 )
 from api.settings import ApiSettings
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
 from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id

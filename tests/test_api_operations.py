@@ -1,5 +1,5 @@
 """POST /v1/jobs for every operation: what each accepts and stores, and each validation rule's
-code and param (in process: TestClient over the in-memory fakes of api/testing.py)."""
+code and param (in process: TestClient over the in-memory fakes of editfarm_testing/api.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from api.app import create_app
 from api.deps import Services
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from broker.schema import JobStatus
 from storage.store import InMemoryObjectStore
 

@@ -32,7 +32,9 @@ import redis
 from broker import keys
 from broker.celery_app import RENDER_QUEUES
 from cli.cluster import ROOT, ClusterConfig, LocalCluster
-from cli.localservices import TcpProxy, wait_until
+from cli.localservices import wait_until
+from editfarm_testing.cluster import restart_api, restart_redis
+from editfarm_testing.tcpproxy import TcpProxy
 from tests.e2e_support import API_KEYS, auth
 from tests.fault_support import (
     Deliveries,
@@ -389,7 +391,7 @@ def test_restarting_the_api_mid_flight_leaves_running_jobs_alone(faults: Faults)
     faults.healthy()
     jobs = [submit(cluster, steps=8, seed=i, webhook=faults.receiver.url) for i in range(max(4, TRIALS))]
     wait_n_running(cluster, jobs, 2)
-    cluster.restart_api(signal.SIGKILL)
+    restart_api(cluster, signal.SIGKILL)
     for job_id in jobs:  # GET works after the restart, whatever state each job is in
         assert get(cluster, job_id)["status"] in {"queued", "running", "succeeded"}
     wait_all_terminal(cluster, jobs)
@@ -411,7 +413,7 @@ def test_redis_restarted_with_jobs_queued_and_running_every_accepted_job_ends_on
     tally.notes["at_crash"] = {s: states.count(s) for s in set(states)}
     assert "queued" in states and "running" in states, states
     faults.redis_restart_jobs = jobs
-    cluster.restart_redis(signal.SIGKILL, down_s=2)
+    restart_redis(cluster, signal.SIGKILL, down_s=2)
     client = redis.Redis.from_url(cluster.redis_url)
     assert all(client.exists(keys.job(j)) for j in jobs)  # the AOF kept every accepted job
     wait_all_terminal(cluster, jobs, timeout_s=240)
