@@ -14,10 +14,10 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.delivery_log import InMemoryDeliveryLog, RedisDeliveryLog
 from api.deps import Services
-from editfarm_testing.api import TEST_KEYS, RecordingRedeliver, fake_services
 from broker import keys
 from broker.jobstore import RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Operation
+from editfarm_testing.api import TEST_KEYS, RecordingRedeliver, fake_services
 from workers.webhooks import WebhookConfig, WebhookOutbox, deliver_once, message_id_for
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}

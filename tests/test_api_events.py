@@ -23,11 +23,11 @@ from PIL import Image
 from api.app import create_app
 from api.deps import Services
 from api.events import InMemoryEventBus, RedisEventSource
-from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 from broker import keys
 from broker.events import RedisEventPublisher
 from broker.jobstore import RedisJobStore
 from broker.schema import JobStatus, Output
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}

@@ -26,9 +26,9 @@ from api.idempotency import (
     request_digest,
 )
 from api.intake import Sources
-from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
 from broker.jobstore import InMemoryJobStore, RedisJobStore
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}

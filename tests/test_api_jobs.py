@@ -16,10 +16,10 @@ from PIL import Image
 from api.app import create_app
 from api.deps import Services
 from api.models import JobOut
-from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from broker.celery_app import render_job_id
 from broker.jobstore import InMemoryJobStore, RedisJobStore
 from broker.schema import MAX_SEED, JobStatus, Output
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from storage.store import InMemoryObjectStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}

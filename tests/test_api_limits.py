@@ -24,10 +24,10 @@ from api.limits import (
     retry_after_s,
 )
 from api.settings import ApiSettings
-from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
 from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}

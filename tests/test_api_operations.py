@@ -15,8 +15,8 @@ from PIL import Image
 
 from api.app import create_app
 from api.deps import Services
-from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from broker.schema import JobStatus
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from storage.store import InMemoryObjectStore
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}

@@ -35,10 +35,9 @@ from cli.cluster import ROOT, ClusterConfig, LocalCluster
 from cli.localservices import wait_until
 from editfarm_testing.cluster import restart_api, restart_redis
 from editfarm_testing.tcpproxy import TcpProxy
+from editfarm_testing.webhooks import ByJob, FlakyReceiver
 from tests.e2e_support import API_KEYS, auth
 from tests.fault_support import (
-    Deliveries,
-    FlakyReceiver,
     Tally,
     get,
     holder,
@@ -79,7 +78,7 @@ class Faults:
 
     def __init__(self, cluster: LocalCluster, s3_proxy: TcpProxy, receiver: FlakyReceiver, tiny_model: Path) -> None:
         self.cluster, self.s3_proxy, self.receiver = cluster, s3_proxy, receiver
-        self.deliveries = Deliveries(receiver)
+        self.deliveries = ByJob(receiver)
         self.tiny_model = tiny_model
         self.redis_restart_jobs: list[str] = []
 
@@ -295,7 +294,7 @@ def test_a_failing_webhook_receiver_gets_exactly_one_accepted_signed_delivery(fa
     faults.healthy()
     with FlakyReceiver(hang_s=6) as receiver, TcpProxy(receiver.port) as gate:
         url = f"{gate.url}/hooks/editfarm"
-        deliveries = Deliveries(receiver)
+        deliveries = ByJob(receiver)
         gate.set_mode("refuse")
         jobs = [submit(cluster, steps=2, seed=i, webhook=url) for i in range(max(3, TRIALS))]
         outbox = WebhookOutbox(redis.Redis.from_url(cluster.redis_url))
@@ -317,9 +316,9 @@ def test_a_failing_webhook_receiver_gets_exactly_one_accepted_signed_delivery(fa
         judge(cluster, tally, jobs, deliveries)
         verifier = Webhook(cluster.webhook_secret)
         for job_id in jobs:
-            for headers, body in deliveries.terminal(job_id):
-                assert verifier.verify(body, headers)["data"]["id"] == job_id
-            sent_ids = {h["webhook-id"] for h, b, _ in receiver.requests if json.loads(b)["data"]["id"] == job_id}
+            for delivery in deliveries.terminal(job_id):
+                assert verifier.verify(delivery.body, delivery.headers)["data"]["id"] == job_id
+            sent_ids = {d.headers["webhook-id"] for d in receiver.requests if json.loads(d.body)["data"]["id"] == job_id}
             assert sent_ids == {messages[job_id]}, sent_ids  # the same id on every retry
         attempts = [len(outbox.attempts(m)) for m in messages.values()]
         tally.notes["delivery_attempts_per_message"] = attempts

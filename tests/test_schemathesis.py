@@ -30,8 +30,8 @@ from schemathesis.specs.openapi.checks import (
 
 from api.app import create_app
 from api.delivery_log import InMemoryDeliveryLog
-from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 from broker.schema import Job, JobParams, JobStatus, Operation, Output
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 
 MAX_EXAMPLES = 30
 AUTH = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
