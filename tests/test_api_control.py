@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import time
 from typing import Any
 
@@ -24,15 +23,10 @@ from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
 from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, notified, notify_args, queued
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def png() -> bytes:
