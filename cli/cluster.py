@@ -199,10 +199,6 @@ class LocalCluster:
             os.killpg(proc.pid, signal.SIGKILL)
             return proc.wait()
 
-    def worker_child_pid(self, name: str) -> int:
-        """PID of a render worker's pool child (the process holding the model), from its ready file."""
-        return int((self.workdir / "ready" / f"{name}.ready").read_text())
-
     def wait_ready(self, timeout_s: float = 120) -> None:
         """Wait for the API to answer /readyz and every render worker to write its ready file."""
         def api_ready() -> bool:
@@ -221,7 +217,3 @@ class LocalCluster:
                 raise ServiceDied(f"{name} exited: see {self.workdir / 'logs' / (name + '.log')}")
             return ready.exists()
         wait_until(check, timeout_s, name, interval_s=0.1)
-
-    def log(self, name: str) -> str:
-        path = self.workdir / "logs" / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""

@@ -1,7 +1,8 @@
-"""Fault moves on a running :class:`cli.cluster.LocalCluster`: restart its Redis or its API.
+"""What tests and benchmarks do to a running :class:`cli.cluster.LocalCluster` and the product never
+does: restart its Redis or its API, find a render worker's pool child, read a process's log.
 
 Functions taking the cluster rather than methods on it: only tests and benchmarks crash a
-cluster's services on purpose.
+cluster's services on purpose or look inside its processes.
 """
 
 from __future__ import annotations
@@ -46,3 +47,18 @@ def restart_api(cluster: LocalCluster, sig: int = signal.SIGTERM, timeout_s: flo
     cluster.stop_process("api", sig)
     cluster.start_api()
     wait_until(lambda: httpx.get(f"{cluster.api_url}/readyz", timeout=2).status_code == 200, timeout_s, "API")
+
+
+def worker_child_pid(cluster: LocalCluster, name: str) -> int:
+    """PID of a render worker's pool child (the process holding the model), from its ready file.
+
+    Raises:
+        FileNotFoundError: the worker has not written its ready file (yet).
+    """
+    return int((cluster.workdir / "ready" / f"{name}.ready").read_text())
+
+
+def process_log(cluster: LocalCluster, name: str) -> str:
+    """What the cluster's process ``name`` (``api``, ``render0``, …) wrote so far; "" before it wrote."""
+    path = cluster.workdir / "logs" / f"{name}.log"
+    return path.read_text(errors="replace") if path.exists() else ""

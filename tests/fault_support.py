@@ -32,6 +32,7 @@ import redis
 from broker import keys
 from cli.cluster import ROOT, LocalCluster
 from cli.localservices import ServiceDied, wait_until
+from editfarm_testing.cluster import worker_child_pid
 from editfarm_testing.webhooks import ByJob
 from tests.e2e_support import auth, data_url, png_bytes
 
@@ -120,7 +121,7 @@ def wait_new_child(cluster: LocalCluster, name: str, old_pid: int, timeout_s: fl
     def check() -> bool:
         proc = cluster.procs.get(name)
         assert proc is not None and proc.poll() is None, f"{name} exited: see its log"
-        box["pid"] = cluster.worker_child_pid(name)
+        box["pid"] = worker_child_pid(cluster, name)
         return box["pid"] != old_pid
     wait_until(check, timeout_s, f"{name} new child", interval_s=0.1)
     return box["pid"]

@@ -23,6 +23,7 @@ import redis
 
 from cli.cluster import ROOT, ClusterConfig, LocalCluster
 from cli.localservices import free_port, wait_until
+from editfarm_testing.cluster import process_log, worker_child_pid
 from editfarm_testing.webhooks import ByJob, WebhookReceiver
 from tests.e2e_support import API_KEYS, auth, data_url, png_bytes, wait_terminal
 
@@ -135,7 +136,7 @@ def test_a_job_whose_worker_is_killed_mid_render_ends_once_with_one_webhook(
         cluster: LocalCluster, hooks: ByJob) -> None:
     job = submit(cluster, steps=24, webhook=hooks.receiver.url)
     wait_for(cluster, job["id"], lambda j: j["progress"]["step"] >= 2)
-    pids = {name: cluster.worker_child_pid(name) for name in ("render0", "render1")}
+    pids = {name: worker_child_pid(cluster, name) for name in ("render0", "render1")}
     r = redis.Redis.from_url(cluster.redis_url)
     holder = json.loads(r.hget(f"editfarm:job:{job['id']}", "worker") or b'""')
     victim = "render0" if holder.startswith("render0") else "render1"
@@ -162,7 +163,7 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(cluster: LocalCluste
     assert final["status"] == "succeeded" and final["attempts"] == 1
     assert len(starts) <= 1  # subscribed after submit: the one start may predate the subscription
     assert len(hooks.for_job(job["id"], settle_s=2)) == 1
-    worker_logs = cluster.log("render0") + cluster.log("render1")
+    worker_logs = process_log(cluster, "render0") + process_log(cluster, "render1")
     assert worker_logs.count(job["id"]) >= 1
 
 
