@@ -38,8 +38,8 @@ test-fast: venv
 	$(PY) -m pytest -m "not integration" $(addprefix --ignore=,$(FAST_SKIP)) $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check broker storage api workers cli tests sdk bench deploy
-	$(VENV)/bin/mypy broker storage api workers cli
+	$(VENV)/bin/ruff check broker storage api workers cli tests sdk bench deploy editfarm_testing
+	$(VENV)/bin/mypy broker storage api workers cli editfarm_testing
 	$(VENV)/bin/mypy --config-file sdk/pyproject.toml sdk/editfarm_client
 
 clean:

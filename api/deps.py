@@ -34,7 +34,7 @@ from storage.store import ObjectStore, S3ObjectStore
 @dataclass(kw_only=True)
 class Services:
     """Everything a request handler may touch. Each service is given explicitly (the real ones by
-    :meth:`from_settings`, in-memory ones by ``api.testing.fake_services``): none defaults to a
+    :meth:`from_settings`, in-memory ones by ``editfarm_testing.api.fake_services``): none defaults to a
     fake that would pass unnoticed in production.
 
     ``render_queue`` builds a job's Celery render message, which

@@ -13,15 +13,12 @@ import json
 import math
 import os
 import platform
-import queue
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterable, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,6 +36,7 @@ RUNNER_ENV = {
 if str(ROOT) not in sys.path:  # `python bench/<name>.py` as well as `python -m bench.<name>`
     sys.path.insert(0, str(ROOT))
 
+from editfarm_testing.webhooks import TERMINAL_TYPES, WebhookReceiver  # noqa: E402 - after the sys.path line above
 
 # -- statistics ------------------------------------------------------------------------------------
 
@@ -287,46 +285,11 @@ class BenchCluster:
 # -- webhooks --------------------------------------------------------------------------------------
 
 
-class TimedReceiver:
-    """An HTTP server on 127.0.0.1 recording (perf_counter at arrival, job id, event type) per POST."""
+class TimedReceiver(WebhookReceiver):
+    """A webhook receiver on 127.0.0.1 (keep-alive) that tells when a job's terminal webhook arrived."""
 
     def __init__(self) -> None:
-        self.received: queue.Queue[tuple[float, float, str, str]] = queue.Queue()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                arrived, epoch = time.perf_counter(), time.time()
-                try:
-                    payload = json.loads(body)
-                    receiver.received.put((arrived, epoch, payload["data"]["id"], payload["type"]))
-                except (ValueError, KeyError):
-                    pass
-                self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/hooks/bench"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(keep_alive=True, path="/hooks/bench")
 
     def wait_for(self, job_id: str, timeout_s: float = 30) -> tuple[float, float]:
         """(perf_counter, epoch) at which ``job_id``'s terminal webhook arrived (others are skipped)."""
@@ -335,9 +298,14 @@ class TimedReceiver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no webhook for {job_id} within {timeout_s} s")
-            arrived, epoch, got, kind = self.received.get(timeout=left)
-            if got == job_id and kind in ("job.succeeded", "job.failed", "job.canceled"):
-                return arrived, epoch
+            delivery = self.received.get(timeout=left)
+            try:
+                payload = json.loads(delivery.body)
+                got, kind = payload["data"]["id"], payload["type"]
+            except (ValueError, KeyError, TypeError):
+                continue  # not a job's webhook (the benchmark's own plain POSTs)
+            if got == job_id and kind in TERMINAL_TYPES:
+                return delivery.perf_s, delivery.at_s
 
 
 def wait_jobs_done(redis_url: str, job_ids: Sequence[str], timeout_s: float) -> dict[str, dict[str, Any]]:

@@ -46,6 +46,7 @@ from bench.common import (
     workdir,
     write_report,
 )
+from editfarm_testing.cluster import worker_child_pid
 
 PROMPT = "make the sky purple"
 # the API without its memory bounds (upload slots, fixed mmap threshold): how it was before them
@@ -95,7 +96,7 @@ def standin_worker_memory(root: Path, jobs: int, side: int) -> dict[str, Any]:
                          webhook_worker=False)
     with bench:
         cluster = bench.cluster
-        child = cluster.worker_child_pid("render0")
+        child = worker_child_pid(cluster, "render0")
         parent = cluster.procs["render0"].pid
         idle = rss_mb(child)
         image = data_url(png((side, side), noise=True))
@@ -129,7 +130,7 @@ def model_worker_memory(root: Path, model: str, side: int) -> dict[str, Any]:
     script_row = json.loads(script.stdout.strip().splitlines()[-1])
     with BenchCluster(root / "model", render_workers=1, model=model, webhook_worker=False) as bench:
         cluster = bench.cluster
-        child = cluster.worker_child_pid("render0")
+        child = worker_child_pid(cluster, "render0")
         client = httpx.Client(base_url=cluster.api_url, headers={"Authorization": f"Bearer {cluster.api_key()}"},
                               timeout=600)
         job_id = client.post("/v1/jobs", json={**body, "image": data_url(data)}).json()["id"]

@@ -54,6 +54,7 @@ from bench.common import (
     workdir,
     write_report,
 )
+from editfarm_testing.cluster import worker_child_pid
 
 PROMPT = "make the sky purple and add a small red kite"
 
@@ -141,7 +142,7 @@ def main() -> int:
 
         store = redis.Redis.from_url(cluster.redis_url)
         metrics_port = cluster.metrics_ports["render0"]
-        worker_procs = [psutil.Process(cluster.worker_child_pid("render0")), psutil.Process(cluster.procs["render0"].pid)]
+        worker_procs = [psutil.Process(worker_child_pid(cluster, "render0")), psutil.Process(cluster.procs["render0"].pid)]
 
         def worker_cpu() -> float:
             return sum(t.user + t.system for t in (p.cpu_times() for p in worker_procs))

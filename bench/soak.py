@@ -25,16 +25,14 @@ import io
 import json
 import os
 import platform
-import queue
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python bench/soak.py` as well as `python -m bench.soak`
@@ -45,6 +43,7 @@ import redis  # noqa: E402 - after the sys.path line above
 
 from broker import keys  # noqa: E402 - after the sys.path line above
 from cli.cluster import ClusterConfig, LocalCluster  # noqa: E402 - after the sys.path line above
+from editfarm_testing.webhooks import Delivery, WebhookReceiver  # noqa: E402 - after the sys.path line above
 
 TERMINAL = ("succeeded", "failed", "canceled")
 TERMINAL_TYPES = ("job.succeeded", "job.failed", "job.canceled")
@@ -141,54 +140,24 @@ class Sampler:
 # -- webhooks --------------------------------------------------------------------------------------
 
 
-class Receiver:
-    """Counts terminal webhooks (and their ids) per job; answers 204."""
+class Receiver(WebhookReceiver):
+    """Counts terminal webhooks (and their ids) per job; answers 204 on kept-alive connections."""
 
     def __init__(self) -> None:
         self.terminal: dict[str, list[str]] = {}
-        self.arrived: queue.Queue[str] = queue.Queue()
-        self._lock = threading.Lock()
-        receiver = self
+        super().__init__(keep_alive=True, path="/hooks/soak")
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                try:
-                    payload = json.loads(body)
-                    if payload["type"] in TERMINAL_TYPES:
-                        with receiver._lock:
-                            receiver.terminal.setdefault(payload["data"]["id"], []).append(
-                                self.headers.get("webhook-id", ""))
-                        receiver.arrived.put(payload["data"]["id"])
-                except (ValueError, KeyError):
-                    pass
-                self.send_response(204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/hooks/soak"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    def accepted(self, delivery: Delivery) -> None:
+        try:
+            payload = json.loads(delivery.body)
+            if payload["type"] in TERMINAL_TYPES:
+                with self.lock:
+                    self.terminal.setdefault(payload["data"]["id"], []).append(delivery.headers.get("webhook-id", ""))
+        except (ValueError, KeyError, TypeError):
+            pass
 
     def count(self) -> int:
-        with self._lock:
+        with self.lock:
             return len(self.terminal)
 
 

@@ -365,7 +365,7 @@ def _resolve_defaults(models: Sequence[ModelSpec], positions: Sequence[int], *, 
 # -- parsing -----------------------------------------------------------------------------------
 
 
-class _StrictLoader(yaml.SafeLoader):
+class _StrictLoader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no types
     """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last
     silently, so a repeated ``steps`` would hide the first)."""
 
@@ -378,7 +378,7 @@ def _no_duplicate_keys(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
             raise yaml.constructor.ConstructorError(
                 "while reading a mapping", node.start_mark, f"found the key {key!r} twice", key_node.start_mark)
         seen.add(key)
-    return loader.construct_mapping(node, deep=deep)
+    return dict(loader.construct_mapping(node, deep=deep))
 
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)

@@ -14,7 +14,7 @@ import uuid
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from broker import keys
 from broker.redis_conn import celery_broker
@@ -29,6 +29,10 @@ RENDER_QUEUES = {p: keys.render_queue(p) for p in keys.RENDER_PRIORITIES}
 RENDER_QUEUE_ORDER = tuple(RENDER_QUEUES[p] for p in keys.RENDER_PRIORITIES)
 RENDER_QUEUE = RENDER_QUEUES["normal"]
 WEBHOOK_QUEUE = keys.WEBHOOK_QUEUE
+
+
+def _queue(name: str) -> Queue:
+    return Queue(name)  # type: ignore[no-untyped-call]  # kombu ships no annotations
 
 
 def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600,
@@ -60,7 +64,7 @@ def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600,
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        task_queues=[*(Queue(q) for q in RENDER_QUEUE_ORDER), Queue(WEBHOOK_QUEUE)],
+        task_queues=[_queue(q) for q in (*RENDER_QUEUE_ORDER, WEBHOOK_QUEUE)],
         task_default_queue=RENDER_QUEUE,
         task_routes={RENDER_TASK: {"queue": RENDER_QUEUE}, WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
                      NOTIFY_TASK: {"queue": WEBHOOK_QUEUE}},

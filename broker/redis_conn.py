@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
@@ -101,10 +101,12 @@ def client_from_url(url: str, **kwargs: Any) -> redis.Redis:
     config = parse_sentinel_url(url)
     if config is None:
         return redis.Redis.from_url(url, **kwargs)
-    manager = redis.sentinel.Sentinel(list(config.sentinels), sentinel_kwargs=config.sentinel_kwargs(),
+    # redis-py's Sentinel is untyped: Any here, the client's type below
+    manager: Any = cast(Any, redis.sentinel.Sentinel)(list(config.sentinels), sentinel_kwargs=config.sentinel_kwargs(),
                                       socket_connect_timeout=kwargs.get("socket_connect_timeout"),
                                       socket_timeout=kwargs.get("socket_timeout"))
-    return manager.master_for(config.master_name, redis_class=redis.Redis, **config.master_kwargs(), **kwargs)
+    return cast(redis.Redis, manager.master_for(config.master_name, redis_class=redis.Redis,
+                                                **config.master_kwargs(), **kwargs))
 
 
 def async_client_from_url(url: str, **kwargs: Any) -> redis.asyncio.Redis:
@@ -112,11 +114,11 @@ def async_client_from_url(url: str, **kwargs: Any) -> redis.asyncio.Redis:
     config = parse_sentinel_url(url)
     if config is None:
         return redis.asyncio.Redis.from_url(url, **kwargs)
-    manager = redis.asyncio.sentinel.Sentinel(
+    manager: Any = cast(Any, redis.asyncio.sentinel.Sentinel)(
         list(config.sentinels), sentinel_kwargs=config.sentinel_kwargs(),
         socket_connect_timeout=kwargs.get("socket_connect_timeout"), socket_timeout=kwargs.get("socket_timeout"))
-    return manager.master_for(config.master_name, redis_class=redis.asyncio.Redis, **config.master_kwargs(),
-                              **kwargs)
+    return cast(redis.asyncio.Redis, manager.master_for(config.master_name, redis_class=redis.asyncio.Redis,
+                                                        **config.master_kwargs(), **kwargs))
 
 
 @dataclass(frozen=True)

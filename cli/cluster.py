@@ -13,7 +13,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,33 +244,6 @@ class LocalCluster:
             os.killpg(proc.pid, signal.SIGKILL)
             return proc.wait()
 
-    def restart_redis(self, sig: int = signal.SIGTERM, down_s: float = 0.0) -> None:
-        """Stop the cluster's own Redis with ``sig`` (SIGKILL: a crash), stay down ``down_s`` seconds,
-        then start it again on the same port and folder: it reloads its append-only file."""
-        assert self.redis is not None, "the cluster was given an outside Redis"
-        old = self.redis
-        old.proc.send_signal(sig)
-        try:
-            old.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            old.proc.kill()
-            old.proc.wait()
-        if down_s > 0:
-            time.sleep(down_s)
-        self.redis = start_redis(port=old.port, workdir=old.workdir, log=self.workdir / "logs" / "redis.log",
-                                 appendfsync=self.config.redis_appendfsync,
-                                 die_with_parent=self.config.die_with_parent)
-
-    def restart_api(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> None:
-        """Stop the API with ``sig`` and start it again on the same port; waits until it is ready."""
-        self.stop_process("api", sig)
-        self.start_api()
-        wait_until(lambda: httpx.get(f"{self.api_url}/readyz", timeout=2).status_code == 200, timeout_s, "API")
-
-    def worker_child_pid(self, name: str) -> int:
-        """PID of a render worker's pool child (the process holding the model), from its ready file."""
-        return int((self.workdir / "ready" / f"{name}.ready").read_text())
-
     def wait_ready(self, timeout_s: float = 120) -> None:
         """Wait for the API to answer /readyz and every render worker to write its ready file."""
         def api_ready() -> bool:
@@ -290,7 +262,3 @@ class LocalCluster:
                 raise ServiceDied(f"{name} exited: see {self.workdir / 'logs' / (name + '.log')}")
             return ready.exists()
         wait_until(check, timeout_s, name, interval_s=0.1)
-
-    def log(self, name: str) -> str:
-        path = self.workdir / "logs" / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""

@@ -9,48 +9,12 @@ the output image and prints its path and URL.
 from __future__ import annotations
 
 import json
-import queue
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 from cli.cluster import ROOT, ClusterConfig, LocalCluster
+from cli.webhook_receiver import WebhookReceiver
 
 SAMPLE = ROOT / "examples" / "sample.png"
-
-
-class WebhookReceiver:
-    """A real HTTP server on 127.0.0.1 that records every POST (headers and body)."""
-
-    def __init__(self, status_code: int = 204) -> None:
-        self.received: queue.Queue[tuple[dict[str, str], bytes]] = queue.Queue()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                receiver.received.put(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(status_code)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}/hooks/editfarm"
-
-    def __enter__(self) -> WebhookReceiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def run_demo(workdir: Path, out: Path) -> int:
@@ -72,9 +36,9 @@ def run_demo(workdir: Path, out: Path) -> int:
         if job.status != "succeeded":
             print(f"job ended {job.status}: {job.error}")
             return 1
-        headers, body = receiver.received.get(timeout=60)
-        payload = Webhook(cluster.webhook_secret).verify(body, headers)
-        print(f"webhook {headers['webhook-id']} received: {payload['type']} — signature verified")
+        hook = receiver.received.get(timeout=60)
+        payload = Webhook(cluster.webhook_secret).verify(hook.body, hook.headers)
+        print(f"webhook {hook.headers['webhook-id']} received: {payload['type']} — signature verified")
         output = job.outputs[0]
         (path,) = client.download(output, out)  # checked against the job's sha256 and size
         print(json.dumps({"output": str(path), "url": output.url, "width": output.width,

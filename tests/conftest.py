@@ -17,6 +17,16 @@ for name in list(os.environ):
         del os.environ[name]
 
 
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``EDITFARM_`` setting for the test, whatever an earlier test or fixture left in the
+    environment (restored afterwards). Modules that build settings from the environment use it:
+    ``pytestmark = pytest.mark.usefixtures("clean_env")``."""
+    for name in list(os.environ):
+        if name.startswith("EDITFARM_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
     server = start_redis(workdir=tmp_path_factory.mktemp("redis"))

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import queue
 import time
 import zlib
 from typing import Any
 
 import httpx
 from PIL import Image
-
-from cli.demo import WebhookReceiver
 
 TENANTS = {"acme": "key-acme-0123456789", "globex": "key-globex-0123456789"}
 API_KEYS = ",".join(f"{t}:{k}" for t, k in TENANTS.items())
@@ -55,30 +51,3 @@ def wait_terminal(api_url: str, job_id: str, tenant: str = "acme", timeout_s: fl
             return dict(job)
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} still not finished")
-
-
-class Hooks:
-    """Webhooks received by a real HTTP receiver, grouped by job id."""
-
-    def __init__(self, receiver: WebhookReceiver) -> None:
-        self.receiver = receiver
-        self.by_job: dict[str, list[tuple[dict[str, str], bytes]]] = {}
-
-    def _drain(self, wait_s: float) -> None:
-        try:
-            while True:
-                headers, body = self.receiver.received.get(timeout=wait_s)
-                job_id = json.loads(body)["data"]["id"]
-                self.by_job.setdefault(job_id, []).append((headers, body))
-                wait_s = 0.01
-        except queue.Empty:
-            pass
-
-    def for_job(self, job_id: str, at_least: int = 1, timeout_s: float = 30,
-                settle_s: float = 1.0) -> list[tuple[dict[str, str], bytes]]:
-        """Deliveries for ``job_id`` once at least ``at_least`` came and none more within ``settle_s``."""
-        deadline = time.monotonic() + timeout_s
-        while len(self.by_job.get(job_id, [])) < at_least and time.monotonic() < deadline:
-            self._drain(0.1)
-        self._drain(settle_s)
-        return self.by_job.get(job_id, [])

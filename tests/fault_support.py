@@ -1,5 +1,5 @@
-"""Helpers for the fault tests (tests/test_faults.py): a webhook receiver that can fail on
-purpose, job submission and waiting, and the tally each scenario reports.
+"""Helpers for the fault tests (tests/test_faults.py): job submission and waiting, and the tally
+each scenario reports (the receiver that fails on purpose is ``editfarm_testing.webhooks.FlakyReceiver``).
 
 A scenario's jobs are judged the same way everywhere (:func:`judge`):
 
@@ -19,14 +19,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import boto3
 import httpx
@@ -35,102 +32,12 @@ import redis
 from broker import keys
 from cli.cluster import ROOT, LocalCluster
 from cli.localservices import ServiceDied, wait_until
+from editfarm_testing.cluster import worker_child_pid
+from editfarm_testing.webhooks import ByJob
 from tests.e2e_support import auth, data_url, png_bytes
 
 TERMINAL = ("succeeded", "failed", "canceled")
-TERMINAL_TYPES = ("job.succeeded", "job.failed", "job.canceled")
 REPORT_DIR = ROOT / "test-artifacts" / "faults"
-
-
-class FlakyReceiver:
-    """A webhook receiver on 127.0.0.1 whose answer is switchable.
-
-    ``mode``: ``"ok"`` answers 204; ``"error"`` answers 500; ``"hang"`` holds the request
-    ``hang_s`` seconds and then drops the connection without an answer (the sender times out).
-    ``requests`` records every POST as (headers, body, answered status or None); ``accepted``
-    receives (headers, body) of those answered 2xx, which is what a real receiver would act on.
-    """
-
-    def __init__(self, hang_s: float = 8.0) -> None:
-        self.mode = "ok"
-        self.hang_s = hang_s
-        self.requests: list[tuple[dict[str, str], bytes, int | None]] = []
-        self.accepted: queue.Queue[tuple[dict[str, str], bytes]] = queue.Queue()
-        self._lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                mode = receiver.mode
-                if mode == "hang":
-                    with receiver._lock:
-                        receiver.requests.append((headers, body, None))
-                    time.sleep(receiver.hang_s)
-                    self.close_connection = True
-                    return
-                status = 204 if mode == "ok" else 500
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                with receiver._lock:
-                    receiver.requests.append((headers, body, status))
-                if status < 300:
-                    receiver.accepted.put((headers, body))
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_port)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks/editfarm"
-
-    def __enter__(self) -> Self:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class Deliveries:
-    """Accepted webhook deliveries of a :class:`FlakyReceiver`, grouped by job id."""
-
-    def __init__(self, receiver: FlakyReceiver) -> None:
-        self.receiver = receiver
-        self.by_job: dict[str, list[tuple[dict[str, str], bytes]]] = {}
-
-    def drain(self, wait_s: float = 0.0) -> None:
-        try:
-            while True:
-                headers, body = self.receiver.accepted.get(timeout=wait_s) if wait_s else \
-                    self.receiver.accepted.get_nowait()
-                self.by_job.setdefault(json.loads(body)["data"]["id"], []).append((headers, body))
-                wait_s = 0.0
-        except queue.Empty:
-            pass
-
-    def terminal(self, job_id: str) -> list[tuple[dict[str, str], bytes]]:
-        return [(h, b) for h, b in self.by_job.get(job_id, []) if json.loads(b)["type"] in TERMINAL_TYPES]
-
-    def wait_terminal(self, job_ids: list[str], timeout_s: float = 60, settle_s: float = 1.5) -> None:
-        """Until every job has a terminal delivery, then ``settle_s`` more for any duplicate."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(not self.terminal(j) for j in job_ids):
-            self.drain(0.1)
-        end = time.monotonic() + settle_s
-        while time.monotonic() < end:
-            self.drain(0.1)
 
 
 # -- jobs ------------------------------------------------------------------------------------------
@@ -214,7 +121,7 @@ def wait_new_child(cluster: LocalCluster, name: str, old_pid: int, timeout_s: fl
     def check() -> bool:
         proc = cluster.procs.get(name)
         assert proc is not None and proc.poll() is None, f"{name} exited: see its log"
-        box["pid"] = cluster.worker_child_pid(name)
+        box["pid"] = worker_child_pid(cluster, name)
         return box["pid"] != old_pid
     wait_until(check, timeout_s, f"{name} new child", interval_s=0.1)
     return box["pid"]
@@ -261,7 +168,7 @@ class Tally:
         return path
 
 
-def judge(cluster: LocalCluster, tally: Tally, job_ids: list[str], deliveries: Deliveries | None,
+def judge(cluster: LocalCluster, tally: Tally, job_ids: list[str], deliveries: ByJob | None,
           expect_attempts: int | None = None) -> None:
     """Add ``job_ids`` to ``tally`` as survived / lost / duplicated (see the module docstring).
 
@@ -290,7 +197,7 @@ def judge(cluster: LocalCluster, tally: Tally, job_ids: list[str], deliveries: D
         duplicated = False
         if deliveries is not None:
             terminal = deliveries.terminal(job_id)
-            ids = {h.get("webhook-id") for h, _ in terminal}
+            ids = {d.headers.get("webhook-id") for d in terminal}
             if not terminal:
                 problems.append(f"{job_id}: no terminal webhook")
             elif len(terminal) > 1 or len(ids) > 1:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import pytest
@@ -14,14 +13,9 @@ from api import auth
 from api.app import create_app
 from api.auth import parse_api_keys
 from api.settings import ApiSettings
-from api.testing import TEST_KEYS, fake_services, make_settings
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 @pytest.fixture
@@ -141,7 +135,7 @@ def test_a_key_created_in_the_tenant_store_authenticates_until_revoked() -> None
     from fastapi.testclient import TestClient
 
     from api.app import create_app
-    from api.testing import fake_services, make_settings
+    from editfarm_testing.api import fake_services, make_settings
 
     services = fake_services(make_settings())
     info, key = services.tenants.create_key("initech")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import time
 from typing import Any
 
@@ -17,22 +16,17 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import create_app
 from api.deps import Services
 from api.models import JobList, JobOut
-from api.testing import TEST_KEYS, fake_services, make_settings, notified, notify_args, queued
 from broker import keys
 from broker.celery_app import NOTIFY_TASK, WEBHOOK_QUEUE
 from broker.events import InMemoryEventPublisher
 from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Priority, new_job_id
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, notified, notify_args, queued
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def png() -> bytes:

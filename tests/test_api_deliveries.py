@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import httpx
@@ -14,23 +13,18 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.delivery_log import InMemoryDeliveryLog, RedisDeliveryLog
 from api.deps import Services
-from api.testing import TEST_KEYS, RecordingRedeliver, fake_services
 from broker import keys
 from broker.jobstore import RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, Operation
+from editfarm_testing.api import TEST_KEYS, RecordingRedeliver, fake_services
 from workers.webhooks import WebhookConfig, WebhookOutbox, deliver_once, message_id_for
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
 HOOK = "https://hooks.example/editfarm"
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def add_job(services: Services, job_id: str, status: JobStatus = JobStatus.SUCCEEDED, tenant: str = "acme",

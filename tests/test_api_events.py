@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import socket
 import threading
 import time
@@ -23,21 +22,16 @@ from PIL import Image
 from api.app import create_app
 from api.deps import Services
 from api.events import InMemoryEventBus, RedisEventSource
-from api.testing import TEST_KEYS, fake_services, make_settings
 from broker import keys
 from broker.events import RedisEventPublisher
 from broker.jobstore import RedisJobStore
 from broker.schema import JobStatus, Output
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def data_url() -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import threading
 import time
 from typing import Any
@@ -26,20 +25,15 @@ from api.idempotency import (
     request_digest,
 )
 from api.intake import Sources
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
 from broker.jobstore import InMemoryJobStore, RedisJobStore
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
 GENERATE = {"operation": "generate", "prompt": "a red bicycle", "width": 64, "height": 64, "seed": 7}
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def png() -> bytes:

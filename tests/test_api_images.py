@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import http.server
 import io
-import os
 import struct
 import threading
 import time
@@ -22,17 +21,12 @@ from api.app import create_app
 from api.deps import Services
 from api.errors import ApiError
 from api.images import decode_data_url, inspect_image
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from storage.store import InMemoryObjectStore
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 24)) -> bytes:

@@ -15,7 +15,7 @@ from api.errors import ApiError
 from api.images import decode_data_url
 from api.intake import Sources, intake_images
 from api.malloc import fix_mmap_threshold
-from api.testing import make_settings
+from editfarm_testing.api import make_settings
 
 
 def _png(side: int = 8) -> bytes:
@@ -57,7 +57,7 @@ def test_the_mmap_threshold_is_left_alone_when_off_or_chosen_in_the_environment(
 
 def test_the_app_takes_its_upload_slots_from_the_settings() -> None:
     from api.app import create_app
-    from api.testing import fake_services
+    from editfarm_testing.api import fake_services
 
     app: Any = create_app(services=fake_services(make_settings(max_concurrent_uploads=3)))
     assert app.state.upload_slots.limit == 3 and app.state.upload_slots.per_tenant == 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 from typing import Any
 
 import pytest
@@ -16,21 +15,16 @@ from PIL import Image
 from api.app import create_app
 from api.deps import Services
 from api.models import JobOut
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker.celery_app import render_job_id
 from broker.jobstore import InMemoryJobStore, RedisJobStore
 from broker.schema import MAX_SEED, JobStatus, Output
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from storage.store import InMemoryObjectStore
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def image_bytes(fmt: str = "PNG", size: tuple[int, int] = (32, 24)) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from typing import Any
 
@@ -24,22 +23,17 @@ from api.limits import (
     retry_after_s,
 )
 from api.settings import ApiSettings
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker import keys
 from broker.jobstore import InMemoryJobStore, JobStore, RedisJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
+
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
 GLOBEX = {"Authorization": f"Bearer {TEST_KEYS['globex']}"}
 GENERATE = {"operation": "generate", "prompt": "a red bicycle", "width": 64, "height": 64}
 T0 = 1_700_000_040.0  # 40 s into a window
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def make_client(**overrides: Any) -> tuple[TestClient, Services]:

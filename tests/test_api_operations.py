@@ -1,12 +1,11 @@
 """POST /v1/jobs for every operation: what each accepts and stores, and each validation rule's
-code and param (in process: TestClient over the in-memory fakes of api/testing.py)."""
+code and param (in process: TestClient over the in-memory fakes of editfarm_testing/api.py)."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import os
 from typing import Any
 
 import pytest
@@ -15,18 +14,13 @@ from PIL import Image
 
 from api.app import create_app
 from api.deps import Services
-from api.testing import TEST_KEYS, fake_services, make_settings, queued
 from broker.schema import JobStatus
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings, queued
 from storage.store import InMemoryObjectStore
 
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 ACME = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("EDITFARM_"):
-            monkeypatch.delenv(name)
 
 
 def image_bytes(size: tuple[int, int] = (64, 48), fmt: str = "PNG", mode: str = "RGB") -> bytes:

@@ -47,6 +47,9 @@ API_DOCKERFILE = DEPLOY / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = DEPLOY / "docker" / "worker.Dockerfile"
 DOCKERFILES = [API_DOCKERFILE, WORKER_DOCKERFILE]
 PACKAGES = ("api", "broker", "cli", "storage", "workers")
+# Installed with the others (tests and benchmarks import it) but left out of the images: no product
+# package imports the test kit (tests/test_testkit_boundary.py).
+TEST_KIT = "editfarm_testing"
 
 TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
 # Packages only the render worker needs; the slim CPU image goes without them.
@@ -157,7 +160,8 @@ def test_worker_image_pins_torch_like_the_makefile() -> None:
 def test_dockerfiles_ship_every_package_with_its_data_files() -> None:
     include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     packages = {pattern.rstrip("*").rstrip(".") for pattern in include["include"]}
-    assert packages == set(PACKAGES), "PACKAGES of this test and pyproject's package list disagree"
+    assert packages == {*PACKAGES, TEST_KIT}, "PACKAGES of this test and pyproject's package list disagree"
+    packages = set(PACKAGES)
     for path in DOCKERFILES:
         structure = _parse_dockerfile(path).structure
         copied = {ins["value"].split()[0].rstrip("/") for ins in structure

@@ -21,8 +21,8 @@ from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from cli.cluster import LocalCluster
-from cli.demo import WebhookReceiver
-from tests.e2e_support import Hooks, auth, data_url, png_bytes, png_with_corrupt_pixels, wait_terminal
+from editfarm_testing.webhooks import ByJob, WebhookReceiver
+from tests.e2e_support import auth, data_url, png_bytes, png_with_corrupt_pixels, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -34,9 +34,9 @@ def cluster(shared_cluster: LocalCluster) -> LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def hooks() -> Iterator[Hooks]:
+def hooks() -> Iterator[ByJob]:
     with WebhookReceiver() as receiver:
-        yield Hooks(receiver)
+        yield ByJob(receiver)
 
 
 def submit_json(cluster: LocalCluster, **fields: object) -> httpx.Response:
@@ -52,7 +52,7 @@ def s3_object(cluster: LocalCluster, key: str) -> bytes:
 
 
 def test_a_json_edit_job_succeeds_with_its_output_in_s3_and_one_signed_webhook(
-        cluster: LocalCluster, hooks: Hooks) -> None:
+        cluster: LocalCluster, hooks: ByJob) -> None:
     response = submit_json(cluster, webhook=hooks.receiver.url)
     assert response.status_code == 202, response.text
     job = response.json()
@@ -72,8 +72,7 @@ def test_a_json_edit_job_succeeds_with_its_output_in_s3_and_one_signed_webhook(
 
     deliveries = hooks.for_job(job["id"])
     assert len(deliveries) == 1
-    headers, body = deliveries[0]
-    payload = Webhook(cluster.webhook_secret).verify(body, headers)
+    payload = Webhook(cluster.webhook_secret).verify(deliveries[0].body, deliveries[0].headers)
     assert payload["type"] == "job.succeeded"
     assert payload["data"]["id"] == job["id"] and payload["data"]["outputs"][0]["sha256"] == output["sha256"]
 

@@ -9,9 +9,7 @@ the tenant reads (the job, its event stream, its delivery log) is checked with t
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +19,7 @@ import httpx
 import pytest
 
 from cli.cluster import LocalCluster
+from editfarm_testing.webhooks import Reply, WebhookReceiver
 from tests.e2e_support import auth, wait_terminal
 from tests.test_tenant_messages import assert_for_tenant
 
@@ -32,24 +31,8 @@ GENERATE = {"operation": "generate", "prompt": "a red ball", "width": 64, "heigh
 @pytest.fixture(scope="module")
 def plain_http_port() -> Iterator[int]:
     """A loopback port answering plain HTTP 200 to anything (where the URLs below say https)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        do_POST = do_GET
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    with WebhookReceiver(reply=lambda delivery: Reply(200)) as receiver:
+        yield receiver.port
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,10 @@ import pytest
 import redis
 
 from cli.cluster import ROOT, ClusterConfig, LocalCluster
-from cli.demo import WebhookReceiver
 from cli.localservices import free_port, wait_until
-from tests.e2e_support import API_KEYS, Hooks, auth, data_url, png_bytes, wait_terminal
+from editfarm_testing.cluster import process_log, worker_child_pid
+from editfarm_testing.webhooks import ByJob, WebhookReceiver
+from tests.e2e_support import API_KEYS, auth, data_url, png_bytes, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -44,9 +45,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Itera
 
 
 @pytest.fixture(scope="module")
-def hooks() -> Iterator[Hooks]:
+def hooks() -> Iterator[ByJob]:
     with WebhookReceiver() as receiver:
-        yield Hooks(receiver)
+        yield ByJob(receiver)
 
 
 def submit(cluster: LocalCluster, steps: int = 2, **fields: object) -> dict:  # type: ignore[type-arg]
@@ -84,7 +85,7 @@ def cancel(cluster: LocalCluster, job_id: str) -> httpx.Response:
 
 
 def test_canceling_a_queued_job_ends_it_at_once_and_it_never_reaches_the_gpu(
-        cluster: LocalCluster, hooks: Hooks) -> None:
+        cluster: LocalCluster, hooks: ByJob) -> None:
     blockers = busy(cluster)
     queued = submit(cluster, webhook=hooks.receiver.url)
     assert get(cluster, queued["id"])["queue_position"] == 0
@@ -96,11 +97,11 @@ def test_canceling_a_queued_job_ends_it_at_once_and_it_never_reaches_the_gpu(
     time.sleep(3)  # the canceled job's message reaches a worker now, and must be dropped there
     final = get(cluster, queued["id"])
     assert final["status"] == "canceled" and final["started_at"] is None and final["attempts"] == 0
-    [(headers, body)] = hooks.for_job(queued["id"])
-    assert json.loads(body)["type"] == "job.canceled"
+    [delivery] = hooks.for_job(queued["id"])
+    assert json.loads(delivery.body)["type"] == "job.canceled"
 
 
-def test_canceling_a_running_job_stops_it_at_the_next_step(cluster: LocalCluster, hooks: Hooks) -> None:
+def test_canceling_a_running_job_stops_it_at_the_next_step(cluster: LocalCluster, hooks: ByJob) -> None:
     job = submit(cluster, steps=60, webhook=hooks.receiver.url)
     wait_for(cluster, job["id"], lambda j: j["progress"]["step"] >= 2)
     assert cancel(cluster, job["id"]).status_code == 200
@@ -109,7 +110,7 @@ def test_canceling_a_running_job_stops_it_at_the_next_step(cluster: LocalCluster
     final = get(cluster, job["id"])
     assert final["status"] == "canceled"
     assert final["progress"]["step"] <= step_at_cancel + 1  # at most the step in flight finished
-    assert [json.loads(b)["type"] for _, b in hooks.for_job(job["id"])] == ["job.canceled"]
+    assert [json.loads(d.body)["type"] for d in hooks.for_job(job["id"])] == ["job.canceled"]
 
 
 def test_high_priority_jobs_start_before_normal_and_low_ones(cluster: LocalCluster) -> None:
@@ -132,21 +133,21 @@ def test_a_job_past_its_timeout_fails_with_code_timeout(cluster: LocalCluster) -
 
 
 def test_a_job_whose_worker_is_killed_mid_render_ends_once_with_one_webhook(
-        cluster: LocalCluster, hooks: Hooks) -> None:
+        cluster: LocalCluster, hooks: ByJob) -> None:
     job = submit(cluster, steps=24, webhook=hooks.receiver.url)
     wait_for(cluster, job["id"], lambda j: j["progress"]["step"] >= 2)
-    pids = {name: cluster.worker_child_pid(name) for name in ("render0", "render1")}
+    pids = {name: worker_child_pid(cluster, name) for name in ("render0", "render1")}
     r = redis.Redis.from_url(cluster.redis_url)
     holder = json.loads(r.hget(f"editfarm:job:{job['id']}", "worker") or b'""')
     victim = "render0" if holder.startswith("render0") else "render1"
     os.kill(pids[victim], signal.SIGKILL)
     final = wait_terminal(cluster.api_url, job["id"], timeout_s=120)
     assert final["status"] == "succeeded" and final["attempts"] == 2
-    assert [json.loads(b)["type"] for _, b in hooks.for_job(job["id"], settle_s=2)] == ["job.succeeded"]
+    assert [json.loads(d.body)["type"] for d in hooks.for_job(job["id"], settle_s=2)] == ["job.succeeded"]
     cluster.wait_worker_ready(victim, timeout_s=120)  # Celery replaced the killed child
 
 
-def test_a_job_longer_than_the_visibility_timeout_runs_once(cluster: LocalCluster, hooks: Hooks) -> None:
+def test_a_job_longer_than_the_visibility_timeout_runs_once(cluster: LocalCluster, hooks: ByJob) -> None:
     r = redis.Redis.from_url(cluster.redis_url)
     pubsub = r.pubsub()
     job = submit(cluster, steps=40, webhook=hooks.receiver.url)  # ~10 s, twice the visibility timeout
@@ -162,7 +163,7 @@ def test_a_job_longer_than_the_visibility_timeout_runs_once(cluster: LocalCluste
     assert final["status"] == "succeeded" and final["attempts"] == 1
     assert len(starts) <= 1  # subscribed after submit: the one start may predate the subscription
     assert len(hooks.for_job(job["id"], settle_s=2)) == 1
-    worker_logs = cluster.log("render0") + cluster.log("render1")
+    worker_logs = process_log(cluster, "render0") + process_log(cluster, "render1")
     assert worker_logs.count(job["id"]) >= 1
 
 

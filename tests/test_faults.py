@@ -32,11 +32,12 @@ import redis
 from broker import keys
 from broker.celery_app import RENDER_QUEUES
 from cli.cluster import ROOT, ClusterConfig, LocalCluster
-from cli.localservices import TcpProxy, wait_until
+from cli.localservices import wait_until
+from editfarm_testing.cluster import process_log, restart_api, restart_redis, worker_child_pid
+from editfarm_testing.tcpproxy import TcpProxy
+from editfarm_testing.webhooks import ByJob, FlakyReceiver
 from tests.e2e_support import API_KEYS, auth
 from tests.fault_support import (
-    Deliveries,
-    FlakyReceiver,
     Tally,
     get,
     holder,
@@ -77,7 +78,7 @@ class Faults:
 
     def __init__(self, cluster: LocalCluster, s3_proxy: TcpProxy, receiver: FlakyReceiver, tiny_model: Path) -> None:
         self.cluster, self.s3_proxy, self.receiver = cluster, s3_proxy, receiver
-        self.deliveries = Deliveries(receiver)
+        self.deliveries = ByJob(receiver)
         self.tiny_model = tiny_model
         self.redis_restart_jobs: list[str] = []
 
@@ -149,7 +150,7 @@ def test_sigkill_of_the_render_child_mid_render_ends_each_job_once(faults: Fault
         wait_running(cluster, pair)
         victims = {holder(cluster, job_id) for job_id in pair}
         assert victims == set(STANDIN), victims
-        pids = {name: cluster.worker_child_pid(name) for name in victims}
+        pids = {name: worker_child_pid(cluster, name) for name in victims}
         for pid in pids.values():
             os.kill(pid, signal.SIGKILL)
         for name, pid in pids.items():
@@ -201,7 +202,7 @@ def test_sigkill_of_the_render_child_while_its_last_job_uploads_in_the_backgroun
             wait_n_running(cluster, pair, 2, min_step=8)  # rendered: every step made, not yet succeeded
             time.sleep(0.3)  # the finish is on its way into the swallowed upload
             victims = {holder(cluster, job_id) for job_id in pair}
-            pids = {name: cluster.worker_child_pid(name) for name in victims}
+            pids = {name: worker_child_pid(cluster, name) for name in victims}
             for pid in pids.values():
                 os.kill(pid, signal.SIGKILL)
         finally:
@@ -229,7 +230,7 @@ def test_s3_down_during_uploads_jobs_wait_and_retry_and_never_succeed_without_th
     jobs = [submit(cluster, steps=8, seed=i, webhook=faults.receiver.url) for i in range(max(6, TRIALS))]
     wait_n_running(cluster, jobs, 2, min_step=6)  # renders about to upload
     def failed_uploads() -> int:
-        return sum(cluster.log(n).count("handed back: put") for n in STANDIN)
+        return sum(process_log(cluster, n).count("handed back: put") for n in STANDIN)
     before = failed_uploads()
     down_at = time.monotonic()
     faults.s3_proxy.set_mode("refuse")
@@ -272,7 +273,7 @@ def test_a_job_that_waited_out_an_s3_outage_survives_one_worker_death(faults: Fa
         faults.s3_proxy.set_mode("up")
     wait_running(cluster, [job_id])
     name = holder(cluster, job_id)
-    pid = cluster.worker_child_pid(name)
+    pid = worker_child_pid(cluster, name)
     os.kill(pid, signal.SIGKILL)  # its worker dies once
     wait_new_child(cluster, name, pid)
     wait_all_terminal(cluster, [job_id])
@@ -293,7 +294,7 @@ def test_a_failing_webhook_receiver_gets_exactly_one_accepted_signed_delivery(fa
     faults.healthy()
     with FlakyReceiver(hang_s=6) as receiver, TcpProxy(receiver.port) as gate:
         url = f"{gate.url}/hooks/editfarm"
-        deliveries = Deliveries(receiver)
+        deliveries = ByJob(receiver)
         gate.set_mode("refuse")
         jobs = [submit(cluster, steps=2, seed=i, webhook=url) for i in range(max(3, TRIALS))]
         outbox = WebhookOutbox(redis.Redis.from_url(cluster.redis_url))
@@ -315,9 +316,9 @@ def test_a_failing_webhook_receiver_gets_exactly_one_accepted_signed_delivery(fa
         judge(cluster, tally, jobs, deliveries)
         verifier = Webhook(cluster.webhook_secret)
         for job_id in jobs:
-            for headers, body in deliveries.terminal(job_id):
-                assert verifier.verify(body, headers)["data"]["id"] == job_id
-            sent_ids = {h["webhook-id"] for h, b, _ in receiver.requests if json.loads(b)["data"]["id"] == job_id}
+            for delivery in deliveries.terminal(job_id):
+                assert verifier.verify(delivery.body, delivery.headers)["data"]["id"] == job_id
+            sent_ids = {d.headers["webhook-id"] for d in receiver.requests if json.loads(d.body)["data"]["id"] == job_id}
             assert sent_ids == {messages[job_id]}, sent_ids  # the same id on every retry
         attempts = [len(outbox.attempts(m)) for m in messages.values()]
         tally.notes["delivery_attempts_per_message"] = attempts
@@ -341,7 +342,7 @@ def test_sigkill_of_a_tiny_model_child_mid_render_ends_the_job_once(faults: Faul
     wait_running(cluster, [job_id], min_step=2, timeout_s=120)
     victim = holder(cluster, job_id)
     assert victim in TINY
-    os.kill(cluster.worker_child_pid(victim), signal.SIGKILL)
+    os.kill(worker_child_pid(cluster, victim), signal.SIGKILL)
     at_kill = job_fields(cluster, [job_id], "status", "progress", "attempts")[job_id]
     assert at_kill["status"] == "running" and at_kill["attempts"] == 1 and at_kill["progress"]["step"] < 100
     wait_all_terminal(cluster, [job_id], timeout_s=300)
@@ -389,7 +390,7 @@ def test_restarting_the_api_mid_flight_leaves_running_jobs_alone(faults: Faults)
     faults.healthy()
     jobs = [submit(cluster, steps=8, seed=i, webhook=faults.receiver.url) for i in range(max(4, TRIALS))]
     wait_n_running(cluster, jobs, 2)
-    cluster.restart_api(signal.SIGKILL)
+    restart_api(cluster, signal.SIGKILL)
     for job_id in jobs:  # GET works after the restart, whatever state each job is in
         assert get(cluster, job_id)["status"] in {"queued", "running", "succeeded"}
     wait_all_terminal(cluster, jobs)
@@ -411,7 +412,7 @@ def test_redis_restarted_with_jobs_queued_and_running_every_accepted_job_ends_on
     tally.notes["at_crash"] = {s: states.count(s) for s in set(states)}
     assert "queued" in states and "running" in states, states
     faults.redis_restart_jobs = jobs
-    cluster.restart_redis(signal.SIGKILL, down_s=2)
+    restart_redis(cluster, signal.SIGKILL, down_s=2)
     client = redis.Redis.from_url(cluster.redis_url)
     assert all(client.exists(keys.job(j)) for j in jobs)  # the AOF kept every accepted job
     wait_all_terminal(cluster, jobs, timeout_s=240)
@@ -430,7 +431,7 @@ def test_a_redis_outage_during_a_render_is_never_judged_a_render_failure(faults:
         pytest.skip("the Redis restart scenario did not run")
     judged = []
     for name in STANDIN:
-        lines = faults.cluster.log(name).splitlines()
+        lines = process_log(faults.cluster, name).splitlines()
         for i, line in enumerate(lines):
             if "failed while rendering" in line and any(j in line for j in faults.redis_restart_jobs):
                 cause = "\n".join(lines[i:i + 120])

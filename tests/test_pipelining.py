@@ -18,8 +18,8 @@ from PIL import Image
 from broker.events import InMemoryEventPublisher
 from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
+from editfarm_testing.workers import FakeRenderer, RecordingQueue, finisher_busy
 from storage import InMemoryObjectStore, StorageUnavailable
-from tests.test_runner import FakeRenderer, RecordingQueue
 from workers.pipeline.base import RenderRequest
 from workers.pipelining import Finisher, Pipelining, RenderLane
 from workers.render_queue import CeleryRenderQueue
@@ -259,9 +259,9 @@ def test_wait_reports_a_finish_still_running_after_its_timeout() -> None:
     finisher = Finisher()
     gate = threading.Event()
     finisher.submit(lambda: gate.wait(5))
-    assert finisher.wait(0.05) is False and finisher.busy
+    assert finisher.wait(0.05) is False and finisher_busy(finisher)
     gate.set()
-    assert finisher.wait(5) and not finisher.busy
+    assert finisher.wait(5) and not finisher_busy(finisher)
 
 
 def test_a_job_taken_while_the_device_was_busy_gives_way_to_a_higher_priority_one() -> None:

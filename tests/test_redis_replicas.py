@@ -17,7 +17,6 @@ import redis.asyncio as aioredis
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from api.testing import TEST_KEYS, make_settings
 from broker import keys
 from broker.celery_app import RENDER_QUEUES
 from broker.jobstore import RedisJobStore
@@ -27,6 +26,7 @@ from broker.replication import NO_WAIT, ReplicaPolicy, ReplicaShortfall
 from broker.schema import Job, JobParams, JobStatus, new_job_id
 from cli.localservices import ManagedProcess, start_redis
 from cli.redisreplica import start_replica, wait_replica_gone
+from editfarm_testing.api import TEST_KEYS, make_settings
 
 QUEUE = RENDER_QUEUES["normal"]
 GENERATE = {"operation": "generate", "prompt": "a red bicycle", "width": 64, "height": 64, "seed": 7}

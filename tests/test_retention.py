@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 
 from api.app import create_app
 from api.retention import clear_tenant_retention_cache
-from api.testing import TEST_KEYS, fake_services, make_settings
 from broker import keys
 from broker.jobstore import RedisJobStore
 from broker.outbox import OutboxRecords
@@ -22,6 +21,7 @@ from broker.retention import DEFAULT_JOB_RETENTION_S, DELETED, NOT_DUE, NOT_TERM
 from broker.schema import Job, JobParams, JobStatus, Output, new_job_id
 from broker.tenants import InMemoryTenantStore
 from cli.localservices import ManagedProcess
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 from storage import S3Config, S3ObjectStore
 from workers.sweeper import RetentionSweeper
 

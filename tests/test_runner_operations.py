@@ -21,8 +21,8 @@ from broker import schema as broker_schema
 from broker.events import InMemoryEventPublisher
 from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
+from editfarm_testing.workers import RecordingQueue
 from storage import InMemoryObjectStore
-from tests.test_runner import RecordingQueue
 from workers import operations
 from workers.loras import LoraResolver, LoraUnavailable
 from workers.pipeline import base

@@ -1,7 +1,7 @@
 """Property-based tests of the API against its own OpenAPI document (schemathesis).
 
 Every operation of ``/openapi.json`` is called with generated requests (valid and invalid) on an app
-over :func:`api.testing.fake_services` (in memory; name resolution is stubbed so image, webhook and
+over :func:`editfarm_testing.api.fake_services` (in memory; name resolution is stubbed so image, webhook and
 LoRA URLs are refused without any network traffic). Each response must not be a 5xx, must have a
 status code, content type, headers and body the document declares. Authentication comes from a
 ``map_headers`` hook; path ids are sometimes swapped for ids of seeded jobs so the job routes are
@@ -30,8 +30,8 @@ from schemathesis.specs.openapi.checks import (
 
 from api.app import create_app
 from api.delivery_log import InMemoryDeliveryLog
-from api.testing import TEST_KEYS, fake_services, make_settings
 from broker.schema import Job, JobParams, JobStatus, Operation, Output
+from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
 
 MAX_EXAMPLES = 30
 AUTH = {"Authorization": f"Bearer {TEST_KEYS['acme']}"}

@@ -32,8 +32,8 @@ from editfarm_client import (
 from PIL import Image
 
 from cli.cluster import LocalCluster
-from cli.demo import WebhookReceiver
-from tests.e2e_support import TENANTS, Hooks, png_bytes
+from editfarm_testing.webhooks import ByJob, WebhookReceiver
+from tests.e2e_support import TENANTS, png_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -45,9 +45,9 @@ def cluster(shared_cluster: LocalCluster) -> LocalCluster:
 
 
 @pytest.fixture(scope="module")
-def hooks() -> Iterator[Hooks]:
+def hooks() -> Iterator[ByJob]:
     with WebhookReceiver() as receiver:
-        yield Hooks(receiver)
+        yield ByJob(receiver)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,7 @@ def client(cluster: LocalCluster) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def edited(client: Client, hooks: Hooks, tmp_path_factory: pytest.TempPathFactory) -> Job:
+def edited(client: Client, hooks: ByJob, tmp_path_factory: pytest.TempPathFactory) -> Job:
     """An edit submitted from a file path, with a webhook, waited for."""
     source = tmp_path_factory.mktemp("sdk-inputs") / "sample.png"
     source.write_bytes(png_bytes())
@@ -81,9 +81,9 @@ def test_an_edit_from_a_file_path_succeeds_and_downloads_with_its_sha256(
     assert client.read_output(output) == data
 
 
-def test_the_jobs_webhook_verifies_with_the_sdk(cluster: LocalCluster, edited: Job, hooks: Hooks) -> None:
-    [(headers, body)] = hooks.for_job(edited.id)
-    message = verify_webhook(body, headers, cluster.webhook_secret)
+def test_the_jobs_webhook_verifies_with_the_sdk(cluster: LocalCluster, edited: Job, hooks: ByJob) -> None:
+    [delivery] = hooks.for_job(edited.id)
+    message = verify_webhook(delivery.body, delivery.headers, cluster.webhook_secret)
     assert message.type == "job.succeeded" and message.job is not None
     assert message.job.id == edited.id and message.job.outputs[0].sha256 == edited.outputs[0].sha256
 

@@ -7,11 +7,9 @@ delivery log, API error bodies. The raw text goes to the worker's log, with the 
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +24,7 @@ from api.fetch import fetch_image_bytes
 from api.settings import ApiSettings
 from broker.schema import JobStatus
 from broker.tenanttext import find_leaks
+from editfarm_testing.webhooks import Reply, WebhookReceiver
 from storage import StorageUnavailable
 from tests.test_runner import Harness
 from workers import webhooks as wh
@@ -190,22 +189,8 @@ def test_a_storage_outage_hands_back_with_a_reason_written_for_the_tenant(
 @pytest.fixture
 def plain_http_port() -> Iterator[int]:
     """A loopback port that answers plain HTTP (where a webhook URL says https)."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.send_response(200)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield int(server.server_address[1])
-    server.shutdown()
-    server.server_close()
+    with WebhookReceiver(reply=lambda delivery: Reply(200)) as receiver:
+        yield receiver.port
 
 
 @pytest.fixture

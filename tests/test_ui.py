@@ -30,9 +30,9 @@ from PIL import Image
 from api.app import create_app
 from api.routers import ui
 from api.settings import ApiSettings
-from api.testing import TEST_KEYS, fake_services
 from cli.cluster import LocalCluster
 from cli.localservices import free_port
+from editfarm_testing.api import TEST_KEYS, fake_services
 from tests.e2e_support import TENANTS, auth, png_bytes
 
 ROOT = Path(__file__).resolve().parent.parent

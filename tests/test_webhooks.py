@@ -11,6 +11,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from broker.urlpolicy import HostDoesNotResolve
+from editfarm_testing.outbox import InMemoryWebhookOutbox, job_messages, mark_delivered
 from workers import webhooks as wh
 
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
@@ -129,7 +130,7 @@ def test_the_default_config_follows_the_standard_webhooks_example_schedule():
 
 
 def test_the_in_memory_outbox_creates_a_message_only_once():
-    box = wh.InMemoryWebhookOutbox()
+    box = InMemoryWebhookOutbox()
     assert box.put("msg_1", "https://example.com/hook", b"first", "t1") is True
     assert box.put("msg_1", "https://example.com/other", b"second", "t2") is False
     msg = box.get("msg_1")
@@ -138,21 +139,21 @@ def test_the_in_memory_outbox_creates_a_message_only_once():
 
 
 def test_the_in_memory_outbox_records_attempts_and_states():
-    box = wh.InMemoryWebhookOutbox()
+    box = InMemoryWebhookOutbox()
     box.put("msg_1", "https://example.com/hook", b"{}", "t1")
     assert box.record_attempt("msg_1", {"attempt": 1, "status_code": 500}) == 1
     assert box.attempts("msg_1") == [{"attempt": 1, "status_code": 500}]
     assert box.mark_failed("msg_1", "http 410", 5.0, 410)
     msg = box.get("msg_1")
     assert msg and msg.state == "failed" and msg.status_code == 410 and msg.attempts == 1
-    assert box.record_attempt("msg_missing", {}) == 0 and not box.mark_delivered("msg_missing", 200, 1.0)
+    assert box.record_attempt("msg_missing", {}) == 0 and not mark_delivered(box, "msg_missing", 200, 1.0)
 
 
 def test_the_in_memory_outbox_claims_a_pending_message_once_and_finishes_it_with_its_lock():
-    box = wh.InMemoryWebhookOutbox()
+    box = InMemoryWebhookOutbox()
     assert box.claim("msg_1", 1000) == (None, None)
     box.put("msg_1", "https://example.com/hook", b"{}", "t1", job_id="job_1")
-    assert box.job_messages("job_1") == {"msg_1"}
+    assert job_messages(box, "job_1") == {"msg_1"}
     msg, token = box.claim("msg_1", 1000)
     assert msg is not None and token and box.claim("msg_1", 1000)[1] is None
     assert box.finish_attempt("msg_1", {"attempt": 1}, box.delivered_fields(204, 2.0), token) == 1
@@ -162,7 +163,7 @@ def test_the_in_memory_outbox_claims_a_pending_message_once_and_finishes_it_with
 
 
 def test_config_for_signs_with_the_messages_tenants_secrets():
-    box = wh.InMemoryWebhookOutbox()
+    box = InMemoryWebhookOutbox()
     box.put("msg_1", "https://hooks.example.com/x", BODY, "acme")
     client, sent = _guard_client()
     per_tenant = {"acme": wh.WebhookConfig(secrets=[SECRET_B, SECRET_A])}
@@ -175,7 +176,7 @@ def test_config_for_signs_with_the_messages_tenants_secrets():
 
 def test_an_outbox_rejects_message_ids_that_would_break_redis_keys():
     with pytest.raises(ValueError):
-        wh.InMemoryWebhookOutbox().put("msg:1", "https://example.com", b"{}", "t")
+        InMemoryWebhookOutbox().put("msg:1", "https://example.com", b"{}", "t")
 
 
 def _guard_client() -> tuple[httpx.Client, list[httpx.Request]]:
@@ -189,7 +190,7 @@ def _guard_client() -> tuple[httpx.Client, list[httpx.Request]]:
 
 
 def test_a_message_whose_lock_is_held_is_retried_soon_without_sending():
-    box = wh.InMemoryWebhookOutbox()
+    box = InMemoryWebhookOutbox()
     box.put("msg_1", "https://203.0.113.5/hook", b"{}", "t")
     cfg = wh.WebhookConfig(secrets=[SECRET_A], busy_retry_s=2.0)
     assert box.acquire_lock("msg_1", 10_000)
@@ -200,7 +201,7 @@ def test_a_message_whose_lock_is_held_is_retried_soon_without_sending():
 
 
 def test_deliver_once_with_a_mock_transport_delivers_with_the_right_headers():
-    box = wh.InMemoryWebhookOutbox()
+    box = InMemoryWebhookOutbox()
     box.put("msg_1", "https://hooks.example.com/x", BODY, "t")
     client, sent = _guard_client()
     cfg = wh.WebhookConfig(secrets=[SECRET_A])
@@ -214,7 +215,7 @@ def test_deliver_once_with_a_mock_transport_delivers_with_the_right_headers():
 
 
 def test_a_host_that_does_not_resolve_is_retried_not_refused():
-    box = wh.InMemoryWebhookOutbox()
+    box = InMemoryWebhookOutbox()
     box.put("msg_1", "https://nowhere.invalid/x", BODY, "t")
     client, sent = _guard_client()
 
@@ -231,11 +232,11 @@ def test_a_host_that_does_not_resolve_is_retried_not_refused():
 def test_delivering_a_missing_message_raises_lookup_error():
     client, _ = _guard_client()
     with pytest.raises(LookupError):
-        wh.deliver_once(wh.InMemoryWebhookOutbox(), "msg_gone", wh.WebhookConfig(secrets=[SECRET_A]), client)
+        wh.deliver_once(InMemoryWebhookOutbox(), "msg_gone", wh.WebhookConfig(secrets=[SECRET_A]), client)
 
 
 def test_secrets_and_signatures_never_reach_the_log(caplog):
-    box = wh.InMemoryWebhookOutbox()
+    box = InMemoryWebhookOutbox()
     box.put("msg_1", "https://hooks.example.com/x", BODY, "t")
     client, sent = _guard_client()
     with caplog.at_level("DEBUG"):

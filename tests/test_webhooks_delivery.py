@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import httpx
 import pytest
@@ -17,6 +15,8 @@ import redis
 from standardwebhooks.webhooks import Webhook
 
 from broker import keys
+from editfarm_testing.outbox import job_messages, mark_delivered
+from editfarm_testing.webhooks import Reply, ScriptedReceiver, WebhookReceiver
 from workers import webhooks as wh
 
 SECRET = "whsec_" + base64.b64encode(b"integration-secret-0123456789abc").decode()
@@ -25,50 +25,11 @@ pytestmark = pytest.mark.integration
 BODY = wh.build_body("job.succeeded", {"id": "job_1", "status": "succeeded"}, time.time())
 
 
-@dataclass
-class Receiver:
-    """Replies with the scripted (status, sleep_s, headers) in turn, then 200; records every request."""
-
-    script: list[tuple[int, float, dict[str, str]]] = field(default_factory=list)
-    requests: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
-    url: str = ""
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    rec = Receiver()
-    lock = threading.Lock()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            with lock:
-                rec.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
-                status, sleep_s, headers = rec.script.pop(0) if rec.script else (200, 0.0, {})
-            time.sleep(sleep_s)
-            try:
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("content-length", "2")
-                self.end_headers()
-                self.wfile.write(b"ok")
-            except OSError:
-                pass  # the client gave up (timeout test)
-
-        do_GET = do_POST  # a followed redirect would arrive as GET
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    rec.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield rec
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[ScriptedReceiver]:
+    """Answers its ``script`` in turn, then 200; records every request (a followed redirect as GET)."""
+    with ScriptedReceiver() as rec:
+        yield rec
 
 
 @pytest.fixture
@@ -106,7 +67,7 @@ def client() -> Iterator[httpx.Client]:
 
 
 def test_two_500s_then_a_200_make_three_attempts_and_one_signed_delivery(receiver, outbox, prefix, client):
-    receiver.script = [(500, 0, {}), (500, 0, {})]
+    receiver.script = [Reply(500), Reply(500)]
     mid = prefix + "_a"
     assert outbox.put(mid, receiver.url, BODY, "tenant1")
     outcomes = []
@@ -117,10 +78,10 @@ def test_two_500s_then_a_200_make_three_attempts_and_one_signed_delivery(receive
             assert 0.01 <= result.retry_in_s <= 0.011  # type: ignore[operator]
     assert outcomes == ["retry", "retry", "delivered", "done", "done"]
     assert len(receiver.requests) == 3
-    assert {h["webhook-id"] for _, h, _ in receiver.requests} == {mid}
-    for _, headers, body in receiver.requests:
-        assert body == BODY and headers["content-type"] == "application/json"
-        Webhook(SECRET).verify(body, headers)
+    assert {d.headers["webhook-id"] for d in receiver.requests} == {mid}
+    for delivery in receiver.requests:
+        assert delivery.body == BODY and delivery.headers["content-type"] == "application/json"
+        Webhook(SECRET).verify(delivery.body, delivery.headers)
     attempts = outbox.attempts(mid)
     assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 500), (3, 200)]
     assert all(a["duration_ms"] >= 0 and a["at"] > 0 for a in attempts)
@@ -129,22 +90,22 @@ def test_two_500s_then_a_200_make_three_attempts_and_one_signed_delivery(receive
 
 
 def test_each_attempt_carries_a_fresh_timestamp_covered_by_the_signature(receiver, outbox, prefix, client):
-    receiver.script = [(503, 0, {})]
+    receiver.script = [Reply(503)]
     mid = prefix + "_ts"
     outbox.put(mid, receiver.url, BODY, "t")
     clock = [time.time()]
     wh.deliver_once(outbox, mid, config(), client, now=lambda: clock[0])
     clock[0] += 1000
     wh.deliver_once(outbox, mid, config(), client, now=lambda: clock[0])
-    stamps = [h["webhook-timestamp"] for _, h, _ in receiver.requests]
+    stamps = [d.headers["webhook-timestamp"] for d in receiver.requests]
     t0 = int(clock[0]) - 1000
     assert stamps == [str(t0), str(t0 + 1000)]
-    sigs = [h["webhook-signature"] for _, h, _ in receiver.requests]
+    sigs = [d.headers["webhook-signature"] for d in receiver.requests]
     assert sigs == [wh.sign(SECRET, mid, t0, BODY), wh.sign(SECRET, mid, t0 + 1000, BODY)]
 
 
 def test_a_410_stops_delivery_for_good(receiver, outbox, prefix, client):
-    receiver.script = [(410, 0, {})]
+    receiver.script = [Reply(410)]
     mid = prefix + "_gone"
     outbox.put(mid, receiver.url, BODY, "t")
     result = wh.deliver_once(outbox, mid, config(), client)
@@ -167,7 +128,7 @@ def test_a_refused_connection_is_retried(outbox, prefix, client):
 
 
 def test_a_receiver_slower_than_the_timeout_is_retried(receiver, outbox, prefix, client):
-    receiver.script = [(200, 1.0, {})]
+    receiver.script = [Reply(200, delay_s=1.0)]
     mid = prefix + "_slow"
     outbox.put(mid, receiver.url, BODY, "t")
     started = time.monotonic()
@@ -178,17 +139,17 @@ def test_a_receiver_slower_than_the_timeout_is_retried(receiver, outbox, prefix,
 
 
 def test_a_302_redirect_is_not_followed_and_counts_as_a_failure(receiver, outbox, prefix, client):
-    receiver.script = [(302, 0, {"location": "/elsewhere"})]
+    receiver.script = [Reply(302, headers={"location": "/elsewhere"})]
     mid = prefix + "_redirect"
     outbox.put(mid, receiver.url, BODY, "t")
     result = wh.deliver_once(outbox, mid, config(), client)
     assert result.outcome == "retry" and result.status_code == 302
-    assert [path for path, _, _ in receiver.requests] == ["/hook"]
+    assert [d.path for d in receiver.requests] == ["/hook"]
     assert outbox.attempts(mid)[0]["error"] == "http 302"
 
 
 def test_a_redirect_is_not_followed_even_by_a_client_configured_to_follow(receiver, outbox, prefix):
-    receiver.script = [(307, 0, {"location": "/elsewhere"})]
+    receiver.script = [Reply(307, headers={"location": "/elsewhere"})]
     mid = prefix + "_redirect2"
     outbox.put(mid, receiver.url, BODY, "t")
     with httpx.Client(follow_redirects=True, trust_env=False) as following:
@@ -227,7 +188,7 @@ def test_plain_http_is_refused_unless_allowed(receiver, outbox, prefix, client):
 
 
 def test_attempts_run_out_after_max_attempts(receiver, outbox, prefix, client):
-    receiver.script = [(500, 0, {})] * 5
+    receiver.script = [Reply(500)] * 5
     mid = prefix + "_exhaust"
     outbox.put(mid, receiver.url, BODY, "t")
     cfg = config(max_attempts=3)
@@ -237,7 +198,7 @@ def test_attempts_run_out_after_max_attempts(receiver, outbox, prefix, client):
 
 
 def test_a_concurrent_delivery_of_the_same_message_is_deferred(receiver, outbox, prefix, client, r):
-    receiver.script = [(200, 0.4, {})]
+    receiver.script = [Reply(200, delay_s=0.4)]
     mid = prefix + "_race"
     outbox.put(mid, receiver.url, BODY, "t")
     first: list[wh.DeliveryResult] = []
@@ -275,7 +236,7 @@ def test_the_outbox_works_with_a_decode_responses_client(r, prefix):
     box = wh.WebhookOutbox(client, ttl_s=60)
     mid = prefix + "_decoded"
     box.put(mid, "https://example.com/a", BODY, "t")
-    box.mark_delivered(mid, 204, 123.5)
+    mark_delivered(box, mid, 204, 123.5)
     msg = box.get(mid)
     assert msg and msg.body == BODY and msg.state == "delivered" and msg.status_code == 204
     assert msg.finished_at == 123.5
@@ -284,7 +245,7 @@ def test_the_outbox_works_with_a_decode_responses_client(r, prefix):
 
 def test_a_redelivered_task_that_runs_before_the_scheduled_retry_waits_instead_of_sending(
         receiver, outbox, prefix, client):
-    receiver.script = [(500, 0, {})]
+    receiver.script = [Reply(500)]
     mid = prefix + "_early"
     outbox.put(mid, receiver.url, BODY, "t")
     cfg = config(retry_schedule_s=(0, 30, 30), jitter=0)
@@ -330,40 +291,17 @@ def test_put_links_the_message_into_its_jobs_delivery_log_even_when_it_exists(ou
     assert outbox.put(mid, "https://example.com/a", BODY, "t", job_id=job_id) is True
     r.delete(keys.job_webhooks(job_id))
     assert outbox.put(mid, "https://example.com/a", BODY, "t", job_id=job_id) is False
-    assert outbox.job_messages(job_id) == {mid}
+    assert job_messages(outbox, job_id) == {mid}
     assert 0 < r.ttl(keys.job_webhooks(job_id)) <= 600
     r.delete(keys.job_webhooks(job_id))
 
 
 def test_a_long_answer_body_is_not_read_to_the_end_and_the_delivery_still_counts(outbox, prefix):
     big = b"x" * (wh.MAX_RESPONSE_BODY_BYTES * 4)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            self.send_response(200)
-            self.send_header("content-length", str(len(big)))
-            self.end_headers()
-            try:
-                self.wfile.write(big)
-            except OSError:
-                pass  # the client closed the connection after enough of it
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
+    with WebhookReceiver(reply=lambda delivery: Reply(200, body=big), keep_alive=True, path="/hook") as server:
         mid = prefix + "_bigbody"
-        outbox.put(mid, f"http://127.0.0.1:{server.server_address[1]}/hook", BODY, "t")
+        outbox.put(mid, server.url, BODY, "t")
         with wh.make_client(config()) as c:
             result = wh.deliver_once(outbox, mid, config(timeout_s=2), c)
             assert result.outcome == "delivered" and result.status_code == 200
             assert len(c._transport._pool.connections) == 0  # type: ignore[attr-defined]  # not kept
-    finally:
-        server.shutdown()
-        server.server_close()

@@ -7,15 +7,13 @@ deliveries once the per-process cache of ``WorkerServices.webhook_configs`` has 
 from __future__ import annotations
 
 import base64
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,6 +28,8 @@ from broker.schema import Job, JobParams, JobStatus, Operation, Output
 from broker.tenants import RedisTenantStore
 from cli.cluster import ROOT
 from cli.localservices import ManagedProcess, start_redis, wait_until
+from editfarm_testing.outbox import job_messages
+from editfarm_testing.webhooks import Reply, ScriptedReceiver
 from workers import tasks
 from workers import webhooks as wh
 from workers.services import WorkerServices
@@ -42,51 +42,11 @@ SECRET = "whsec_" + base64.b64encode(b"notify-test-secret-0123456789abc").decode
 RETRY_S = 1.0  # the worker's delay before a second attempt (EDITFARM_WEBHOOK_RETRY_SCHEDULE_S)
 
 
-@dataclass
-class Receiver:
-    """Answers the scripted statuses in turn, then 204; records (arrival, headers, body) per POST."""
-
-    url: str = ""
-    script: list[int] = field(default_factory=list)
-    requests: list[tuple[float, dict[str, str], bytes]] = field(default_factory=list)
-    connections: int = 0
-
-    def wait_for(self, count: int, timeout_s: float = 20) -> None:
-        wait_until(lambda: len(self.requests) >= count, timeout_s, f"{count} webhook requests", interval_s=0.02)
-
-
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    rec = Receiver()
-    lock = threading.Lock()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive, as most receivers
-
-        def setup(self) -> None:
-            super().setup()
-            with lock:
-                rec.connections += 1
-
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length", 0)))
-            with lock:
-                rec.requests.append((time.time(), {k.lower(): v for k, v in self.headers.items()}, body))
-                status = rec.script.pop(0) if rec.script else 204
-            self.send_response(status)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    rec.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    yield rec
-    server.shutdown()
-    server.server_close()
+def receiver() -> Iterator[ScriptedReceiver]:
+    """Answers its ``script`` in turn, then 204, on kept-alive connections (as most receivers)."""
+    with ScriptedReceiver(then=Reply(204), keep_alive=True) as rec:
+        yield rec
 
 
 @pytest.fixture(scope="module")
@@ -162,14 +122,15 @@ def finished_job(worker: Worker, url: str, tenant: str = "acme") -> Job:
 
 
 def test_the_notify_task_makes_the_first_attempt_itself_and_queues_no_delivery_task(
-        worker: Worker, receiver: Receiver) -> None:
+        worker: Worker, receiver: ScriptedReceiver) -> None:
     job = finished_job(worker, receiver.url)
     mark, before = len(worker.log()), len(receiver.requests)
     enqueue_notify(worker.app, job.id, "job.succeeded")
     receiver.wait_for(before + 1)
     wait_until(lambda: worker.settled(mark), 20, "the worker's tasks")
-    ((_, headers, body),) = receiver.requests[before:]
-    payload = Webhook(SECRET).verify(body, headers)
+    (delivery,) = receiver.requests[before:]
+    headers = delivery.headers
+    payload = Webhook(SECRET).verify(delivery.body, headers)
     message_id = wh.message_id_for(job.id, "job.succeeded")
     assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job.id
     assert payload["data"]["outputs"][0]["url"].startswith("http")  # presigned
@@ -179,23 +140,23 @@ def test_the_notify_task_makes_the_first_attempt_itself_and_queues_no_delivery_t
     msg = worker.outbox.get(message_id)
     assert msg is not None and msg.state == "delivered" and msg.attempts == 1 and msg.status_code == 204
     assert [(a["attempt"], a["status_code"]) for a in worker.outbox.attempts(message_id)] == [(1, 204)]
-    assert worker.outbox.job_messages(job.id) == {message_id}  # the job's delivery log
+    assert job_messages(worker.outbox, job.id) == {message_id}  # the job's delivery log
     assert worker.r.exists(keys.webhook_lock(message_id)) == 0
 
 
 def test_a_failed_first_attempt_is_retried_by_a_queued_task_after_its_countdown(
-        worker: Worker, receiver: Receiver) -> None:
+        worker: Worker, receiver: ScriptedReceiver) -> None:
     job = finished_job(worker, receiver.url)
     mark, before = len(worker.log()), len(receiver.requests)
-    receiver.script = [500]
+    receiver.script = [Reply(500)]
     enqueue_notify(worker.app, job.id, "job.succeeded")
     receiver.wait_for(before + 2)
     wait_until(lambda: worker.settled(mark), 20, "the worker's tasks")
-    (first_at, first, body1), (second_at, second, body2) = receiver.requests[before:]
-    assert second_at - first_at >= RETRY_S * 0.9  # the countdown of the schedule's second delay
-    assert first["webhook-id"] == second["webhook-id"] and body1 == body2
-    Webhook(SECRET).verify(body1, first)
-    Webhook(SECRET).verify(body2, second)
+    first, second = receiver.requests[before:]
+    assert second.at_s - first.at_s >= RETRY_S * 0.9  # the countdown of the schedule's second delay
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] and first.body == second.body
+    Webhook(SECRET).verify(first.body, first.headers)
+    Webhook(SECRET).verify(second.body, second.headers)
     message_id = wh.message_id_for(job.id, "job.succeeded")
     assert [(a["attempt"], a["status_code"]) for a in worker.outbox.attempts(message_id)] == [(1, 500), (2, 204)]
     msg = worker.outbox.get(message_id)
@@ -203,7 +164,7 @@ def test_a_failed_first_attempt_is_retried_by_a_queued_task_after_its_countdown(
     assert worker.log()[mark:].count("editfarm.webhook[") == 2  # received, then succeeded: queued once
 
 
-def test_notify_run_twice_for_one_event_sends_its_message_once(worker: Worker, receiver: Receiver) -> None:
+def test_notify_run_twice_for_one_event_sends_its_message_once(worker: Worker, receiver: ScriptedReceiver) -> None:
     job = finished_job(worker, receiver.url)
     mark, before = len(worker.log()), len(receiver.requests)
     enqueue_notify(worker.app, job.id, "job.succeeded")
@@ -232,7 +193,7 @@ def worker_services(monkeypatch: pytest.MonkeyPatch, redis_srv: ManagedProcess, 
 
 
 def test_a_rotated_tenant_secret_signs_deliveries_once_the_config_cache_expires(
-        worker_services: WorkerServices, receiver: Receiver) -> None:
+        worker_services: WorkerServices, receiver: ScriptedReceiver) -> None:
     services = worker_services
     tenants = RedisTenantStore(services.redis)
     tenant = f"rot{os.urandom(4).hex()}"
@@ -255,8 +216,9 @@ def test_a_rotated_tenant_secret_signs_deliveries_once_the_config_cache_expires(
     before = len(receiver.requests)
     result = tasks.attempt_delivery(services, message_id)
     assert result is not None and result.outcome == "delivered"
-    ((_, headers, got),) = receiver.requests[before:]
-    assert got == body and len(headers["webhook-signature"].split(" ")) == 2
+    (delivery,) = receiver.requests[before:]
+    headers = delivery.headers
+    assert delivery.body == body and len(headers["webhook-signature"].split(" ")) == 2
     Webhook(new).verify(body, headers)
     Webhook(old).verify(body, headers)
     with pytest.raises(WebhookVerificationError):
@@ -264,7 +226,7 @@ def test_a_rotated_tenant_secret_signs_deliveries_once_the_config_cache_expires(
 
 
 def test_deliveries_reuse_the_receivers_keep_alive_connection(
-        worker_services: WorkerServices, receiver: Receiver) -> None:
+        worker_services: WorkerServices, receiver: ScriptedReceiver) -> None:
     services = worker_services
     outbox = services.outbox
     body = json.dumps({"type": "job.succeeded", "data": {}}).encode()

@@ -20,8 +20,8 @@ from broker.events import InMemoryEventPublisher
 from broker.jobstore import InMemoryJobStore
 from broker.schema import Job, JobParams, JobStatus, new_job_id
 from cli.cluster import ROOT
+from editfarm_testing.workers import FakeRenderer, RecordingQueue
 from storage import InMemoryObjectStore
-from tests.test_runner import FakeRenderer, RecordingQueue
 from workers.lifecycle import Drain, Heartbeat
 from workers.reaper import Reaper
 from workers.runner import Runner, RunnerConfig

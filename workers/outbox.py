@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import secrets as _secrets
-import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -73,10 +72,6 @@ class BaseWebhookOutbox(ABC):
         """Create a pending message; False (and no change to it) if the id exists. With ``job_id`` the
         message id is also added to that job's delivery log (``keys.job_webhooks``), created or not.
         Raises ValueError on a bad id."""
-
-    @abstractmethod
-    def job_messages(self, job_id: str) -> set[str]:
-        """The message ids in a job's delivery log."""
 
     @abstractmethod
     def get(self, message_id: str) -> WebhookMessage | None: ...
@@ -140,13 +135,6 @@ class BaseWebhookOutbox(ABC):
         return {"state": "failed", "error": error, "finished_at": repr(at_s),
                 "status_code": "" if status_code is None else str(status_code)}
 
-    def mark_delivered(self, message_id: str, status_code: int, at_s: float) -> bool:
-        return self._update(message_id, self.delivered_fields(status_code, at_s))
-
-    def mark_retry(self, message_id: str, next_attempt_at: float) -> bool:
-        """Note when the next attempt is due (epoch s); earlier (duplicate) task runs then wait."""
-        return self._update(message_id, self.retry_fields(next_attempt_at))
-
     def mark_failed(self, message_id: str, error: str, at_s: float, status_code: int | None = None) -> bool:
         return self._update(message_id, self.failed_fields(error, at_s, status_code))
 
@@ -163,9 +151,6 @@ class WebhookOutbox(BaseWebhookOutbox):
 
     def put(self, message_id: str, url: str, body: bytes, tenant: str, job_id: str | None = None) -> bool:
         return self._records.put(message_id, self._new_fields(message_id, url, body, tenant), job_id)
-
-    def job_messages(self, job_id: str) -> set[str]:
-        return self._records.job_message_ids(job_id)
 
     def claim(self, message_id: str, ttl_ms: int) -> tuple[WebhookMessage | None, str | None]:
         token = _secrets.token_hex(8)
@@ -197,64 +182,3 @@ class WebhookOutbox(BaseWebhookOutbox):
 
     def release_lock(self, message_id: str, token: str) -> None:
         self._records.unlock(message_id, token)
-
-
-class InMemoryWebhookOutbox(BaseWebhookOutbox):
-    """Process-local stand-in for unit tests (no TTLs, locks expire by monotonic clock)."""
-
-    def __init__(self, ttl_s: int = DEFAULT_TTL_S) -> None:
-        super().__init__(ttl_s)
-        self._mu = threading.Lock()
-        self.messages: dict[str, dict[str, Any]] = {}
-        self.attempt_log: dict[str, list[str]] = {}
-        self.locks: dict[str, tuple[str, float]] = {}
-        self.links: dict[str, set[str]] = {}
-
-    def put(self, message_id: str, url: str, body: bytes, tenant: str, job_id: str | None = None) -> bool:
-        fields = self._new_fields(message_id, url, body, tenant)
-        with self._mu:
-            if job_id:
-                self.links.setdefault(job_id, set()).add(message_id)
-            return self.messages.setdefault(message_id, fields) is fields
-
-    def job_messages(self, job_id: str) -> set[str]:
-        with self._mu:
-            return set(self.links.get(job_id, ()))
-
-    def get(self, message_id: str) -> WebhookMessage | None:
-        with self._mu:
-            raw = dict(self.messages.get(message_id) or {})
-        return self._parse(message_id, raw) if raw else None
-
-    def _update(self, message_id: str, fields: dict[str, str]) -> bool:
-        with self._mu:
-            if message_id in self.messages:
-                self.messages[message_id].update(fields)
-            return message_id in self.messages
-
-    def record_attempt(self, message_id: str, attempt: dict[str, Any]) -> int:
-        with self._mu:
-            if message_id not in self.messages:
-                return 0
-            self.attempt_log.setdefault(message_id, []).append(json.dumps(attempt))
-            n = int(self.messages[message_id]["attempts"]) + 1
-            self.messages[message_id]["attempts"] = str(n)
-            return n
-
-    def attempts(self, message_id: str) -> list[dict[str, Any]]:
-        with self._mu:
-            return [json.loads(x) for x in self.attempt_log.get(message_id, [])]
-
-    def acquire_lock(self, message_id: str, ttl_ms: int) -> str | None:
-        with self._mu:
-            held = self.locks.get(message_id)
-            if held and held[1] > time.monotonic():
-                return None
-            token = _secrets.token_hex(8)
-            self.locks[message_id] = (token, time.monotonic() + ttl_ms / 1000)
-            return token
-
-    def release_lock(self, message_id: str, token: str) -> None:
-        with self._mu:
-            if self.locks.get(message_id, ("",))[0] == token:
-                del self.locks[message_id]

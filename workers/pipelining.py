@@ -80,10 +80,6 @@ class Finisher:
         self._pending = None
         return True
 
-    @property
-    def busy(self) -> bool:
-        return self._pending is not None and not self._pending.done()
-
 
 class RenderLane:
     """The one thread that renders; a job queues behind the rendering one."""

@@ -35,7 +35,6 @@ from workers.outbox import (  # noqa: F401 - re-exported
     _ID_RE,
     DEFAULT_TTL_S,
     BaseWebhookOutbox,
-    InMemoryWebhookOutbox,
     State,
     WebhookMessage,
     WebhookOutbox,

@@ -205,7 +205,7 @@ class RedisJobStore(JobStore):
     def _script_and_wait(self, script: Any, script_keys: list[str], args: list[Any]) -> tuple[Any, int]:
         """``script`` then ``WAIT`` on one connection, one round trip: (script reply, replicas acked)."""
         for _ in range(2):
-            pipe = self.redis.pipeline(transaction=False)
+            pipe: Any = self.redis.pipeline(transaction=False)  # Any: execute_command is untyped
             pipe.execute_command(*_evalsha(script, script_keys, args))
             pipe.execute_command(*self.replicas.wait_args())
             done = _script_reply(pipe.execute(raise_on_error=False))
@@ -257,7 +257,7 @@ class RedisJobStore(JobStore):
         """
         if not self.replicas.waits:
             return
-        pipe = self.redis.pipeline(transaction=False)
+        pipe: Any = self.redis.pipeline(transaction=False)  # Any: execute_command is untyped
         pipe.execute_command("SET", keys.REPLICA_PROBE, job_id, "PX", 60_000)
         pipe.execute_command(*self.replicas.wait_args())
         acked = int(pipe.execute()[1])
