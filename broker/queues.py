@@ -104,3 +104,21 @@ class RenderQueue:
         """
         rank = keys.RENDER_PRIORITIES.index(_priority(priority))
         return self.waiting(keys.RENDER_PRIORITIES[:rank])
+
+    def backlog(self, queues: Iterable[str]) -> tuple[int, int]:
+        """(messages no worker has taken, jobs the store holds as queued) in these lists of this model's,
+        in one round trip: a job can be queued while a worker holds its message (workers/priority.py).
+
+        Raises:
+            RuntimeError: built without ``client``.
+            redis.RedisError: Redis is unreachable.
+        """
+        priority_of = {queue: priority for priority, queue in self.names.items()}
+        names = tuple(queues)
+        pipe = self._redis().pipeline(transaction=False)
+        for queue in names:
+            pipe.llen(queue)
+        for queue in names:
+            pipe.zcard(keys.queued(priority_of[queue]))
+        answers = [int(n) for n in pipe.execute()]
+        return sum(answers[:len(names)]), sum(answers[len(names):])

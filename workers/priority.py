@@ -56,7 +56,6 @@ class PriorityGate:
                  wait_s: float, poll_s: float = 0.05, max_blind_rounds: int = 2, round_ttl_s: int = 3600,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
         self.client, self.queues = client, queues
-        self.priority_of = {queue: priority for priority, queue in queues.names.items()}
         self.consumed = None if consumed is None else frozenset(consumed)
         self.wait_s, self.poll_s = wait_s, poll_s
         self.max_blind_rounds, self.round_ttl_s = max_blind_rounds, round_ttl_s
@@ -70,13 +69,8 @@ class PriorityGate:
 
     def higher(self, queues: tuple[str, ...]) -> Higher:
         """Messages waiting and jobs queued in ``queues`` (one round trip). Raises redis errors."""
-        pipe = self.client.pipeline(transaction=False)
-        for queue in queues:
-            pipe.llen(queue)
-        for queue in queues:
-            pipe.zcard(keys.queued(self.priority_of[queue]))
-        answers = [int(n) for n in pipe.execute()]
-        return Higher(messages=sum(answers[:len(queues)]), jobs=sum(answers[len(queues):]))
+        messages, jobs = self.queues.backlog(queues)
+        return Higher(messages=messages, jobs=jobs)
 
     def give_way(self, job: Job) -> bool:
         """True once ``job``'s message is back first in its own queue (the caller ends the task
