@@ -95,16 +95,6 @@ class RenderQueue:
             pipe.llen(queue)
         return any(pipe.execute())
 
-    def waiting_above(self, priority: object) -> bool:
-        """Whether a message of a higher priority than ``priority`` waits (see :meth:`waiting`).
-
-        Raises:
-            RuntimeError: built without ``client``.
-            redis.RedisError: Redis is unreachable.
-        """
-        rank = keys.RENDER_PRIORITIES.index(_priority(priority))
-        return self.waiting(keys.RENDER_PRIORITIES[:rank])
-
     def backlog(self, queues: Iterable[str]) -> tuple[int, int]:
         """(messages no worker has taken, jobs the store holds as queued) in these lists of this model's,
         in one round trip: a job can be queued while a worker holds its message (workers/priority.py).

@@ -32,11 +32,11 @@ def test_waiting_sees_only_untaken_messages_of_its_own_model(redis_client: redis
     queues, other = RenderQueue(client=redis_client), RenderQueue(model="other", client=redis_client)
     assert not queues.waiting()
     redis_client.lpush(other.name("high"), "a message of another model")
-    assert not queues.waiting() and not queues.waiting_above("low") and other.waiting_above("normal")
+    assert not queues.waiting() and queues.backlog(queues.order) == (0, 0) and other.waiting(["high"])
     redis_client.lpush(queues.name("normal"), "m")
     assert queues.waiting() and queues.waiting(["normal"]) and not queues.waiting(["high", "low"])
-    assert queues.waiting_above("low") and not queues.waiting_above("normal")
-    assert not queues.waiting_above("high") and not queues.waiting([])
+    assert queues.backlog([queues.name("high"), queues.name("normal")]) == (1, 0)
+    assert queues.backlog([queues.name("high")]) == (0, 0) and not queues.waiting([])
 
 
 def test_put_back_first_makes_the_job_the_next_one_taken(redis_client: redis.Redis) -> None:

@@ -4,7 +4,7 @@ Run one after the other, a worker's device idles between two renders while the l
 is encoded and uploaded and its job moved to its terminal state, while Celery acks the
 message and hands the next one to the pool child, and while the next job is leased and its
 inputs downloaded and decoded: hundreds of milliseconds per job at 1024² (bench/duty_cycle.py).
-Two helpers, one of each per worker process (made after fork, see :func:`for_this_process`):
+Two helpers, one of each per worker process (made after fork, by ``workers.services.WorkerServices``):
 
 * :class:`RenderLane` — one thread that renders. A render task fetches and decodes its job's
   inputs, hands the job to the lane and returns once its render is *nearly done* (within
@@ -135,14 +135,3 @@ class Pipelining:
         rendered = self.lane.wait(timeout_s) if self.lane is not None else True
         finished = self.finisher.wait(timeout_s) if self.finisher is not None else True
         return rendered and finished
-
-
-_PER_PROCESS: dict[int, Pipelining] = {}
-
-
-def for_this_process(make: Callable[[], Pipelining]) -> Pipelining:
-    """This process's Pipelining, made on first use: threads do not survive fork, so one per pid."""
-    pid = os.getpid()
-    if pid not in _PER_PROCESS:
-        _PER_PROCESS[pid] = make()
-    return _PER_PROCESS[pid]
