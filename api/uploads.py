@@ -105,6 +105,10 @@ class UploadSlots:
             del self._held[tenant]
         for waiting in list(self._waiters):
             who, waiter = waiting
+            # a waiter cancelled (its body timed out) whose task has not yet run its cleanup: its
+            # future is done already and granting it would raise; its task removes it
+            if waiter.done():
+                continue
             if self._fits(who):
                 self._waiters.remove(waiting)
                 self._take(who)

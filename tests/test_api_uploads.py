@@ -5,6 +5,7 @@ real Redis and S3 server): slowloris connections from one tenant while another u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import select
@@ -255,3 +256,23 @@ def test_a_sender_that_sends_nothing_after_its_headers_gets_408(api: str) -> Non
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
         assert time.monotonic() - began < BODY_TIMEOUT_S + SLACK_S
+
+
+def test_a_slot_freed_while_a_cancelled_waiter_has_not_cleaned_up_goes_to_the_next_one() -> None:
+    """A waiter whose body deadline cancelled it is skipped, not granted: granting it raised
+    InvalidStateError in the releasing request, which then answered 500 instead of its own 408."""
+    async def scenario() -> tuple[bool, bool]:
+        slots = UploadSlots(1, 1)
+        await slots.acquire("a")
+        late = asyncio.ensure_future(slots.acquire("b"))
+        nxt = asyncio.ensure_future(slots.acquire("c"))
+        await asyncio.sleep(0)  # both wait
+        late.cancel()  # its future is cancelled now; its cleanup runs on its next turn
+        slots.release("a")  # must not raise, and must hand the slot to "c"
+        await asyncio.sleep(0)
+        with contextlib.suppress(asyncio.CancelledError):
+            await late
+        await nxt
+        return late.cancelled(), nxt.done() and not nxt.cancelled()
+
+    assert asyncio.run(scenario()) == (True, True)
