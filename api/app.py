@@ -24,7 +24,7 @@ from api.limits import LimitsMemory
 from api.malloc import fix_mmap_threshold
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.models import component_schemas
-from api.routers import deliveries, health, jobs, monitoring, submit, ui
+from api.routers import deliveries, health, jobs, models, monitoring, submit, ui
 from api.settings import ApiSettings
 from api.uploads import UploadSlots
 
@@ -116,7 +116,8 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
     # process-wide and idempotent: each app built in a process sets the same value
     fix_mmap_threshold(settings.malloc_mmap_threshold_bytes)
     # its own registry per app; gauges read the store of app.state.services at scrape time
-    app.state.metrics = metrics = ApiMetrics(lambda: app.state.services.store, settings.metrics_store_timeout_s)
+    app.state.metrics = metrics = ApiMetrics(lambda: app.state.services.store, settings.metrics_store_timeout_s,
+                                             models=lambda: app.state.services.catalog.names)
     install_error_handlers(app)
     # the outermost of the app's own middleware: counts every request, and answers (and counts) any
     # unexpected exception as 500 internal_error
@@ -125,6 +126,7 @@ def create_app(settings: ApiSettings | None = None, services: Services | None = 
     app.include_router(submit.router)
     app.include_router(jobs.router)
     app.include_router(deliveries.router)
+    app.include_router(models.router)
     app.include_router(monitoring.router)
     app.include_router(ui.router)
     _add_component_schemas(app)

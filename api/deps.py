@@ -23,12 +23,28 @@ from api.idempotency import IdempotencyStore, RedisIdempotencyStore
 from api.limits import RateLimiter, RedisRateLimiter
 from api.settings import ApiSettings
 from broker import redis_conn
+from broker.catalog import Catalog, load_catalog
 from broker.celery_app import NotifyMessages, enqueue_webhook, make_celery
 from broker.events import EventPublisher, RedisEventPublisher
+from broker.fleet import Fleet, MemoryFleet, RedisFleet
 from broker.jobstore import JobStore, RedisJobStore
-from broker.queues import RenderQueue
+from broker.queues import RenderQueues
+from broker.settings import ClusterSettings
 from broker.tenants import RedisTenantStore, TenantStore
 from storage.store import ObjectStore, S3ObjectStore
+
+
+def api_catalog(settings: ClusterSettings | None = None) -> Catalog:
+    """The API's model catalog: ``EDITFARM_MODELS_FILE``, else ``EDITFARM_MODEL`` alone, else (the
+    API does not load weights, so it need not know where they are) the one-model catalog whose
+    workers name the weights themselves.
+
+    Raises:
+        CatalogError: the file is invalid, or both settings are set.
+    """
+    if settings is not None and (settings.models_file or settings.model):
+        return load_catalog(models_file=settings.models_file, model=settings.model)
+    return Catalog.single("(EDITFARM_MODEL of the render workers)")
 
 
 @dataclass(kw_only=True)
@@ -37,7 +53,8 @@ class Services:
     :meth:`from_settings`, in-memory ones by ``editfarm_testing.api.fake_services``): none defaults to a
     fake that would pass unnoticed in production.
 
-    ``render_queue`` builds a job's Celery render message, which
+    ``catalog`` names the models jobs may ask for (``EDITFARM_MODELS_FILE``; the one-model catalog
+    otherwise). ``render_queues`` builds a job's Celery render message for its model's queues, which
     :meth:`JobStore.create_and_enqueue` pushes in the same step that records the job;
     ``notify_messages`` builds the notify task's message that a cancel pushes with its
     transition (the job's ``job.canceled`` webhook is asked for in the same atomic step);
@@ -63,7 +80,10 @@ class Services:
     redis: redis.Redis | None = None
     closers: list[Callable[[], Any]] = field(default_factory=list)
     # message builders: pure functions of their arguments, the same in tests and production
-    render_queue: RenderQueue = field(default_factory=RenderQueue)
+    render_queues: RenderQueues = field(default_factory=RenderQueues)
+    # which workers serve each model, and its render times (GET /v1/models)
+    fleet: Fleet = field(default_factory=MemoryFleet)
+    catalog: Catalog = field(default_factory=api_catalog)
     notify_messages: NotifyMessages = field(default_factory=NotifyMessages)
 
     @classmethod
@@ -90,6 +110,7 @@ class Services:
         celery = make_celery(settings.redis_url, settings.visibility_timeout_s)
         return cls(
             settings=settings,
+            catalog=api_catalog(settings),
             store=RedisJobStore(client, on_loop, replicas=settings.replica_policy()),
             objects=S3ObjectStore(settings.s3_config()),
             publisher=RedisEventPublisher(client),
@@ -97,6 +118,7 @@ class Services:
             redis=client,
             closers=[client.close, celery.close, on_loop.aclose],
             tenants=RedisTenantStore(client),
+            fleet=RedisFleet(client),
             redeliver=functools.partial(enqueue_webhook, celery),
             limiter=RedisRateLimiter(client, on_loop),
             idempotency=RedisIdempotencyStore(client),

@@ -12,10 +12,11 @@ by tests never share counters. Families:
   ``route="unmatched"``.
 - ``editfarm_http_request_duration_seconds{route,method}``: latency histogram
   (event streams are left out: their duration is how long a client watched).
-- ``editfarm_jobs_total{status="submitted"|"canceled"}``: counted by the API.
-- ``editfarm_queue_depth{priority}`` and ``editfarm_jobs_running``: read from the
-  job store at scrape time; left out of a scrape when the store does not answer
-  within ``metrics_store_timeout_s`` (``editfarm_job_store_up`` is then 0).
+- ``editfarm_jobs_total{status="submitted"|"canceled",model}``: counted by the API.
+- ``editfarm_queue_depth{model,priority}`` and ``editfarm_jobs_running{model}``: read
+  from the job store at scrape time for every model of the catalog; left out of a
+  scrape when the store does not answer within ``metrics_store_timeout_s``
+  (``editfarm_job_store_up`` is then 0).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -33,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import internal_error
 from broker.jobstore import JobStore
+from broker.keys import LEGACY_MODEL
 from broker.schema import PRIORITY_ORDER
 
 logger = logging.getLogger("editfarm.api")
@@ -41,15 +43,18 @@ UNMATCHED = "unmatched"
 
 
 class StoreCollector(Collector):
-    """Queue depth per priority and running jobs, read from the job store at each scrape.
+    """Queue depth per model and priority and running jobs per model, read from the job store at each
+    scrape (``models``: the catalog's names).
 
     The reads run on a helper thread given ``timeout_s``: a Redis client that
     retries a dead server with backoff must not hold a scrape past Prometheus'
     own timeout. While an earlier read is still stuck, scrapes skip the store.
     """
 
-    def __init__(self, store: Callable[[], JobStore], timeout_s: float = 2.0) -> None:
+    def __init__(self, store: Callable[[], JobStore], timeout_s: float = 2.0,
+                 models: Callable[[], Sequence[str]] = lambda: (LEGACY_MODEL,)) -> None:
         self._store = store
+        self._models = models
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._reader: threading.Thread | None = None
@@ -57,8 +62,9 @@ class StoreCollector(Collector):
     def _read(self, result: dict[str, Any]) -> None:
         try:
             store = self._store()
-            result["depths"] = [(p.value, store.queued_count(p)) for p in PRIORITY_ORDER]
-            result["running"] = store.running_count()
+            models = tuple(self._models())
+            result["depths"] = [(m, p.value, store.queued_count(p, m)) for m in models for p in PRIORITY_ORDER]
+            result["running"] = [(m, store.running_count(m)) for m in models]
         except Exception as exc:  # noqa: BLE001 - a scrape must not fail because Redis is down
             result["error"] = type(exc).__name__
 
@@ -86,17 +92,22 @@ class StoreCollector(Collector):
         depths, running = result["depths"], result["running"]
         up.add_metric([], 1)
         yield up
-        depth = GaugeMetricFamily("editfarm_queue_depth", "Jobs queued, per priority", labels=["priority"])
-        for priority, count in depths:
-            depth.add_metric([priority], count)
+        depth = GaugeMetricFamily("editfarm_queue_depth", "Jobs queued, per model and priority",
+                                  labels=["model", "priority"])
+        for model, priority, count in depths:
+            depth.add_metric([model, priority], count)
         yield depth
-        yield GaugeMetricFamily("editfarm_jobs_running", "Jobs running now", value=running)
+        gauge = GaugeMetricFamily("editfarm_jobs_running", "Jobs running now, per model", labels=["model"])
+        for model, count in running:
+            gauge.add_metric([model], count)
+        yield gauge
 
 
 class ApiMetrics:
     """The metrics of one app, in their own registry."""
 
-    def __init__(self, store: Callable[[], JobStore], store_timeout_s: float = 2.0) -> None:
+    def __init__(self, store: Callable[[], JobStore], store_timeout_s: float = 2.0,
+                 models: Callable[[], Sequence[str]] = lambda: (LEGACY_MODEL,)) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.http_requests = Counter(
             "editfarm_http_requests", "HTTP requests answered, by route template, method and status",
@@ -107,17 +118,18 @@ class ApiMetrics:
             ["route", "method"], registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         )
-        self.jobs = Counter("editfarm_jobs", "Jobs submitted and canceled through the API", ["status"],
+        self.jobs = Counter("editfarm_jobs", "Jobs submitted and canceled through the API", ["status", "model"],
                             registry=self.registry)
-        for status in ("submitted", "canceled"):
-            self.jobs.labels(status=status)  # present (at 0) before the first job
-        self.registry.register(StoreCollector(store, store_timeout_s))
+        for model in models():
+            for status in ("submitted", "canceled"):
+                self.jobs.labels(status=status, model=model)  # present (at 0) before the first job
+        self.registry.register(StoreCollector(store, store_timeout_s, models))
 
-    def job_submitted(self) -> None:
-        self.jobs.labels(status="submitted").inc()
+    def job_submitted(self, model: str) -> None:
+        self.jobs.labels(status="submitted", model=model).inc()
 
-    def job_canceled(self) -> None:
-        self.jobs.labels(status="canceled").inc()
+    def job_canceled(self, model: str) -> None:
+        self.jobs.labels(status="canceled", model=model).inc()
 
 
 def route_template(scope: Scope) -> str:

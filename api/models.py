@@ -71,6 +71,8 @@ class JobOut(BaseModel):
                     "(0 = next to start), over all tenants. null once it left the queue.",
     )
     operation: str
+    model: str = Field(description="The model that renders (rendered) the job: the one it named, else the "
+                                   "catalog's default for its operation (GET /v1/models).")
     params: JobParams
     progress: Progress
     outputs: list[OutputOut]
@@ -97,6 +99,38 @@ class JobList(BaseModel):
         description="Always false: the list ends with the oldest job still in Redis. A job past its retention "
                     "(deleted from Redis, archived or not) is not listed; GET /v1/jobs/{id} reads an archived one.",
     )
+
+
+class ModelDefaultsOut(BaseModel):
+    steps: int | None = Field(description="Steps of a job that sets none (null: the API's default).")
+    true_cfg_scale: float | None = Field(description="true_cfg_scale of a job that sets none (null: the API's).")
+
+
+class ModelStateOut(BaseModel):
+    workers_ready: int = Field(description="Render workers with this model loaded and alive now; 0: its jobs "
+                                           "wait, queued, until one starts.")
+    queued: int = Field(description="Its jobs waiting for a worker.")
+    running: int = Field(description="Its jobs rendering now.")
+    median_render_s: float | None = Field(description="Median render seconds of its last 50 renders (null: "
+                                                      "none yet).")
+
+
+class ModelOut(BaseModel):
+    name: str = Field(description="What a job's `model` names.")
+    pipeline: str = Field(description="The diffusers pipeline class the workers load it as.")
+    operations: list[str] = Field(description="The operations it serves.")
+    default_for: list[str] = Field(description="The operations whose jobs run on it when they name no model.")
+    defaults: ModelDefaultsOut
+    max_side_px: int | None = Field(description="The largest width or height it renders (null: the "
+                                                "operation's own limit).")
+    state: ModelStateOut
+
+
+class ModelList(BaseModel):
+    """GET /v1/models."""
+
+    object: str = Field(default="list")
+    data: list[ModelOut] = Field(description="Every model of the cluster, in catalog order.")
 
 
 class CancelRequest(BaseModel):

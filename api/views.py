@@ -85,7 +85,7 @@ def public_view(job: Job, base_url: str, services: Services, queue_position: int
 
 def read_view(job: Job, base_url: str, services: Services) -> dict[str, Any]:
     """The view with the job's current queue position (blocking; raises the store's errors)."""
-    position = services.store.queue_position(job.id) if job.status is JobStatus.QUEUED else None
+    position = services.store.queue_position(job.id, job.params.model) if job.status is JobStatus.QUEUED else None
     return public_view(job, base_url, services, position)
 
 

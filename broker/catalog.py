@@ -301,6 +301,11 @@ class Catalog:
         catalog serves the operation (such jobs are refused)."""
         return self._defaults.get(Operation(operation))
 
+    def default_operations(self, name: str) -> tuple[Operation, ...]:
+        """The operations whose jobs run on model ``name`` when they name none (as resolved: a model
+        that alone serves an operation is its default without saying so)."""
+        return tuple(op for op, spec in self._defaults.items() if spec.name == name)
+
     def serving(self, operation: Operation | str) -> tuple[ModelSpec, ...]:
         """Every model that serves ``operation``, in file order."""
         op = Operation(operation)

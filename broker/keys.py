@@ -17,21 +17,53 @@ def tenant_jobs(tenant: str) -> str:
     return f"{PREFIX}tenant:{tenant}:jobs"
 
 
-def queued(priority: str) -> str:
-    """Sorted set of queued job ids of one priority, scored by created_at (queue position)."""
-    return f"{PREFIX}queued:{priority}"
+LEGACY_MODEL = "default"
+"""The model of a one-model cluster (``EDITFARM_MODEL`` alone, and job records from before the fleet):
+its keys keep the names they had before models existed, so an upgrade strands no queued message.
+lua/reindex.lua repeats this rule for the keys it derives from a job's model."""
+
+
+def _scoped(model: str | None) -> str:
+    return "" if model is None or model == LEGACY_MODEL else f"{model}:"
+
+
+def queued(priority: str, model: str | None = None) -> str:
+    """Sorted set of one model's queued job ids of one priority, scored by created_at (queue position):
+    ``queued:<model>:<priority>`` (the legacy model: ``queued:<priority>``)."""
+    return f"{PREFIX}queued:{_scoped(model)}{priority}"
 
 
 RENDER_PRIORITIES = ("high", "normal", "low")
 """Priorities in the strict order render queues are consumed (broker.schema.PRIORITY_ORDER's values)."""
 
-QUEUED_ALL = tuple(f"{PREFIX}queued:{p}" for p in RENDER_PRIORITIES)
+QUEUED_ALL = tuple(queued(p) for p in RENDER_PRIORITIES)
+"""The legacy model's queued sets: every job script gets them as KEYS[2..4] (lua/reindex.lua)."""
 
 RUNNING = f"{PREFIX}running"
-"""Sorted set of running job ids scored by lease_until (epoch s): the reaper finds lapsed leases here."""
+"""Sorted set of running job ids (every model) scored by lease_until (epoch s): the reaper finds lapsed
+leases here."""
 
-INFLIGHT = f"{PREFIX}inflight"
-"""List of running job ids; its LLEN is what KEDA reads so running pods are not scaled away."""
+
+def inflight(model: str | None = None) -> str:
+    """List of one model's running job ids; its LLEN is what that model's KEDA scaler reads so running pods
+    are not scaled away: ``inflight:<model>`` (the legacy model: ``inflight``)."""
+    scope = _scoped(model)
+    return f"{PREFIX}inflight:{scope[:-1]}" if scope else f"{PREFIX}inflight"
+
+
+INFLIGHT = inflight()
+"""The legacy model's in-flight list (KEYS[6] of every job script)."""
+
+
+def render_seconds(model: str) -> str:
+    """List of a model's last render durations in seconds (newest first, capped): ``GET /v1/models``'s
+    median."""
+    return f"{PREFIX}model:{model}:render_s"
+
+
+def model_workers(model: str) -> str:
+    """Sorted set of the render workers serving ``model``, scored by their last heartbeat (epoch s)."""
+    return f"{PREFIX}model:{model}:workers"
 
 DEADLINES = f"{PREFIX}deadlines"
 """Sorted set of queued job ids scored by their queue deadline (epoch s)."""
@@ -50,9 +82,10 @@ sweeper (workers/sweeper.py) reads the due ones. Written by lua/reindex.lua."""
 
 
 def render_queue(priority: str, model: str | None = None) -> str:
-    """List of render messages of one priority: ``render.<priority>`` (``model`` None: the one-model
-    cluster of today), else ``render.<model>.<priority>`` (a fleet: one queue set per model)."""
-    return f"render.{priority}" if model is None else f"render.{model}.{priority}"
+    """List of one model's render messages of one priority: ``render.<model>.<priority>`` (a fleet: one
+    queue set per model); the legacy model (or None) keeps ``render.<priority>``."""
+    scope = _scoped(model)
+    return f"render.{scope[:-1]}.{priority}" if scope else f"render.{priority}"
 
 
 WEBHOOK_QUEUE = "webhooks"

@@ -1,7 +1,8 @@
 """The render queues: how a job becomes a render message, and how a worker sees what waits.
 
 Each model has one set of Celery queues, one per priority (``keys.render_queue``), consumed in strict
-order (high, normal, low); today's one-model cluster is ``model=None`` (``render.high`` …). A message
+order (high, normal, low); the one-model cluster's model (``keys.LEGACY_MODEL``, or None) keeps the
+names from before the fleet (``render.high`` …). A message
 carries only the job id. The API never sends it itself: the job store pushes it in the same atomic
 step that records the job (:meth:`broker.jobstore.JobStore.create_and_enqueue`), so this module
 builds it (:meth:`RenderQueue.message`); a worker requeues through Celery (:meth:`RenderQueue.enqueue`)
@@ -109,6 +110,20 @@ class RenderQueue:
         for queue in names:
             pipe.llen(queue)
         for queue in names:
-            pipe.zcard(keys.queued(priority_of[queue]))
+            pipe.zcard(keys.queued(priority_of[queue], self.model))
         answers = [int(n) for n in pipe.execute()]
         return sum(answers[:len(names)]), sum(answers[len(names):])
+
+
+class RenderQueues:
+    """Every model's message builder (what the API needs: no client), made once per model."""
+
+    def __init__(self) -> None:
+        self._by_model: dict[str | None, RenderQueue] = {}
+
+    def of(self, model: str | None) -> RenderQueue:
+        """The queues of ``model`` (None: the legacy model's)."""
+        queue = self._by_model.get(model)
+        if queue is None:
+            queue = self._by_model[model] = RenderQueue(model=model)
+        return queue

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from broker.keys import LEGACY_MODEL
+
 MAX_SEED = 2**32 - 1
 
 # Limits of the render operations. They mirror workers/pipeline/base.py (broker imports nothing
@@ -138,6 +140,8 @@ class ErrorCode(str, enum.Enum):
     MISSING_FIELD = "missing_field"
     INVALID_PARAMETER = "invalid_parameter"
     UNKNOWN_OPERATION = "unknown_operation"
+    UNKNOWN_MODEL = "unknown_model"  # 422: no model of that name in the catalog
+    UNSUPPORTED_OPERATION = "unsupported_operation"  # 422: the model does not serve the operation
     MISSING_IMAGE = "missing_image"
     INVALID_INPUT = "invalid_input"  # a job whose inputs cannot be rendered as asked (found by the worker)
     INVALID_IMAGE = "invalid_image"
@@ -370,6 +374,11 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     operation: Operation = Operation.EDIT
+    # the catalog's name of the model to render with (broker/catalog.py); None: the catalog's default for the
+    # operation. The API writes the model it resolved, so a stored job always names one.
+    model: str | None = Field(default=None, min_length=1, max_length=64,
+                              description="The model to render with (GET /v1/models); default: the "
+                                          "catalog's default for the operation.")
     prompt: str | None = Field(default=None, min_length=1, max_length=4000,
                                description="The instruction (edit) or description; required for edit "
                                            "and generate, optional for the others.")
@@ -456,6 +465,11 @@ def new_job_id() -> str:
 
 def random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
+
+
+def model_of(job: Job) -> str:
+    """The model a job renders with (a record from before the fleet names none: the one-model cluster's)."""
+    return job.params.model or LEGACY_MODEL
 
 
 def dump_fields(job: Job) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
-from broker.schema import Job
+from broker.schema import Job, model_of
 
 
 def iso(ts: float | None) -> str | None:
@@ -28,6 +28,7 @@ def job_view(job: Job, presign: Callable[[str], str], base_url: str = "", *,
         "id": job.id,
         "status": job.status.value,
         "operation": params["operation"],
+        "model": model_of(job),
         "params": params,
         "progress": job.progress.model_dump(),
         "outputs": [

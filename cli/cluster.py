@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from broker.celery_app import RENDER_QUEUE_ORDER
+from broker.queues import RenderQueue
 from cli.lifetime import parent_death_signal
 from cli.localservices import (
     ManagedProcess,
@@ -204,15 +205,21 @@ class LocalCluster:
                             "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning"])
 
     def start_render_worker(self, index: int, extra_env: dict[str, str] | None = None,
-                            queues: tuple[str, ...] = RENDER_QUEUE_ORDER) -> str:
+                            queues: tuple[str, ...] | None = None, model: str | None = None) -> str:
+        """Start render worker ``index`` serving ``model`` (None: the catalog's only one) on its model's
+        queues, or on ``queues``; its node is ``render<index>[-<model>]@local``."""
         name = f"render{index}"
         ready = self.workdir / "ready" / f"{name}.ready"
         ready.unlink(missing_ok=True)
         self.metrics_ports[name] = free_port()
+        if queues is None:
+            queues = RenderQueue(model=model).order if model else RENDER_QUEUE_ORDER
+        node = f"{name}-{model}@local" if model else f"{name}@local"
         self._spawn(name, [sys.executable, "-m", "celery", "-A", "workers.celery_worker:app", "worker",
-                           "-Q", ",".join(queues), "-P", "prefork", "-c", "1", "-n", f"{name}@local",
+                           "-Q", ",".join(queues), "-P", "prefork", "-c", "1", "-n", node,
                            "-E", "--without-gossip", "--without-mingle", "-l", "INFO"],
                     {"EDITFARM_WORKER_ROLE": "render", "EDITFARM_READY_FILE": str(ready),
+                     **({"EDITFARM_WORKER_MODEL": model} if model else {}),
                      "EDITFARM_HEARTBEAT_FILE": str(self.workdir / "ready" / f"{name}.heartbeat"),
                      "EDITFARM_METRICS_PORT": str(self.metrics_ports[name]), **(extra_env or {})})
         return name

@@ -56,8 +56,9 @@ def child_env(gpu: str, index: int, base: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def supervise(gpus: list[str], argv_for: list[str]) -> int:
-    """Run one `editfarm worker --gpus N` per GPU and forward SIGTERM/SIGINT; returns the worst exit code.
+def supervise(gpus: list[str], argv_for: list[str], *, model: str = "") -> int:
+    """Run one `editfarm worker --gpus N [--model M]` per GPU and forward SIGTERM/SIGINT; returns the worst
+    exit code.
 
     A child that dies is restarted after a short pause, unless we are stopping or it exited
     with ``EXIT_DOES_NOT_FIT`` (its profile does not fit its card: a restart would not either).
@@ -68,7 +69,9 @@ def supervise(gpus: list[str], argv_for: list[str]) -> int:
     stopping = False
 
     def spawn(gpu: str, index: int) -> None:
-        cmd = [sys.executable, "-m", "cli.main", "worker", "--gpus", gpu, "--name", f"gpu{gpu}@%h", *argv_for]
+        node = f"gpu{gpu}-{model}@%h" if model else f"gpu{gpu}@%h"
+        model_args = ["--model", model] if model else []
+        cmd = [sys.executable, "-m", "cli.main", "worker", "--gpus", gpu, *model_args, "--name", node, *argv_for]
         procs[gpu] = subprocess.Popen(cmd, env=child_env(gpu, index, dict(os.environ)))
 
     def forward(signum: int, _frame: object) -> None:

@@ -7,8 +7,12 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from workers.serving import Served
 
 app = typer.Typer(help="editfarm: a render farm for Qwen-Image-Edit pipelines.", no_args_is_help=True)
 model_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
@@ -20,6 +24,15 @@ def api(host: str = "0.0.0.0", port: int = 8000, workers: int = 1) -> None:
     """Run the submission API (uvicorn)."""
     import uvicorn
 
+    from api.deps import api_catalog
+    from api.settings import ApiSettings
+    from broker.catalog import CatalogError
+
+    try:
+        api_catalog(ApiSettings())  # an invalid catalog stops the API here, with the file, entry and reason
+    except CatalogError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
     uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
 
 
@@ -28,17 +41,22 @@ def worker(
     gpus: str = typer.Option("", help="all, a list like 0,2, or cpu: one worker process per GPU"),
     device: str = typer.Option("auto", help="cpu, cuda or auto (when --gpus is not given)"),
     queues: str = typer.Option("render", help="render (GPU jobs) or webhooks (CPU deliveries, reaper)"),
+    model: str = typer.Option("", help="the catalog's model this render worker serves (EDITFARM_WORKER_MODEL); "
+                                       "default: the catalog's only model"),
     concurrency: int = typer.Option(8, help="threads of a webhook worker"),
-    name: str = typer.Option("", help="Celery node name, e.g. gpu0@%h"),
+    name: str = typer.Option("", help="Celery node name, e.g. gpu0-qwen-image@%h"),
 ) -> None:
-    """Run workers: render jobs (one Celery prefork process per GPU, model loaded in the child)
-    or webhook deliveries (CPU threads)."""
+    """Run workers: render jobs of one model (one Celery prefork process per GPU, model loaded in the
+    child) or webhook deliveries (CPU threads)."""
     from cli.gpus import parse_gpus, supervise
 
     if queues == "webhooks":
         _celery_worker("webhooks", ["-Q", "webhooks", "-P", "threads", "-c", str(concurrency),
                                     "-n", name or "webhooks@%h"])
         return
+    if model:
+        os.environ["EDITFARM_WORKER_MODEL"] = model
+    served = _served_or_exit()
     if gpus:
         try:
             pinned = parse_gpus(gpus)
@@ -46,18 +64,31 @@ def worker(
             typer.echo(str(exc), err=True)
             raise typer.Exit(2) from None
         if pinned is None:
-            device, name = "cpu", name or "cpu@%h"
+            device, name = "cpu", name or f"cpu-{served.name}@%h"
         elif len(pinned) > 1:
-            raise typer.Exit(supervise(pinned, []))
+            raise typer.Exit(supervise(pinned, [], model=served.name))
         else:
             # one card: pin it here and run in this process (Kubernetes: one pod per GPU)
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", pinned[0])
-            device, name = "cuda", name or f"gpu{pinned[0]}@%h"
+            device, name = "cuda", name or f"gpu{pinned[0]}-{served.name}@%h"
     os.environ["EDITFARM_DEVICE"] = device
-    from broker.celery_app import RENDER_QUEUE_ORDER
+    # only its model's queues, in strict priority order (Flower shows the model in the node name)
+    _celery_worker("render", ["-Q", ",".join(served.queues), "-P", "prefork", "-c", "1",
+                              "-n", name or f"render-{served.name}@%h"])
 
-    _celery_worker("render", ["-Q", ",".join(RENDER_QUEUE_ORDER), "-P", "prefork", "-c", "1",
-                              "-n", name or "render@%h"])
+
+def _served_or_exit() -> Served:
+    """The model this render worker serves; an invalid catalog or model name ends the command (exit 2)
+    with the file, the entry and the reason, before anything loads."""
+    from broker.catalog import CatalogError
+    from workers.serving import served_model
+    from workers.settings import WorkerSettings
+
+    try:
+        return served_model(WorkerSettings())
+    except CatalogError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
 
 
 def _celery_worker(role: str, argv: list[str]) -> None:

@@ -141,3 +141,5 @@ def _finish_last_job(**_: object) -> None:
     services = _services.get(os.getpid())
     if services is not None and services.pipelining is not None:
         services.pipelining.drain(services.settings.drain_timeout_s)
+    if services is not None:
+        services.leave_fleet()

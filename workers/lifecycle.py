@@ -31,10 +31,13 @@ def touch(path: str, text: str = "") -> None:
 
 
 class Heartbeat:
-    """This process's liveness, beaten every ``interval_s`` by a daemon thread."""
+    """This process's liveness, beaten every ``interval_s`` by a daemon thread. ``also``: called at
+    each beat after the Redis key (a render worker: it is alive for its model, broker/fleet.py)."""
 
-    def __init__(self, *, redis_client: redis.Redis, process_name: str, file: str, interval_s: float) -> None:
+    def __init__(self, *, redis_client: redis.Redis, process_name: str, file: str, interval_s: float,
+                 also: Callable[[], None] | None = None) -> None:
         self.redis, self.process_name, self.file, self.interval_s = redis_client, process_name, file, interval_s
+        self.also = also
 
     def beat(self) -> None:
         """One beat: the file first (it is what the liveness probe reads), then the Redis key
@@ -42,6 +45,8 @@ class Heartbeat:
         touch(self.file)
         self.redis.set(keys.worker_heartbeat(self.process_name), str(time.time()),
                        ex=int(self.interval_s * 6) + 1)
+        if self.also is not None:
+            self.also()
 
     def _loop(self) -> None:
         while True:

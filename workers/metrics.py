@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -17,10 +17,13 @@ log = logging.getLogger("editfarm.metrics")
 # seconds, up to an hour: renders of big images and queue waits in busy hours take minutes
 _BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 
-JOBS = Counter("editfarm_jobs_total", "Jobs that reached a status, counted where it happened", ["status"])
-QUEUE_WAIT = Histogram("editfarm_queue_wait_seconds", "Submission to start of render", buckets=_BUCKETS_S)
-RENDER = Histogram("editfarm_render_seconds", "Pipeline time per job", buckets=_BUCKETS_S)
-UPLOAD = Histogram("editfarm_upload_seconds", "Encode and upload of a job's outputs", buckets=_BUCKETS_S)
+# ``model``: the model a render worker serves (set_model); a webhook worker's counts (the reaper's
+# transitions) carry model="" (it serves none)
+JOBS = Counter("editfarm_jobs_total", "Jobs that reached a status, counted where it happened", ["status", "model"])
+QUEUE_WAIT = Histogram("editfarm_queue_wait_seconds", "Submission to start of render", ["model"],
+                       buckets=_BUCKETS_S)
+RENDER = Histogram("editfarm_render_seconds", "Pipeline time per job", ["model"], buckets=_BUCKETS_S)
+UPLOAD = Histogram("editfarm_upload_seconds", "Encode and upload of a job's outputs", ["model"], buckets=_BUCKETS_S)
 WEBHOOKS = Counter("editfarm_webhook_deliveries_total", "Webhook delivery attempts by outcome", ["outcome"])
 RECOMPILES = Counter("editfarm_compile_after_warmup_total",
                      "torch.compile compiles after the warm-up (a shape the warm-up did not render)")
@@ -33,6 +36,15 @@ REPLICA_SHORTFALLS = Counter("editfarm_redis_replica_shortfalls_total",
 _HISTOGRAMS = {"queue_wait": QUEUE_WAIT, "render": RENDER, "upload": UPLOAD}
 
 
+_model = ""
+
+
+def set_model(name: str) -> None:
+    """The model this process renders: the ``model`` label of its job metrics (a render worker serves one)."""
+    global _model
+    _model = name
+
+
 def recompiled(seconds: float) -> None:
     """The compile watch's hook (workers/pipeline/compile_watch.py)."""
     RECOMPILES.inc()
@@ -42,9 +54,9 @@ def recompiled(seconds: float) -> None:
 def observe(name: str, value: float) -> None:
     """The runner's hook: durations in seconds by name, or ``job.<status>`` counts."""
     if name in _HISTOGRAMS:
-        _HISTOGRAMS[name].observe(value)
+        _HISTOGRAMS[name].labels(model=_model).observe(value)
     elif name.startswith("job."):
-        JOBS.labels(status=name.removeprefix("job.")).inc(value)
+        JOBS.labels(status=name.removeprefix("job."), model=_model).inc(value)
 
 
 def replica_shortfall(what: str, acked: int) -> None:
@@ -53,19 +65,25 @@ def replica_shortfall(what: str, acked: int) -> None:
 
 
 class ClusterCollector(Collector):
-    """Gauges read at scrape time: queue depth per priority, running jobs, GPU memory."""
+    """Gauges read at scrape time: queue depth per model and priority, running jobs per model (``models``:
+    a render worker's own, a webhook worker's catalog), GPU memory."""
 
-    def __init__(self, store: Callable[[], JobStore], gpu_memory: Callable[[], dict[str, int]]) -> None:
-        self.store, self.gpu_memory = store, gpu_memory
+    def __init__(self, store: Callable[[], JobStore], gpu_memory: Callable[[], dict[str, int]],
+                 models: Sequence[str]) -> None:
+        self.store, self.gpu_memory, self.models = store, gpu_memory, tuple(models)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         try:
             store = self.store()
-            depth = GaugeMetricFamily("editfarm_queue_depth", "Jobs waiting, by priority", labels=["priority"])
-            for priority in PRIORITY_ORDER:
-                depth.add_metric([priority.value], store.queued_count(priority))
+            depth = GaugeMetricFamily("editfarm_queue_depth", "Jobs waiting, by model and priority",
+                                      labels=["model", "priority"])
+            running = GaugeMetricFamily("editfarm_jobs_running", "Jobs running now, by model", labels=["model"])
+            for model in self.models:
+                for priority in PRIORITY_ORDER:
+                    depth.add_metric([model, priority.value], store.queued_count(priority, model))
+                running.add_metric([model], store.running_count(model))
             yield depth
-            yield GaugeMetricFamily("editfarm_jobs_running", "Jobs running now", value=store.running_count())
+            yield running
         except Exception:  # noqa: BLE001 - a scrape must not fail because Redis blinked
             log.warning("queue metrics unavailable")
         memory = GaugeMetricFamily("editfarm_gpu_memory_bytes", "GPU memory allocated by this process",
@@ -78,12 +96,13 @@ class ClusterCollector(Collector):
 _served = False
 
 
-def serve(port: int, store: Callable[[], JobStore], gpu_memory: Callable[[], dict[str, int]]) -> None:
+def serve(port: int, store: Callable[[], JobStore], gpu_memory: Callable[[], dict[str, int]],
+          models: Sequence[str]) -> None:
     """Start the /metrics HTTP server once per process (port 0: off)."""
     global _served
     if _served or port <= 0:
         return
-    REGISTRY.register(ClusterCollector(store, gpu_memory))
+    REGISTRY.register(ClusterCollector(store, gpu_memory, models))
     start_http_server(port, addr="0.0.0.0")
     _served = True
     log.info("metrics on :%d/metrics", port)

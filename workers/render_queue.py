@@ -11,8 +11,9 @@ from typing import Any, Protocol
 
 import redis
 
+from broker.keys import LEGACY_MODEL
 from broker.queues import RenderQueue
-from broker.schema import Job
+from broker.schema import Job, model_of
 from workers.priority import PriorityGate
 
 
@@ -42,9 +43,23 @@ class CeleryRenderQueue:
         self.queues = RenderQueue(model=model, client=redis_client, celery=celery)
         self.gate = PriorityGate(client=redis_client, queues=self.queues, consumed=consumed,
                                  wait_s=give_way_wait_s)
+        self._redis, self._celery = redis_client, celery
+        self._other_models: dict[str, RenderQueue] = {}
+
+    def _queues_of(self, job: Job) -> RenderQueue:
+        # a render worker only ever holds its own model's jobs; the reaper (in a webhook worker, which
+        # serves none) re-sends any model's
+        model = model_of(job)
+        if model == (self.queues.model or LEGACY_MODEL):
+            return self.queues
+        queues = self._other_models.get(model)
+        if queues is None:
+            queues = self._other_models[model] = RenderQueue(model=model, client=self._redis, celery=self._celery)
+        return queues
 
     def requeue(self, job: Job) -> None:
-        self.queues.enqueue(job.id, job.params.priority)
+        """Re-send ``job`` on its own model's queue of its priority."""
+        self._queues_of(job).enqueue(job.id, job.params.priority)
 
     def give_way(self, job: Job) -> bool:
         """Strict priority for a job the render lane took early (workers/priority.py): ``job``'s

@@ -20,8 +20,10 @@ import httpx
 import redis
 
 from broker import keys, redis_conn
+from broker.catalog import CatalogError, ModelSpec, load_catalog
 from broker.celery_app import NotifyMessages, enqueue_notify, enqueue_webhook, make_celery
 from broker.events import RedisEventPublisher
+from broker.fleet import RedisFleet
 from broker.jobstore import RedisJobStore
 from broker.retention import RetentionIndex
 from broker.schema import Job
@@ -36,6 +38,7 @@ from workers.pipelining import Pipelining
 from workers.reaper import Reaper
 from workers.render_queue import CeleryRenderQueue
 from workers.runner import Runner, RunnerConfig
+from workers.serving import served_model
 from workers.settings import WorkerSettings
 from workers.sweeper import RetentionSweeper
 from workers.transitions import Transitions
@@ -88,11 +91,12 @@ def render_device(settings: WorkerSettings) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_renderer(settings: WorkerSettings, device: str) -> Renderer:
-    """The process's one model: the stand-in, or from_pretrained of EDITFARM_MODEL on ``device``.
+def load_renderer(settings: WorkerSettings, device: str, spec: ModelSpec | None = None) -> Renderer:
+    """The process's one model: the stand-in, or from_pretrained of the catalog entry ``spec`` on ``device``
+    (without one, EDITFARM_MODEL).
 
     Raises:
-        RuntimeError: EDITFARM_MODEL is not set (and what loading the model raises).
+        RuntimeError: no model is configured (and what loading the model raises).
     """
     if settings.renderer == "standin":
         from workers.standin import StandinRenderer
@@ -101,12 +105,23 @@ def load_renderer(settings: WorkerSettings, device: str) -> Renderer:
         return StandinRenderer(settings.standin_render_s)
     from workers.pipeline import load_renderer as load_model
 
-    if not settings.model:
+    source = spec.source if spec is not None else settings.model
+    if not source:
         raise RuntimeError("EDITFARM_MODEL is not set (a model folder or hub id)")
     from workers.render_setup import load_options
 
-    log.info("loading model %s on %s (profile %s)", settings.model, device, settings.profile)
-    return load_model(settings.model, device, **load_options(settings))
+    log.info("loading model %s on %s (profile %s)", source, device, settings.profile)
+    return load_model(source, device, **load_options(settings))
+
+
+def _observe(fleet: RedisFleet, model: str, name: str, value: float) -> None:
+    """The runner's metrics hook, plus the model's render times that GET /v1/models reports."""
+    metrics.observe(name, value)
+    if name == "render":
+        try:
+            fleet.render_took(model, value)
+        except redis.RedisError:
+            log.warning("render time of %s not recorded", model)
 
 
 @dataclass
@@ -130,10 +145,12 @@ class WorkerServices:
     renderer: Renderer | None = None
     pipelining: Pipelining | None = None
     runner: Runner | None = None
+    model: str | None = None  # the model a render worker serves (workers/serving.py)
 
     @classmethod
-    def connect(cls, settings: WorkerSettings, *, celery: Any) -> WorkerServices:
-        """The services of any worker process, without a model. ``celery``: the workers' app."""
+    def connect(cls, settings: WorkerSettings, *, celery: Any, model: str | None = None) -> WorkerServices:
+        """The services of any worker process, without a model. ``celery``: the workers' app; ``model``: the
+        model whose queues a render worker consumes (None: a webhook worker's, which consumes none)."""
         s = settings
         client = connect_redis(s)
         secret = s.s3_secret_access_key.get_secret_value() if s.s3_secret_access_key else None
@@ -158,8 +175,8 @@ class WorkerServices:
             settings=s, redis=client, celery=celery, notify_celery=notify_celery, objects=objects, store=store,
             publisher=publisher,
             # the queues this worker consumes: its -Q, selected in the Celery parent before the fork
-            queue=CeleryRenderQueue(redis_client=client, celery=celery, consumed=_consumed_queues(celery),
-                                    give_way_wait_s=s.give_way_wait_s),
+            queue=CeleryRenderQueue(redis_client=client, celery=celery, model=model,
+                                    consumed=_consumed_queues(celery), give_way_wait_s=s.give_way_wait_s),
             transitions=transitions, webhook_configs=webhook_configs, outbox=WebhookOutbox(client),
             drain=drain_of(s, client),
             heartbeat=Heartbeat(redis_client=client, process_name=s.process_name(), file=s.heartbeat_file,
@@ -170,20 +187,38 @@ class WorkerServices:
     def for_render(cls, settings: WorkerSettings, *, celery: Any, renderer: Renderer | None = None) -> WorkerServices:
         """A render worker's services: :meth:`connect`'s, the model loaded (``renderer``: one made
         already, e.g. a benchmark's), the render lane and the runner. Touches CUDA: pool child only."""
-        services = cls.connect(settings, celery=celery)
+        served = served_model(settings)
+        services = cls.connect(settings, celery=celery, model=served.name)
+        services.model = served.name
+        metrics.set_model(served.name)
         if renderer is None:
             device = render_device(settings)
             if settings.renderer != "standin" and device == "cpu" and settings.reuse_cpu_memory:
                 malloc.one_arena()  # before the model load and the warm-up render start any thread
-            renderer = load_renderer(settings, device)
+            renderer = load_renderer(settings, device, served.spec)
         services.renderer = renderer
         services.pipelining = Pipelining(settings.finish_in_background, settings.render_lane)
+        fleet = RedisFleet(services.redis)
+        name = settings.process_name()
+        # counted as its model's worker until three beats are missed (GET /v1/models)
+        services.heartbeat.also = functools.partial(fleet.worker_seen, served.name, name,
+                                                    3 * settings.heartbeat_interval_s)
         services.runner = Runner(
             transitions=services.transitions, objects=services.objects, renderer=renderer, queue=services.queue,
             config=services.transitions.config, pipelining=services.pipelining, draining=services.drain.draining,
-            observe=metrics.observe, loras=LoraResolver.from_settings(services.objects, LoraSettings()),
+            observe=functools.partial(_observe, fleet, served.name),
+            loras=LoraResolver.from_settings(services.objects, LoraSettings()),
         )
         return services
+
+    def leave_fleet(self) -> None:
+        """A render worker that stops: its model no longer counts it (best effort: a killed one goes stale)."""
+        if self.model is None:
+            return
+        try:
+            RedisFleet(self.redis).worker_gone(self.model, self.settings.process_name())
+        except redis.RedisError:
+            log.warning("could not take this worker out of its model's workers")
 
     # -- a render worker's start -----------------------------------------------------------------
 
@@ -238,10 +273,22 @@ class WorkerServices:
         """Per-process threads: heartbeat and metrics (both roles), the reaper and the retention sweeper
         (webhook workers)."""
         self.heartbeat.start()
-        metrics.serve(self.settings.metrics_port, lambda: self.store, self.gpu_memory)
+        metrics.serve(self.settings.metrics_port, lambda: self.store, self.gpu_memory, self._metric_models())
         if role == "webhooks":
             self.reaper().start()
             self.sweeper().start()
+
+    def _metric_models(self) -> tuple[str, ...]:
+        """The models whose queues this process's /metrics shows: a render worker's own; a webhook worker's
+        catalog (every model), when it has one."""
+        if self.model is not None:
+            return (self.model,)
+        s = self.settings
+        try:
+            return load_catalog(models_file=s.models_file, model=s.model).names if s.models_file or s.model \
+                else (keys.LEGACY_MODEL,)
+        except CatalogError:
+            return (keys.LEGACY_MODEL,)
 
     # -- webhooks --------------------------------------------------------------------------------
 

@@ -15,6 +15,9 @@ from broker.settings import ClusterSettings
 class WorkerSettings(ClusterSettings):
     # "diffusers" (the model) or "standin" (no model; tests and benchmarks only, see workers/standin.py)
     renderer: str = "diffusers"
+    # the catalog's model this render worker serves (`editfarm worker --model`; workers/serving.py);
+    # empty: the catalog's only model
+    worker_model: str = ""
     standin_render_s: float = 0.0
     # torch.compile the transformer's repeated blocks at load (GPU; warm-up pays the compile)
     compile_transformer: bool = False

@@ -33,7 +33,7 @@ from api.views import (
     unavailable,
 )
 from broker import events
-from broker.schema import ErrorCode, Job, JobStatus
+from broker.schema import ErrorCode, Job, JobStatus, model_of
 from storage import StorageUnavailable
 
 logger = logging.getLogger("editfarm.api")
@@ -267,7 +267,7 @@ async def cancel_job(job_id: str, request: Request, tenant: TenantDep, services:
     except STORE_ERRORS as exc:
         logger.warning("job store unavailable canceling %s: %s", job_id, type(exc).__name__)
         raise unavailable("the job store") from None
-    metrics_of(request).job_canceled()
+    metrics_of(request).job_canceled(model_of(job))
     logger.info("canceled %s (was %s) for tenant %s", job_id, job.status.value, tenant)
     status_event = {"status": canceled.status.value,
                     "error": canceled.error.model_dump() if canceled.error else None}

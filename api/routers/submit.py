@@ -51,12 +51,13 @@ from api.limits import (
     create_within_limits,
     enforce_submission_limits,
 )
+from api.model_choice import choose_model
 from api.models import JobOut
 from api.retention import settle_retention_async
 from api.uploads import UploadTicket
 from api.views import ERRORS, metrics_of, public_base_url, public_view, read_view, unavailable
 from broker.replication import ReplicaShortfall
-from broker.schema import Job, JobParams, new_job_id
+from broker.schema import Job, JobParams, model_of, new_job_id
 from storage.store import ObjectStore, StorageUnavailable
 
 logger = logging.getLogger("editfarm.api")
@@ -123,7 +124,8 @@ async def _take_in(request: Request, submission: Submission, base_url: str,
     replay = await submission.idempotency.claim(fields, sources, lambda job: read_view(job, base_url, services))
     if replay is not None:
         return replay
-    params = await settle_retention_async(services, submission.tenant, validate_params(fields))
+    params = choose_model(services.catalog, validate_params(fields))
+    params = await settle_retention_async(services, submission.tenant, params)
     check_sources(params, sources)
     if params.webhook is not None:
         await run_in_threadpool(check_url_policy, params.webhook, settings, "webhook")
@@ -158,7 +160,7 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
             logger.warning("object store unavailable storing the inputs of %s", job_id)
             raise unavailable("the object store") from None
     job = Job(id=job_id, tenant=tenant, params=params, input_keys=input_keys, mask_key=mask_key)
-    queue, message = services.render_queue.message(job_id, params.priority)
+    queue, message = services.render_queues.of(params.model).message(job_id, params.priority)
     counted, submission.counted = submission.counted, True
     stored = [*input_keys, *([mask_key] if mask_key else [])]
     try:
@@ -176,7 +178,7 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
         logger.warning("job store unavailable creating %s: %s", job_id, type(exc).__name__)
         raise unavailable("the job store") from None
     await idempotency.complete(job_id)
-    metrics_of(request).job_submitted()
+    metrics_of(request).job_submitted(model_of(job))
     view = public_view(job, base_url, services, position)
     logger.info("accepted %s %s for tenant %s (%d input image(s)%s)", params.operation.value, job_id, tenant,
                 len(input_keys), ", a mask" if mask_key else "")

@@ -104,16 +104,17 @@ class JobStore(abc.ABC):
         """A tenant's job ids, newest first."""
 
     @abc.abstractmethod
-    def queue_position(self, job_id: str) -> int | None:
-        """0-based place of a queued job in the strict-priority render order; None if not queued."""
+    def queue_position(self, job_id: str, model: str | None = None) -> int | None:
+        """0-based place of a queued job in its model's (``model``, None: the legacy model) strict-priority
+        render order; None if not queued."""
 
     @abc.abstractmethod
-    def queued_count(self, priority: Priority) -> int:
-        """Jobs queued at ``priority``."""
+    def queued_count(self, priority: Priority, model: str | None = None) -> int:
+        """Jobs of ``model`` (None: the legacy model) queued at ``priority``."""
 
     @abc.abstractmethod
-    def running_count(self) -> int:
-        """Jobs running now."""
+    def running_count(self, model: str | None = None) -> int:
+        """Jobs of ``model`` (None: the legacy model) running now."""
 
     @abc.abstractmethod
     def tenant_active_count(self, tenant: str) -> int:

@@ -11,7 +11,8 @@ from typing import Any
 from broker.jobstore.base import Expect, JobStore
 from broker.jobstore.codec import decode_job, encode
 from broker.jobstore.quota import Quota, QuotaAnswer
-from broker.schema import PRIORITY_ORDER, Job, JobStatus, Priority, dump_fields, queue_deadline_at
+from broker.keys import LEGACY_MODEL
+from broker.schema import PRIORITY_ORDER, Job, JobStatus, Priority, dump_fields, model_of, queue_deadline_at
 
 
 class InMemoryJobStore(JobStore):
@@ -39,7 +40,7 @@ class InMemoryJobStore(JobStore):
         with self._lock:
             self.create(job)
             self.pushed.append((queue, message))
-            return self.queue_position(job.id)
+            return self.queue_position(job.id, job.params.model)
 
     # no I/O: the event loop runs these itself, no thread needed
 
@@ -87,20 +88,23 @@ class InMemoryJobStore(JobStore):
             raws = [dict(r) for r in self._jobs.values()]
         return [decode_job(r) for r in raws]
 
-    def _queue(self) -> list[Job]:
+    def _queue(self, model: str | None = "*") -> list[Job]:
+        """Queued jobs of ``model`` (None: the legacy model; "*": every model) in render order."""
         rank = {p: i for i, p in enumerate(PRIORITY_ORDER)}
-        queued = [j for j in self._all() if j.status is JobStatus.QUEUED]
+        want = model or LEGACY_MODEL
+        queued = [j for j in self._all() if j.status is JobStatus.QUEUED and want in ("*", model_of(j))]
         return sorted(queued, key=lambda j: (rank[j.params.priority], j.created_at))
 
-    def queue_position(self, job_id: str) -> int | None:
-        ids = [j.id for j in self._queue()]
+    def queue_position(self, job_id: str, model: str | None = None) -> int | None:
+        ids = [j.id for j in self._queue(model)]
         return ids.index(job_id) if job_id in ids else None
 
-    def queued_count(self, priority: Priority) -> int:
-        return sum(1 for j in self._queue() if j.params.priority is priority)
+    def queued_count(self, priority: Priority, model: str | None = None) -> int:
+        return sum(1 for j in self._queue(model) if j.params.priority is priority)
 
-    def running_count(self) -> int:
-        return sum(1 for j in self._all() if j.status is JobStatus.RUNNING)
+    def running_count(self, model: str | None = None) -> int:
+        want = model or LEGACY_MODEL
+        return sum(1 for j in self._all() if j.status is JobStatus.RUNNING and model_of(j) == want)
 
     def tenant_active_count(self, tenant: str) -> int:
         return sum(1 for j in self._all() if j.tenant == tenant and not j.status.is_terminal)

@@ -336,11 +336,11 @@ class RedisJobStore(JobStore):
                     rows.append((job_id, float(member_score)))
         return rows[:limit]
 
-    def queue_position(self, job_id: str) -> int | None:
+    def queue_position(self, job_id: str, model: str | None = None) -> int | None:
         pipe = self.redis.pipeline(transaction=False)
         for priority in PRIORITY_ORDER:
-            pipe.zrank(keys.queued(priority.value), job_id)
-            pipe.zcard(keys.queued(priority.value))
+            pipe.zrank(keys.queued(priority.value, model), job_id)
+            pipe.zcard(keys.queued(priority.value, model))
         answers = pipe.execute()
         ahead = 0
         for rank, size in zip(answers[0::2], answers[1::2], strict=True):
@@ -349,11 +349,11 @@ class RedisJobStore(JobStore):
             ahead += int(size)
         return None
 
-    def queued_count(self, priority: Priority) -> int:
-        return int(self.redis.zcard(keys.queued(priority.value)))
+    def queued_count(self, priority: Priority, model: str | None = None) -> int:
+        return int(self.redis.zcard(keys.queued(priority.value, model)))
 
-    def running_count(self) -> int:
-        return int(self.redis.llen(keys.INFLIGHT))
+    def running_count(self, model: str | None = None) -> int:
+        return int(self.redis.llen(keys.inflight(model)))
 
     def tenant_active_count(self, tenant: str) -> int:
         return int(self.redis.scard(keys.tenant_active(tenant)))

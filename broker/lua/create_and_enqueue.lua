@@ -1,5 +1,5 @@
--- create.lua, then LPUSH of the job's Celery message onto KEYS[9] and the job's place in the
--- strict-priority render order (KEYS[2..4]: queued high, normal, low), in one round trip; first the
+-- create.lua, then LPUSH of the job's Celery message onto KEYS[9] and the job's place in its model's
+-- strict-priority render order (reindex.lua's model_keys: queued high, normal, low), in one round trip; first the
 -- tenant's submission limits (quota.lua), checked and counted in the same atomic step. Needs
 -- reindex.lua and quota.lua before it.
 -- KEYS[10] is the tenant's active set, KEYS[11..12] this and the previous rate window's counters.
@@ -24,9 +24,10 @@ reindex(ARGV[1])
 redis.call('LPUSH', KEYS[9], ARGV[3])
 if cap > 0 then active = active + 1 end
 local ahead = 0
-for i = 2, 4 do
-  local rank = redis.call('ZRANK', KEYS[i], ARGV[1])
+local mine = model_keys()
+for i = 1, 3 do
+  local rank = redis.call('ZRANK', mine[i], ARGV[1])
   if rank then return {ahead + rank, active, previous, current} end
-  ahead = ahead + redis.call('ZCARD', KEYS[i])
+  ahead = ahead + redis.call('ZCARD', mine[i])
 end
 return {-2, active, previous, current}

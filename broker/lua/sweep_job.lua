@@ -36,8 +36,10 @@ if type(params) == 'table' and type(params['webhook']) == 'string' then
   end
 end
 local tenant = cjson.decode(redis.call('HGET', KEYS[1], 'tenant'))
-for i = 2, 5 do redis.call('ZREM', KEYS[i], id) end
-redis.call('LREM', KEYS[6], 0, id)
+local mine = model_keys()
+for i = 1, 3 do redis.call('ZREM', mine[i], id) end
+redis.call('ZREM', KEYS[5], id)
+redis.call('LREM', mine[4], 0, id)
 redis.call('ZREM', KEYS[7], id)
 redis.call('SREM', KEY_PREFIX .. 'tenant:' .. tenant .. ':active', id)
 redis.call('ZREM', KEY_PREFIX .. 'tenant:' .. tenant .. ':jobs', id)
