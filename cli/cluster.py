@@ -38,9 +38,9 @@ MANAGED_SETTINGS = frozenset({
     # the services the cluster runs and its credentials: the cluster sets them
     "EDITFARM_REDIS_URL", "EDITFARM_S3_ENDPOINT_URL", "EDITFARM_S3_BUCKET", "EDITFARM_S3_ACCESS_KEY_ID",
     "EDITFARM_S3_SECRET_ACCESS_KEY", "EDITFARM_API_KEYS", "EDITFARM_WEBHOOK_SECRET", "EDITFARM_MODEL",
-    "EDITFARM_DEVICE",
+    "EDITFARM_MODELS_FILE", "EDITFARM_DEVICE",
     # one process's identity and files: shared by two processes they would clash
-    "EDITFARM_WORKER_ROLE", "EDITFARM_WORKER_NAME", "EDITFARM_WORKER_INSTANCE", "EDITFARM_READY_FILE",
+    "EDITFARM_WORKER_ROLE", "EDITFARM_WORKER_MODEL", "EDITFARM_WORKER_NAME", "EDITFARM_WORKER_INSTANCE", "EDITFARM_READY_FILE",
     "EDITFARM_HEARTBEAT_FILE", "EDITFARM_METRICS_PORT",
 })
 
@@ -56,6 +56,10 @@ class ClusterConfig:
     workdir: Path
     redis_url: str | None = None          # None → start a local Redis
     model: str | None = None              # None → build the tiny model in workdir
+    # a model catalog (EDITFARM_MODELS_FILE) instead of the one model; then render_pools says how many
+    # render workers serve each of its models (model name → count) and render_workers is not used
+    models_file: Path | None = None
+    render_pools: dict[str, int] = field(default_factory=dict)
     api_port: int | None = None
     render_workers: int = 1
     device: str = "cpu"
@@ -99,8 +103,13 @@ class LocalCluster:
             self.env = self._environment()
             self.start_api()
             self.start_webhook_worker()
-            for index in range(self.config.render_workers):
-                self.start_render_worker(index)
+            if self.config.models_file is not None:
+                pools = [model for model, count in self.config.render_pools.items() for _ in range(count)]
+                for index, model in enumerate(pools):
+                    self.start_render_worker(index, model=model)
+            else:
+                for index in range(self.config.render_workers):
+                    self.start_render_worker(index)
             self.wait_ready()
         except BaseException:
             self.stop()
@@ -151,7 +160,7 @@ class LocalCluster:
         else:
             self.s3 = start_s3(log=log_dir / "s3.log", workdir=self.workdir / "s3", bucket="editfarm",
                                die_with_parent=self.config.die_with_parent)
-        if not self.config.model:
+        if not self.config.model and self.config.models_file is None:
             model_dir = self.workdir / "models" / "tiny-edit"
             if not (model_dir / "model_index.json").exists():
                 subprocess.run([sys.executable, "-m", "cli.main", "model", "tiny", str(model_dir)],
@@ -186,7 +195,8 @@ class LocalCluster:
             "EDITFARM_S3_SECRET_ACCESS_KEY": "test",
             "EDITFARM_API_KEYS": self.api_keys,
             "EDITFARM_WEBHOOK_SECRET": self.webhook_secret,
-            "EDITFARM_MODEL": str(self.config.model),
+            **({"EDITFARM_MODELS_FILE": str(self.config.models_file)} if self.config.models_file is not None
+               else {"EDITFARM_MODEL": str(self.config.model)}),
             "EDITFARM_DEVICE": self.config.device,
             "PYTHONUNBUFFERED": "1",
         })
