@@ -961,7 +961,7 @@ def test_fleet_api_and_webhook_worker_mount_the_catalog(rendered: dict[str, list
                 for e in c.get("env", []) if e["name"] == "EDITFARM_MODEL"], "EDITFARM_MODEL next to a catalog"
 
 
-def test_fleet_pool_variants(helm: Path) -> None:
+def test_fleet_pool_variants(helm: Path, tmp_path: Path) -> None:
     """A catalog of long names under a long release prefix (names stay within 63 characters
     and distinct), pools without KEDA (fixed replicas) and with their own chart-made PVC."""
     catalog = {"models": [
@@ -982,8 +982,7 @@ def test_fleet_pool_variants(helm: Path) -> None:
             {"model": "text", "keda": {"enabled": False}},
         ],
     }
-    path = ROOT / ".editfarm" / "test-values-fleet-variants.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(values))
     result = _helm(helm, "template", "ef", str(CHART), "--namespace", "editfarm",
                    "--kube-version", f"{K8S_VERSIONS[0]}.0", "-f", str(path))
@@ -1027,6 +1026,22 @@ def test_fleet_default_pool_keeps_the_single_model_names(helm: Path) -> None:
     assert env["EDITFARM_MODEL"] == _values("default")["model"]["name"] and env["EDITFARM_WORKER_MODEL"] == "default"
     (scaled,) = _find(docs, "ScaledObject")
     assert sorted(t["metadata"]["listName"] for t in scaled["spec"]["triggers"]) == sorted(model_lists("default"))
+
+
+def test_single_pool_of_a_one_model_catalog_scales_on_that_models_lists(helm: Path, tmp_path: Path) -> None:
+    """Without renderPools, a catalog of one model is served by the single pool (the worker
+    takes the catalog's only model): KEDA must count that model's queues, not render.high..."""
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text("models:\n  - {name: qwen-image-edit, source: /models/qie, pipeline: QwenImageEditPipeline}\n")
+    result = _helm(helm, "template", "ef", str(CHART), "--kube-version", f"{K8S_VERSIONS[0]}.0",
+                   "--set-file", f"models={catalog}", "--set", "keda.enabled=true")
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    worker = _one(docs, "Deployment", "-render-worker")
+    assert worker["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker", "--gpus", "all"]
+    _assert_mounts_the_catalog(worker, docs)
+    (scaled,) = _find(docs, "ScaledObject")
+    assert sorted(t["metadata"]["listName"] for t in scaled["spec"]["triggers"]) == \
+        sorted(model_lists("qwen-image-edit"))
 
 
 @pytest.mark.parametrize(("args", "message"), [

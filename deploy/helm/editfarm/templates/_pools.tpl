@@ -144,11 +144,16 @@ Invalid pools fail here, with the entry's index and the reason.
 
 {{- /* The model's three render queues and its in-flight list (broker/keys.py); the model
        named "default" keeps the single-model names. */}}
+{{- $listModel := $model }}
+{{- if and $single (eq (len $catalogNames) 1) }}
+{{- /* the single pool of a one-model catalog serves that model, and its queues are that model's */}}
+{{- $listModel = first $catalogNames }}
+{{- end }}
 {{- $queue := "render" }}
 {{- $inflight := "editfarm:inflight" }}
-{{- if and $model (ne $model "default") }}
-{{- $queue = printf "render.%s" $model }}
-{{- $inflight = printf "editfarm:inflight:%s" $model }}
+{{- if and $listModel (ne $listModel "default") }}
+{{- $queue = printf "render.%s" $listModel }}
+{{- $inflight = printf "editfarm:inflight:%s" $listModel }}
 {{- end }}
 {{- $lists := list (list "render_high" (printf "%s.high" $queue)) (list "render_normal" (printf "%s.normal" $queue)) (list "render_low" (printf "%s.low" $queue)) (list "inflight" $inflight) }}
 
