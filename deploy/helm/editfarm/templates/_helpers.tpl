@@ -261,4 +261,7 @@ securityContext:
 {{/* Checksums that roll the pods when the ConfigMap or the chart-managed Secrets change. */}}
 {{- define "editfarm.checksums" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+{{- if include "editfarm.hasCatalog" . }}
+checksum/models: {{ include (print .Template.BasePath "/models-configmap.yaml") . | sha256sum }}
+{{- end }}
 {{- end }}
