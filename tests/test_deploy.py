@@ -84,10 +84,6 @@ CONTRACT_SETTINGS = {
     "EDITFARM_WEBHOOK_TIMEOUT_S", "EDITFARM_WEBHOOK_RETRY_SCHEDULE_S", "EDITFARM_MAX_BODY_BYTES",
     "EDITFARM_MAX_IMAGE_BYTES", "EDITFARM_MAX_IMAGE_PIXELS",
 }
-# Set by the deployment for a render worker serving one model (`editfarm worker --model NAME`
-# sets it too, issue 14); accepted where the chart or compose sets it, whether or not the
-# settings classes of this checkout declare it yet.
-WORKER_SETTINGS = {"EDITFARM_WORKER_MODEL"}
 CONTRACT_METRICS = (
     "editfarm_queue_depth", "editfarm_jobs_total", "editfarm_jobs_running", "editfarm_queue_wait_seconds",
     "editfarm_render_seconds", "editfarm_upload_seconds", "editfarm_gpu_memory_bytes",
@@ -463,8 +459,7 @@ def test_compose_variables_are_documented() -> None:
     missing = used - set(_env_example())
     assert not missing, f"compose.yaml uses {sorted(missing)}, not in deploy/.env.example"
     set_here = {key for svc in _compose()["services"].values() for key in (svc.get("environment") or {})}
-    unknown = {n for n in set_here if n.startswith("EDITFARM_")} - _code_settings() - CONTRACT_SETTINGS \
-        - WORKER_SETTINGS
+    unknown = {n for n in set_here if n.startswith("EDITFARM_")} - _code_settings() - CONTRACT_SETTINGS
     assert not unknown, f"compose.yaml sets settings no code reads: {sorted(unknown)}"
 
 
@@ -636,8 +631,7 @@ def test_rendered_settings_are_known(rendered: dict[str, list[dict[str, Any]]], 
     for workload in _find(rendered[name], "Deployment") + _find(rendered[name], "StatefulSet"):
         for container in workload["spec"]["template"]["spec"]["containers"]:
             names |= {env["name"] for env in container.get("env", [])}
-    unknown = {n for n in names if n.startswith("EDITFARM_")} - _code_settings() - CONTRACT_SETTINGS \
-        - WORKER_SETTINGS
+    unknown = {n for n in names if n.startswith("EDITFARM_")} - _code_settings() - CONTRACT_SETTINGS
     assert not unknown, f"the chart sets settings no code reads: {sorted(unknown)}"
 
 
