@@ -133,18 +133,25 @@ def probe_live(max_age_s: float = 60.0) -> None:
 
 
 @app.command()
-def dev(workdir: Path = Path(".editfarm"), port: int = 8000) -> None:
+def dev(workdir: Path = Path(".editfarm"), port: int = 8000,
+        models: Path | None = typer.Option(None, help="a model catalog (default: EDITFARM_MODELS_FILE); "
+                                                      "then --pool says how many workers serve each model"),
+        pool: list[str] = typer.Option([], help="MODEL=N: N render workers serving MODEL (repeat; default: "
+                                                "one per model of the catalog)")) -> None:
     """A whole local cluster in one foreground command; Ctrl-C, SIGTERM or SIGHUP stops it all.
 
     The EDITFARM_ settings you export reach every process (renderer, URL policy, limits…), but for
     those the cluster manages itself (its Redis, S3 server, keys, per-process files). Everything it
-    writes stays under --workdir.
+    writes stays under --workdir. With a catalog (--models), one pool of render workers per model.
     """
     from cli.cluster import ClusterConfig, LocalCluster, exported_settings
     from cli.lifetime import Stopped, stop_on_signals
 
+    catalog = models or (Path(os.environ["EDITFARM_MODELS_FILE"]) if os.environ.get("EDITFARM_MODELS_FILE") else None)
+    pools = _pools(catalog, pool)
     config = ClusterConfig(workdir=workdir.resolve(), redis_url=os.environ.get("EDITFARM_REDIS_URL"),
                            model=os.environ.get("EDITFARM_MODEL"), api_port=port,
+                           models_file=catalog.resolve() if catalog else None, render_pools=pools,
                            device=os.environ.get("EDITFARM_DEVICE", "cpu"),
                            api_keys=os.environ.get("EDITFARM_API_KEYS", ""),
                            webhook_secret=os.environ.get("EDITFARM_WEBHOOK_SECRET", ""),
@@ -165,6 +172,33 @@ def dev(workdir: Path = Path(".editfarm"), port: int = 8000) -> None:
     except Stopped as stopped:
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
             typer.echo(f"stopped ({stopped})")
+
+
+def _pools(catalog: Path | None, specs: list[str]) -> dict[str, int]:
+    """``--pool MODEL=N`` options as {model: workers}; every model of ``catalog`` once when none is given.
+    Exits 2 on an invalid catalog or option."""
+    if catalog is None:
+        if specs:
+            typer.echo("--pool needs a catalog (--models or EDITFARM_MODELS_FILE)", err=True)
+            raise typer.Exit(2)
+        return {}
+    from broker.catalog import CatalogError, load_catalog_file
+
+    try:
+        names = load_catalog_file(catalog).names
+    except CatalogError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if not specs:
+        return dict.fromkeys(names, 1)
+    pools: dict[str, int] = {}
+    for spec in specs:
+        model, _, count = spec.partition("=")
+        if model not in names or not count.isdigit():
+            typer.echo(f"--pool takes MODEL=N with MODEL one of {', '.join(names)}; got {spec!r}", err=True)
+            raise typer.Exit(2)
+        pools[model] = int(count)
+    return pools
 
 
 @app.command()
