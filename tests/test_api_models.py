@@ -218,3 +218,13 @@ def test_redis_fleet_counts_fresh_workers_and_the_median_of_the_last_renders(red
     for seconds in range(100):
         fleet.render_took("m", float(seconds))
     assert fleet.median_render_s("m") == 74.5  # the last 50: 50..99
+
+
+def test_the_job_view_that_webhooks_carry_names_the_model() -> None:
+    from broker.schema import Job, JobParams
+    from broker.views import job_view
+
+    named = Job(id="job_1", tenant="acme", params=JobParams(seed=1, prompt="p", model="qwen-image-edit"))
+    legacy = Job(id="job_2", tenant="acme", params=JobParams(seed=1, prompt="p"))  # a record from before
+    assert job_view(named, lambda key: key)["model"] == "qwen-image-edit"
+    assert job_view(legacy, lambda key: key)["model"] == "default"
