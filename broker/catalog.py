@@ -19,7 +19,7 @@ The file (``EDITFARM_MODELS_FILE``; see docs/models.md and examples/models.yaml)
         fuse_loras: [{uri: hf://owner/repo/adapter.safetensors, scale: 1.0}]
         max_side_px: 1024
         default_for: [edit]
-        profile: h100-80g
+        profile: fp8-storage+offload-text-encoder
 
 Without the file, ``EDITFARM_MODEL`` alone is a one-model catalog (:meth:`Catalog.single`): the
 model named ``default``, loaded as a ``QwenImageEditPipeline``, serving and the default for every
@@ -104,7 +104,8 @@ SINGLE_MODEL_PIPELINE = "QwenImageEditPipeline"
 # for a prefix within Kubernetes' 63.
 MAX_NAME_LENGTH = 40
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
-_PROFILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# a memory profile is parts joined by "+" (workers/pipeline/profiles.py: fp8-storage+offload-text-encoder)
+_PROFILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 _SCHEDULER_KEY = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _HUB_LORA = re.compile(r"^hf://[A-Za-z0-9][\w.-]*/[\w.-]+/(?:[\w.-]+/)*[\w.-]+$")
 MAX_SOURCE_LENGTH = 1024
@@ -524,7 +525,7 @@ def _parse_entry(raw: object, position: int, base_dir: Path | None) -> tuple[Mod
     max_side = _max_side(raw.get("max_side_px"), problem)
     profile = raw.get("profile")
     if profile is not None and not (isinstance(profile, str) and _PROFILE.match(profile)):
-        problem(f"profile {profile!r} is not a profile name (letters, digits, '.', '_', '-')")
+        problem(f"profile {profile!r} is not a profile name (letters, digits, '.', '_', '-', '+')")
         profile = None
 
     if problems:

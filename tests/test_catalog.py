@@ -83,7 +83,7 @@ def test_a_valid_catalog_reads_every_field(tmp_path: Path) -> None:
               - {uri: s3://loras/style.safetensors, scale: -0.5}
             max_side_px: 1328
             default_for: [generate]
-            profile: h100-80g
+            profile: fp8-storage+offload-text-encoder
         """))
     spec = catalog.get("qwen-image-lightning")
     assert spec.pipeline == "QwenImagePipeline" and spec.source == "Qwen/Qwen-Image"
@@ -96,7 +96,7 @@ def test_a_valid_catalog_reads_every_field(tmp_path: Path) -> None:
         ("hf://lightx2v/Qwen-Image-Lightning/Qwen-Image-Lightning-8steps-V1.1.safetensors", 1.0),
         ("s3://loras/style.safetensors", -0.5),
     ]
-    assert spec.max_side_px == 1328 and spec.profile == "h100-80g"
+    assert spec.max_side_px == 1328 and spec.profile == "fp8-storage+offload-text-encoder"
     assert catalog.default_for("generate") is spec and catalog.default_for(Operation.UPSCALE) is spec
     assert catalog.default_for("edit") is None  # nobody serves it: such jobs are refused
     assert catalog.origin == str(tmp_path / "models.yaml")

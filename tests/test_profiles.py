@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from broker.catalog import ModelSpec
+from broker.schema import Operation
 from workers import render_setup
 from workers.card_memory import parse_smi_line, read_card_memory, visible_card
 from workers.fitcheck import (
@@ -28,6 +30,7 @@ MIB = 1024**2
 A10 = CardMemory(name="NVIDIA A10", total_bytes=23028 * MIB, free_bytes=22731 * MIB)
 RTX_5090 = CardMemory(name="NVIDIA GeForce RTX 5090", total_bytes=32607 * MIB, free_bytes=32120 * MIB)
 H100 = CardMemory(name="NVIDIA H100 80GB HBM3", total_bytes=81559 * MIB, free_bytes=81008 * MIB)
+A100_40 = CardMemory(name="NVIDIA A100-SXM4-40GB", total_bytes=40960 * MIB, free_bytes=40337 * MIB)
 
 
 # -- profiles --------------------------------------------------------------------------------------
@@ -131,6 +134,42 @@ def test_a_busy_card_is_judged_by_its_free_memory() -> None:
     busy = CardMemory(name="NVIDIA H100 80GB HBM3", total_bytes=H100.total_bytes, free_bytes=30 * 1024 * MIB)
     with pytest.raises(DoesNotFit, match="30.0 GiB free of 79.6 GiB"):
         check_fit(parse_profile("bf16"), busy)
+
+
+def test_the_estimate_follows_the_models_architecture() -> None:
+    bf16 = parse_profile("bf16")
+    edit = estimate_peak_gib(bf16)
+    # the text-to-image checkpoint has the same weights; it reads no ~1 MP condition image
+    assert estimate_peak_gib(bf16, pipeline="QwenImagePipeline") == edit
+    assert estimate_peak_gib(bf16, 512, pipeline="QwenImagePipeline") < estimate_peak_gib(bf16, 512) == edit
+    for same in ("QwenImageEditPlusPipeline", "QwenImageEditInpaintPipeline"):
+        assert estimate_peak_gib(bf16, pipeline=same) == edit
+    qwen21 = estimate_peak_gib(bf16, pipeline="QwenImage21Pipeline")
+    assert 30 < qwen21 < edit - 15  # a 7 B transformer instead of 20 B
+    assert estimate_peak_gib(parse_profile("fp8-storage"), pipeline="QwenImage21Pipeline") < qwen21
+    with pytest.raises(ValueError, match="no memory estimate"):
+        estimate_peak_gib(bf16, pipeline="FluxPipeline")
+
+
+def _spec(pipeline: str, **fields: object) -> ModelSpec:
+    return ModelSpec(name="m", source="/models/m", pipeline=pipeline, operations=(Operation.GENERATE,),
+                     **fields)  # type: ignore[arg-type]
+
+
+def test_the_worker_checks_the_fit_of_the_model_it_serves() -> None:
+    settings = WorkerSettings(device="cuda")  # EDITFARM_PROFILE not set: bf16, or the entry's
+    assert "profile 'bf16' needs ~59" in str(render_setup.refusal(settings, read_card=lambda: A100_40))
+    assert render_setup.refusal(settings, read_card=lambda: A100_40, spec=_spec("QwenImage21Pipeline")) is None
+    edit = _spec("QwenImageEditPipeline", profile="fp8-storage+offload-text-encoder")
+    assert render_setup.refusal(settings, read_card=lambda: RTX_5090) is not None  # bf16
+    assert render_setup.refusal(settings, read_card=lambda: RTX_5090, spec=edit) is None  # the entry's profile
+    assert render_setup.profile_name(settings, edit) == "fp8-storage+offload-text-encoder"
+    explicit = WorkerSettings(device="cuda", profile="bf16")
+    assert render_setup.profile_name(explicit, edit) == "bf16"  # EDITFARM_PROFILE set: it wins
+    refused = render_setup.refusal(explicit, read_card=lambda: A10, spec=_spec("QwenImage21Pipeline"))
+    assert "of a QwenImage21Pipeline model (estimate)" in str(refused)
+    unknown = render_setup.refusal(WorkerSettings(device="cpu"), spec=_spec("QwenImagePipeline", profile="fp4"))
+    assert "unknown profile part" in str(unknown)
 
 
 def test_startup_refusal_without_a_card() -> None:

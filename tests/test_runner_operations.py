@@ -33,6 +33,7 @@ from workers.pipeline.base import (
     Renderer,
     RenderInterrupted,
     RenderRequest,
+    UnsupportedOperation,
     UpscaleSpec,
 )
 from workers.runner import GpuBroken, Runner, RunnerConfig
@@ -222,6 +223,16 @@ def test_invalid_request_fails_the_job_with_invalid_input_and_no_health_check(h:
     assert done.status is JobStatus.FAILED and done.error is not None
     assert done.error.code == "invalid_input" and "no pixel" in done.error.message
     assert h.renderer.healthchecks == 0
+
+
+def test_an_operation_the_loaded_model_does_not_serve_fails_with_unsupported_operation(h: Harness) -> None:
+    """A job routed to a model that cannot run it (a text-to-image pool asked for an edit) ends
+    with its own code and the renderer's tenant-readable text, without a retry or health check."""
+    h.renderer.error = UnsupportedOperation("this model does not serve edit jobs; it serves generate, inpaint")
+    done, _ = h.run(h.submit())
+    assert done.status is JobStatus.FAILED and done.error is not None
+    assert done.error.code == "unsupported_operation" and "serves generate, inpaint" in done.error.message
+    assert h.renderer.healthchecks == 0 and done.attempts == 1
 
 
 def test_a_request_the_renderer_types_refuse_is_invalid_input_without_rendering(h: Harness) -> None:

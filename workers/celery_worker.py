@@ -101,8 +101,11 @@ def _refuse_a_card_it_cannot_fit(**_: object) -> None:
     # instead of an out-of-memory crash loop of render children.
     if _role() == "render":
         from workers.render_setup import exit_if_unfit
+        from workers.serving import served_model
 
-        exit_if_unfit(WorkerSettings())
+        settings = WorkerSettings()
+        # the estimate is of the model this worker serves (its class, profile and largest side)
+        exit_if_unfit(settings, served_model(settings).spec)
 
 
 @worker_process_init.connect

@@ -42,6 +42,7 @@ from workers.pipeline.base import (
     Renderer,
     RenderInterrupted,
     RenderRequest,
+    UnsupportedOperation,
 )
 from workers.pipelining import Pipelining
 from workers.progress import step_callback
@@ -278,6 +279,9 @@ class Runner:
             if ready is not None:
                 ready.set()
             self.observe("render", time.monotonic() - started)
+        except UnsupportedOperation as exc:  # routed to a model that does not serve it: no retry here
+            code = ErrorCode.UNSUPPORTED_OPERATION
+            return self.transitions.failed(job, lease, code, failures.for_tenant(job.id, code, exc))
         except InvalidRequest as exc:
             return self.transitions.failed(job, lease, ErrorCode.INVALID_INPUT, failures.for_tenant(job.id, ErrorCode.INVALID_INPUT, exc))
         except RenderInterrupted:

@@ -92,11 +92,13 @@ def render_device(settings: WorkerSettings) -> str:
 
 
 def load_renderer(settings: WorkerSettings, device: str, spec: ModelSpec | None = None) -> Renderer:
-    """The process's one model: the stand-in, or from_pretrained of the catalog entry ``spec`` on ``device``
-    (without one, EDITFARM_MODEL).
+    """The process's one model: the stand-in, or from_pretrained on ``device`` of ``spec`` (the
+    catalog entry this worker serves: its source, as its pipeline class, with its fused LoRAs,
+    scheduler overrides and profile; see ``workers.render_setup``), or without one of
+    EDITFARM_MODEL as a QwenImageEditPipeline serving every operation.
 
     Raises:
-        RuntimeError: no model is configured (and what loading the model raises).
+        RuntimeError: no ``spec`` and EDITFARM_MODEL is not set (and what loading the model raises).
     """
     if settings.renderer == "standin":
         from workers.standin import StandinRenderer
@@ -110,8 +112,10 @@ def load_renderer(settings: WorkerSettings, device: str, spec: ModelSpec | None 
         raise RuntimeError("EDITFARM_MODEL is not set (a model folder or hub id)")
     from workers.render_setup import load_options
 
-    log.info("loading model %s on %s (profile %s)", source, device, settings.profile)
-    return load_model(source, device, **load_options(settings))
+    options = load_options(settings, spec)
+    log.info("loading model %s from %s as %s on %s (profile %s)", spec.name if spec is not None else "(EDITFARM_MODEL)",
+             source, options["pipeline"], device, options["profile"].name)
+    return load_model(source, device, **options)
 
 
 def _observe(fleet: RedisFleet, model: str, name: str, value: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from .base import (
     OPERATIONS,
@@ -21,6 +21,7 @@ from .base import (
     RenderInterrupted,
     RenderRequest,
     StepCallback,
+    UnsupportedOperation,
     UpscaleSpec,
 )
 from .presets import FastPreset, PresetError
@@ -47,6 +48,7 @@ __all__ = [
     "RenderRequest",
     "Renderer",
     "StepCallback",
+    "UnsupportedOperation",
     "UpscaleSpec",
     "load_renderer",
     "parse_profile",
@@ -54,10 +56,15 @@ __all__ = [
 
 
 def load_renderer(model: str, device: str, dtype: str | None = None, compile_blocks: bool = False, *,
+                  pipeline: str = "QwenImageEditPipeline", operations: Collection[str] | None = None,
                   profile: MemoryProfile | None = None, preset: FastPreset | None = None,
                   on_recompile: Callable[[float], None] | None = None) -> Renderer:
-    """Load ``model`` (local folder or hub id of a QwenImageEditPipeline) onto ``device``; the
-    renderer serves every operation in ``OPERATIONS`` from that one set of weights.
+    """Load ``model`` (local folder or hub id) as the diffusers class ``pipeline`` (a catalog
+    entry's: ``QwenImagePipeline``, ``QwenImageEditPipeline``, ``QwenImageEditPlusPipeline``,
+    ``QwenImageEditInpaintPipeline`` or ``QwenImage21Pipeline``) onto ``device``. The renderer
+    serves what those weights can run (broker/catalog.py ``PIPELINE_OPERATIONS``; the default
+    edit model: every operation in ``OPERATIONS``), or the subset ``operations``, and refuses
+    the rest with ``UnsupportedOperation``.
 
     ``dtype`` defaults to bf16 on CUDA and float32 elsewhere. ``profile``: how the weights are
     stored and where they live (``profiles``; default all on ``device``); ``preset``: fused
@@ -67,8 +74,9 @@ def load_renderer(model: str, device: str, dtype: str | None = None, compile_blo
     process (after fork), never in the parent: it initialises the device.
 
     Raises:
-        ValueError: unknown ``dtype``; ``ProfileError`` / ``PresetError`` (both ValueError):
-            a profile the device cannot do, a preset that does not fit the model.
+        ValueError: unknown ``dtype`` or ``pipeline``, ``operations`` the class cannot serve;
+            ``ProfileError`` / ``PresetError`` (both ValueError): a profile the device cannot
+            do, a preset that does not fit the model.
         RuntimeError: bad or unavailable ``device``.
         OSError: ``model`` missing or incomplete.
     """
@@ -77,5 +85,5 @@ def load_renderer(model: str, device: str, dtype: str | None = None, compile_blo
     preset = preset or FastPreset()
     if compile_blocks and not preset.compile:
         preset = dataclasses.replace(preset, compile=True)
-    return DiffusersRenderer.load(model, device=device, dtype=dtype, profile=profile, preset=preset,
-                                  on_recompile=on_recompile)
+    return DiffusersRenderer.load(model, device=device, dtype=dtype, pipeline=pipeline, operations=operations,
+                                  profile=profile, preset=preset, on_recompile=on_recompile)

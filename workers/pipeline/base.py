@@ -39,6 +39,7 @@ __all__ = [
     "RenderRequest",
     "Renderer",
     "StepCallback",
+    "UnsupportedOperation",
     "UpscaleSpec",
 ]
 
@@ -350,6 +351,12 @@ class InvalidRequest(ValueError):
     """The request is well-formed but cannot be rendered as asked, found out at render time
     (e.g. an all-black mask, an outpaint target smaller than the input, a LoRA file that does
     not fit the model). The job's input is at fault, not the worker: do not retry."""
+
+
+class UnsupportedOperation(InvalidRequest):
+    """The loaded model does not serve the request's operation (a text-to-image model asked for
+    an edit): the job was routed to the wrong model's workers. Its message names the operations
+    the model serves, in words a tenant may read. Do not retry on this worker."""
 
 
 class RenderInterrupted(Exception):
