@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
-from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -33,6 +33,9 @@ REPLICA_SHORTFALLS = Counter("editfarm_redis_replica_shortfalls_total",
                              "Job store writes fewer than EDITFARM_REDIS_MIN_REPLICAS replicas acknowledged in time",
                              ["what"])
 
+MODEL_INFO = Gauge("editfarm_model_info", "The model this render worker serves and what it loaded: its "
+                   "pipeline class and a fingerprint of its weights (1 while loaded)", ["model", "pipeline", "weights"])
+
 _HISTOGRAMS = {"queue_wait": QUEUE_WAIT, "render": RENDER, "upload": UPLOAD}
 
 
@@ -43,6 +46,11 @@ def set_model(name: str) -> None:
     """The model this process renders: the ``model`` label of its job metrics (a render worker serves one)."""
     global _model
     _model = name
+
+
+def model_loaded(model: str, identity: dict[str, str]) -> None:
+    """A render worker's model is loaded: ``identity`` is the renderer's (pipeline, weights)."""
+    MODEL_INFO.labels(model=model, pipeline=identity.get("pipeline", ""), weights=identity.get("weights", "")).set(1)
 
 
 def recompiled(seconds: float) -> None:

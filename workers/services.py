@@ -201,6 +201,7 @@ class WorkerServices:
                 malloc.one_arena()  # before the model load and the warm-up render start any thread
             renderer = load_renderer(settings, device, served.spec)
         services.renderer = renderer
+        metrics.model_loaded(served.name, renderer.identity())
         services.pipelining = Pipelining(settings.finish_in_background, settings.render_lane)
         fleet = RedisFleet(services.redis)
         name = settings.process_name()

@@ -382,6 +382,11 @@ class Renderer(ABC):
 
     device: str
 
+    def identity(self) -> dict[str, str]:
+        """What this process loaded, for operators and audits (the ``editfarm_model_info`` metric): the
+        pipeline class and a fingerprint of the weights as loaded. A stand-in has neither."""
+        return {"pipeline": "standin", "weights": ""}
+
     @abstractmethod
     def render(self, request: RenderRequest, on_step: StepCallback | None = None, *,
                previews: Previews | None = None) -> list[Image.Image]:

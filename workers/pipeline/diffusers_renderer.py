@@ -136,6 +136,32 @@ def _dtype_kwarg() -> str:
     return "dtype"
 
 
+FINGERPRINT_TENSORS = 2
+FINGERPRINT_ELEMENTS = 1 << 20
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of ``module``'s weights as loaded (milliseconds, also for 20B weights): the names,
+    dtypes, shapes and first ``FINGERPRINT_ELEMENTS`` values of its first and last
+    ``FINGERPRINT_TENSORS`` tensors (the input and output projections of a transformer, which every
+    fine-tune and distillation changes). Two processes that loaded the same weights the same way
+    (dtype, profile) agree; a different model does not."""
+    import hashlib
+
+    state = list(module.state_dict().items())
+    picked = state[:FINGERPRINT_TENSORS] + state[-FINGERPRINT_TENSORS:] if len(state) > 2 * FINGERPRINT_TENSORS \
+        else state
+    digest = hashlib.sha256()
+    for name, tensor in picked:
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        try:
+            head = tensor.detach().reshape(-1)[:FINGERPRINT_ELEMENTS].contiguous().cpu()
+            digest.update(head.view(torch.uint8).numpy().tobytes())
+        except (RuntimeError, TypeError, NotImplementedError):
+            digest.update(b"?")  # a quantized tensor subclass (torchao) without plain storage: its layout only
+    return digest.hexdigest()[:16]
+
+
 def latent_preview(latents: Any, width: int | None, height: int | None, max_side_px: int = 128, *,
                    packing: int = 2, latent_channels: int | None = None) -> Image.Image | None:
     """A rough RGB preview of a pipeline's sequence latents, without the VAE (milliseconds).
@@ -210,6 +236,7 @@ class DiffusersRenderer(Renderer):
         self.operations = served_operations(self.pipeline_name, operations)
         self._kinds = PIPELINE_KINDS[self.pipeline_name]
         self.loras = LoraCache(pipe, capacity=lora_capacity)
+        self._fingerprint: str | None = None
         self._pipes: dict[str, Any] = {}
         # the previews of the render under way (render's argument), read by each pipeline call's
         # step callback; None between renders
@@ -272,6 +299,12 @@ class DiffusersRenderer(Renderer):
         renderer.profile, renderer.preset = profile, preset
         renderer.compile_watch = speed_up(pipe, preset, on_recompile)
         return renderer
+
+    def identity(self) -> dict[str, str]:
+        """The loaded class and :func:`weights_fingerprint` of its transformer (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = weights_fingerprint(self.pipe.transformer)
+        return {"pipeline": self.pipeline_name, "weights": self._fingerprint}
 
     # -- the pipelines ---------------------------------------------------------------------------
 
