@@ -23,13 +23,13 @@ ApiKey = typer.Option(..., "--api-key", envvar="EDITFARM_API_KEY")
 AsJson = typer.Option(False, "--json", help="print machine-readable JSON")
 
 
-def _client(api_url: str, api_key: str) -> Any:
+def client_for(api_url: str, api_key: str) -> Any:
     from editfarm_client import Client
 
     return Client(api_url, api_key=api_key)
 
 
-def _fail(exc: Exception, as_json: bool) -> typer.Exit:
+def fail(exc: Exception, as_json: bool) -> typer.Exit:
     """Report an SDK error and map it to the exit code for its kind."""
     from editfarm_client import APIConnectionError, APIError, WaitTimeout
 
@@ -60,6 +60,12 @@ def _job_dict(job: Any) -> dict[str, Any]:
     import dataclasses
 
     return dataclasses.asdict(job)
+
+
+def _on_model(job: Any) -> str:
+    """`` on model NAME`` for a job that names one (a server without models names none)."""
+    model = getattr(job, "model", None)
+    return f" on model {model}" if model else ""
 
 
 def _floats(text: str, count: int, what: str) -> list[float]:
@@ -106,6 +112,8 @@ def submit(
     image: Path | None = typer.Argument(None, help="input image (all operations but generate)"),
     prompt: str | None = typer.Option(None, "--prompt", "-p"),
     operation: str = typer.Option("edit", "--op", help="edit|generate|inpaint|outpaint|move|upscale"),
+    model: str | None = typer.Option(None, "--model", help="the model to render with (`editfarm models list`); "
+                                                          "default: the catalog's default for the operation"),
     ref: list[Path] = typer.Option([], "--ref", help="reference image for edit (repeat, up to 3)"),
     mask: Path | None = typer.Option(None, "--mask", help="inpaint mask (white = repaint)"),
     box: list[str] = typer.Option([], "--box", help="x0,y0,x1,y1 relative 0..1 (repeat)"),
@@ -130,7 +138,7 @@ def submit(
     from editfarm_client import EditfarmError
 
     fields: dict[str, Any] = {
-        "prompt": prompt, "image": image, "images": list(ref) or None, "mask": mask,
+        "model": model, "prompt": prompt, "image": image, "images": list(ref) or None, "mask": mask,
         "boxes": [_floats(b, 4, "--box") for b in box] or None,
         "negative_prompt": negative_prompt, "seed": seed, "steps": steps, "true_cfg_scale": cfg,
         "width": width, "height": height, "strength": strength, "num_images": num_images,
@@ -151,18 +159,18 @@ def submit(
             spec["scale"] = nums[2]
         fields["move"] = spec
     extra = {"upscale": {"scale": upscale}} if upscale else None
-    client = _client(api_url, api_key)
+    client = client_for(api_url, api_key)
     try:
         job = client.submit(operation, extra_fields=extra, **{k: v for k, v in fields.items() if v is not None})
         if not as_json:
-            typer.echo(f"job {job.id} {job.status}", err=True)
+            typer.echo(f"job {job.id} {job.status}{_on_model(job)}", err=True)
         if not wait:
             typer.echo(json.dumps(_job_dict(job)) if as_json else job.id)
             return
         job = client.wait(job) if as_json else follow(client, job)
         paths = client.download(job, out) if job.status == "succeeded" else []
     except EditfarmError as exc:
-        raise _fail(exc, as_json) from None
+        raise fail(exc, as_json) from None
     if as_json:
         typer.echo(json.dumps({**_job_dict(job), "saved": [str(p) for p in paths]}))
     else:
@@ -181,15 +189,16 @@ def list_jobs(status: str | None = None, limit: int = 20, api_url: str = ApiUrl,
     from editfarm_client import EditfarmError
 
     try:
-        page = _client(api_url, api_key).list_page(status=status, limit=limit)
+        page = client_for(api_url, api_key).list_page(status=status, limit=limit)
     except EditfarmError as exc:
-        raise _fail(exc, as_json) from None
+        raise fail(exc, as_json) from None
     if as_json:
         typer.echo(json.dumps({"data": [_job_dict(j) for j in page.jobs], "next_cursor": page.next_cursor}))
         return
+    width = max((len(job.model or "") for job in page.jobs), default=0)
     for job in page.jobs:
         progress = f"{job.progress.step}/{job.progress.total}" if job.progress else ""
-        typer.echo(f"{job.id}  {job.status:<9}  {progress:>7}  {job.created_at}")
+        typer.echo(f"{job.id}  {job.status:<9}  {job.model or '':<{width}}  {progress:>7}  {job.created_at}")
 
 
 @jobs_app.command("get")
@@ -198,9 +207,9 @@ def get_job(job_id: str, api_url: str = ApiUrl, api_key: str = ApiKey, as_json: 
     from editfarm_client import EditfarmError
 
     try:
-        job = _client(api_url, api_key).get(job_id)
+        job = client_for(api_url, api_key).get(job_id)
     except EditfarmError as exc:
-        raise _fail(exc, as_json) from None
+        raise fail(exc, as_json) from None
     typer.echo(json.dumps(_job_dict(job), indent=None if as_json else 2))
 
 
@@ -211,10 +220,10 @@ def cancel_job(job_id: str, reason: str | None = None, api_url: str = ApiUrl, ap
     from editfarm_client import EditfarmError
 
     try:
-        job = _client(api_url, api_key).cancel(job_id, reason=reason)
+        job = client_for(api_url, api_key).cancel(job_id, reason=reason)
     except EditfarmError as exc:
-        raise _fail(exc, as_json) from None
-    typer.echo(json.dumps(_job_dict(job)) if as_json else f"job {job.id} {job.status}")
+        raise fail(exc, as_json) from None
+    typer.echo(json.dumps(_job_dict(job)) if as_json else f"job {job.id} {job.status}{_on_model(job)}")
 
 
 @jobs_app.command("watch")
@@ -222,7 +231,7 @@ def watch_job(job_id: str, api_url: str = ApiUrl, api_key: str = ApiKey, as_json
     """Follow a job live until it ends (events as JSON lines with --json)."""
     from editfarm_client import EditfarmError
 
-    client = _client(api_url, api_key)
+    client = client_for(api_url, api_key)
     try:
         if as_json:
             final = None
@@ -239,7 +248,7 @@ def watch_job(job_id: str, api_url: str = ApiUrl, api_key: str = ApiKey, as_json
                 sys.stdout.flush()
         else:
             final = follow(client, client.get(job_id))
-            typer.echo(f"job {final.id} {final.status}")
+            typer.echo(f"job {final.id} {final.status}{_on_model(final)}")
     except EditfarmError as exc:
-        raise _fail(exc, as_json) from None
+        raise fail(exc, as_json) from None
     raise typer.Exit(EXIT_OK if final is not None and final.status == "succeeded" else EXIT_JOB_FAILED)

@@ -69,3 +69,43 @@ def shared_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -
                            api_keys=API_KEYS)
     with LocalCluster(config) as running:
         yield running
+
+
+# A catalog of two served models and one without workers: inpaint is served by both pools (``edit`` is
+# its default), generate by ``t2i`` (its default) and ``lightning``, which no worker serves.
+FLEET_CATALOG = """
+models:
+  - name: t2i
+    source: /nowhere/t2i              # the render stand-in loads nothing
+    pipeline: QwenImagePipeline
+    operations: [generate, inpaint]
+    default_for: [generate]
+  - name: edit
+    source: /nowhere/edit
+    pipeline: QwenImageEditPipeline
+    operations: [edit, inpaint]
+    default_for: [edit, inpaint]
+  - name: lightning                   # no pool: its jobs wait, queued
+    source: /nowhere/t2i
+    pipeline: QwenImagePipeline
+    operations: [generate]
+    defaults: {steps: 8}
+"""
+
+
+@pytest.fixture(scope="session")
+def fleet_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A cluster of :data:`FLEET_CATALOG` with one render worker for ``t2i`` (node ``render0-t2i@local``)
+    and one for ``edit`` (``render1-edit@local``), rendering with the stand-in (no model, each job
+    holds its worker a moment): shared by the clients' tests (SDK, CLI, web UI) of the model field."""
+    from cli.cluster import ClusterConfig, LocalCluster
+    from tests.e2e_support import API_KEYS
+
+    workdir = tmp_path_factory.mktemp("fleet-cluster")
+    catalog = workdir / "models.yaml"
+    catalog.write_text(FLEET_CATALOG)
+    config = ClusterConfig(workdir=workdir, models_file=catalog, render_pools={"t2i": 1, "edit": 1},
+                           api_keys=API_KEYS,
+                           extra_env={"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": "0.3"})
+    with LocalCluster(config) as running:
+        yield running

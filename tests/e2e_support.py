@@ -51,3 +51,18 @@ def wait_terminal(api_url: str, job_id: str, tenant: str = "acme", timeout_s: fl
             return dict(job)
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} still not finished")
+
+
+def rendered_by(redis_url: str, job_id: str) -> str:
+    """The Celery node that rendered the job, from its record (``<node>/<instance of that start>``)."""
+    import redis
+
+    from broker.jobstore import RedisJobStore
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        job = RedisJobStore(client).get(job_id)
+    finally:
+        client.close()
+    assert job is not None and job.worker is not None, job
+    return job.worker.split("/")[0]

@@ -10,13 +10,15 @@ from pathlib import Path
 import pytest
 
 from cli.cluster import ROOT, LocalCluster
-from tests.e2e_support import TENANTS, png_bytes
+from tests.e2e_support import TENANTS, png_bytes, rendered_by
 
 pytestmark = pytest.mark.integration
 
 
 def editfarm(cluster: LocalCluster, *args: str, tenant: str = "acme") -> subprocess.CompletedProcess[str]:
-    env = {"EDITFARM_API_URL": cluster.api_url, "EDITFARM_API_KEY": TENANTS[tenant], "PATH": "/usr/bin:/bin"}
+    # the checkout's SDK, whichever one the interpreter has installed
+    env = {"EDITFARM_API_URL": cluster.api_url, "EDITFARM_API_KEY": TENANTS[tenant], "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(ROOT / "sdk")}
     return subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -72,3 +74,37 @@ def test_jobs_list_get_cancel_and_watch(shared_cluster: LocalCluster, image: Pat
     watched = editfarm(shared_cluster, "jobs", "watch", job_id, "--json")
     events = [json.loads(line)["event"] for line in watched.stdout.splitlines()]
     assert events[0] == "status" and events[-1] == "done" and watched.returncode == 1
+
+
+# -- models: tests/conftest.py's fleet_cluster (two pools and a model without workers) --------------
+
+
+def test_submit_names_a_model_and_the_job_runs_on_it(fleet_cluster: LocalCluster, image: Path,
+                                                      tmp_path: Path) -> None:
+    done = editfarm(fleet_cluster, "submit", str(image), "--op", "inpaint", "--box", "0.1,0.1,0.6,0.6", "-p",
+                    "a hat", "--model", "t2i", "--steps", "2", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    assert " on model t2i" in done.stderr  # `job job_… queued on model t2i`
+    job_id = done.stderr.split("job ", 1)[1].split()[0]
+    assert rendered_by(fleet_cluster.redis_url, job_id) == "render0-t2i@local"
+    listing = editfarm(fleet_cluster, "jobs", "list", "--limit", "5")
+    assert next(line for line in listing.stdout.splitlines() if line.startswith(job_id)).split()[2] == "t2i"
+    unknown = editfarm(fleet_cluster, "submit", str(image), "-p", "a hat", "--model", "nope", "--json")
+    assert unknown.returncode == 2
+    error = json.loads(unknown.stdout)["error"]
+    assert (error["code"], error["param"]) == ("unknown_model", "model") and "t2i" in error["message"]
+
+
+def test_models_list_shows_the_catalog_with_live_state(fleet_cluster: LocalCluster) -> None:
+    listed = editfarm(fleet_cluster, "models", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    models = {m["name"]: m for m in json.loads(listed.stdout)["data"]}
+    assert list(models) == ["t2i", "edit", "lightning"]
+    assert models["edit"]["operations"] == ["edit", "inpaint"] and models["edit"]["state"]["workers_ready"] == 1
+    assert models["lightning"]["state"]["workers_ready"] == 0
+    table = editfarm(fleet_cluster, "models", "list")
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:] if line.strip()}
+    assert rows["t2i"][:4] == ["t2i", "QwenImagePipeline", "generate*,inpaint", "1"]
+    assert rows["edit"][2:4] == ["edit*,inpaint*", "1"] and rows["lightning"][3] == "0"
+    assert table.stdout.splitlines()[0].split()[:3] == ["NAME", "PIPELINE", "OPERATIONS"]

@@ -32,8 +32,9 @@ from editfarm_client import (
 from PIL import Image
 
 from cli.cluster import LocalCluster
+from cli.localservices import wait_until
 from editfarm_testing.webhooks import ByJob, WebhookReceiver
-from tests.e2e_support import TENANTS, png_bytes
+from tests.e2e_support import TENANTS, png_bytes, rendered_by
 
 pytestmark = pytest.mark.integration
 
@@ -164,3 +165,68 @@ def test_the_async_client_happy_path(cluster: LocalCluster, tmp_path: Path) -> N
     [path] = paths
     assert hashlib.sha256(path.read_bytes()).hexdigest() == done.outputs[0].sha256
     assert listed[0] == done.id
+
+
+# -- models: a cluster of two pools and a model without workers (tests/conftest.py fleet_cluster) ---------
+
+
+@pytest.fixture(scope="module")
+def fleet(fleet_cluster: LocalCluster) -> Iterator[Client]:
+    with Client(fleet_cluster.api_url, TENANTS["acme"], timeout_s=30) as c:
+        yield c
+
+
+def test_a_job_that_names_a_model_runs_on_it_and_one_that_names_none_on_the_default(
+        fleet_cluster: LocalCluster, fleet: Client) -> None:
+    named = fleet.inpaint(png_bytes(), "a hat", boxes=[(0.1, 0.1, 0.6, 0.6)], model="t2i", seed=1, steps=2)
+    default = fleet.inpaint(png_bytes(), "a hat", boxes=[(0.1, 0.1, 0.6, 0.6)], seed=1, steps=2)
+    assert (named.model, default.model) == ("t2i", "edit")  # edit is the catalog's default for inpaint
+    for job, node in ((named, "render0-t2i@local"), (default, "render1-edit@local")):
+        done = fleet.wait(job, timeout_s=120).raise_for_status()
+        assert done.model == job.model and done.params["model"] == job.model
+        assert rendered_by(fleet_cluster.redis_url, job.id) == node
+    assert {j.id: j.model for j in fleet.list(max_jobs=5)}[named.id] == "t2i"
+
+
+def test_an_unknown_model_and_one_not_serving_the_operation_are_bad_requests(fleet: Client) -> None:
+    with pytest.raises(BadRequest) as unknown:
+        fleet.generate("a lighthouse", model="qwen-image-9000", steps=2)
+    assert unknown.value.status_code == 422 and unknown.value.code == "unknown_model"
+    assert unknown.value.param == "model" and "t2i" in unknown.value.message
+    with pytest.raises(BadRequest) as unsupported:
+        fleet.edit(png_bytes(), "a hat", model="t2i", steps=2)
+    assert unsupported.value.code == "unsupported_operation" and unsupported.value.param == "model"
+
+
+def test_models_lists_the_catalog_with_each_pools_live_state(fleet: Client) -> None:
+    waiting = fleet.generate("a lighthouse", model="lightning", steps=2)  # no worker: it stays queued
+    try:
+        models = {m.name: m for m in fleet.models()}
+        assert list(models) == ["t2i", "edit", "lightning"]  # catalog order
+        t2i, edit, lightning = models["t2i"], models["edit"], models["lightning"]
+        assert t2i.pipeline == "QwenImagePipeline" and t2i.operations == ["generate", "inpaint"]
+        assert t2i.default_for == ["generate"] and edit.default_for == ["edit", "inpaint"]
+        assert lightning.defaults["steps"] == 8 and lightning.default_for == [] and lightning.max_side_px is None
+        assert t2i.serves("inpaint") and not t2i.serves("edit")
+        assert t2i.state.workers_ready == edit.state.workers_ready == 1
+        assert lightning.state.workers_ready == 0 and lightning.state.queued >= 1
+        assert waiting.model == "lightning" and fleet.get(waiting).status == "queued"
+    finally:
+        fleet.cancel(waiting)
+    done = fleet.wait(fleet.generate("a lighthouse", steps=2), timeout_s=120).raise_for_status()
+    assert done.model == "t2i"
+    wait_until(lambda: next(m for m in fleet.models() if m.name == "t2i").state.median_render_s is not None,
+               30, "the median render time of t2i", interval_s=0.2)
+
+
+def test_the_async_client_names_a_model_and_lists_the_models(fleet_cluster: LocalCluster) -> None:
+    async def main() -> tuple[Job, list[str]]:
+        async with AsyncClient(fleet_cluster.api_url, TENANTS["acme"], timeout_s=30) as c:
+            job = await c.submit("inpaint", model="t2i", image=png_bytes(), prompt="p",
+                                 boxes=[(0.2, 0.2, 0.8, 0.8)], steps=2)
+            names = [m.name for m in await c.models()]
+            return await c.wait(job, timeout_s=120), names
+
+    done, names = asyncio.run(main())
+    assert done.succeeded and done.model == "t2i"
+    assert names == ["t2i", "edit", "lightning"]

@@ -21,6 +21,7 @@ import httpx
 import pytest
 from editfarm_client import (
     APIConnectionError,
+    APIError,
     AsyncClient,
     BadRequest,
     Client,
@@ -424,3 +425,76 @@ def test_verify_webhook_accepts_any_of_several_signatures_and_secrets() -> None:
     assert verify_webhook(WEBHOOK_BODY, headers, [old, SECRET]).id == "msg_1"
     with pytest.raises(WebhookVerificationError):
         verify_webhook(WEBHOOK_BODY, {**headers, "webhook-signature": wrong}, SECRET)
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+MODELS = {"object": "list", "data": [
+    {"name": "qwen-image", "pipeline": "QwenImagePipeline", "operations": ["generate", "inpaint"],
+     "default_for": ["generate"], "defaults": {"steps": 12, "true_cfg_scale": 2.5}, "max_side_px": 512,
+     "state": {"workers_ready": 2, "queued": 3, "running": 1, "median_render_s": 4.5}},
+    {"name": "qwen-image-edit", "pipeline": "QwenImageEditPipeline", "operations": ["edit", "inpaint"],
+     "default_for": ["edit", "inpaint"], "defaults": {"steps": None, "true_cfg_scale": None},
+     "max_side_px": None, "state": {"workers_ready": 0, "queued": 0, "running": 0, "median_render_s": None},
+     "added_later": True},
+]}
+
+
+def test_submit_sends_the_model_in_either_encoding_and_the_job_shows_it() -> None:
+    accepted = job_json(model="qwen-image", params={"operation": "inpaint", "model": "qwen-image"})
+    handler = Recorder(httpx.Response(202, json=accepted))
+    client, _ = make_client(handler)
+    job = client.inpaint(png_bytes(), "a hat", boxes=[(0, 0, 0.5, 0.5)], model="qwen-image")  # JSON
+    assert job.model == "qwen-image"
+    client.edit(png_bytes(), "a hat", model="qwen-image-edit")  # multipart
+    client.edit(png_bytes(), "a hat")
+    as_json, multipart, unnamed = handler.requests
+    assert json.loads(as_json.content)["model"] == "qwen-image"
+    assert b'name="model"\r\n\r\nqwen-image-edit\r\n' in multipart.content
+    assert b'name="model"' not in unnamed.content  # none named: the server's default applies
+
+
+def test_a_job_names_its_model_from_the_view_or_its_params_or_none() -> None:
+    assert Job.from_dict(job_json(model="a")).model == "a"
+    assert Job.from_dict(job_json(params={"operation": "edit", "model": "b"})).model == "b"
+    assert Job.from_dict(job_json()).model is None  # a server from before the model catalog
+
+
+@pytest.mark.parametrize("code", ["unknown_model", "unsupported_operation"])
+def test_a_refused_model_is_a_bad_request_with_its_code(code: str) -> None:
+    handler = Recorder(httpx.Response(422, json=error_json(code, "no such model: nope", param="model")))
+    client, sleeps = make_client(handler)
+    with pytest.raises(BadRequest) as raised:
+        client.generate("a lighthouse", model="nope")
+    assert raised.value.code == code and raised.value.param == "model" and raised.value.status_code == 422
+    assert sleeps == []
+
+
+def test_models_are_typed_with_their_live_state() -> None:
+    handler = Recorder(httpx.Response(200, json=MODELS))
+    client, _ = make_client(handler)
+    t2i, edit = client.models()
+    [request] = handler.requests
+    assert request.method == "GET" and request.url.path == "/v1/models"
+    assert request.headers["authorization"] == f"Bearer {KEY}"
+    assert (t2i.name, t2i.pipeline, t2i.operations, t2i.default_for) == (
+        "qwen-image", "QwenImagePipeline", ["generate", "inpaint"], ["generate"])
+    assert t2i.defaults == {"steps": 12, "true_cfg_scale": 2.5} and t2i.max_side_px == 512
+    assert (t2i.state.workers_ready, t2i.state.queued, t2i.state.running, t2i.state.median_render_s) == (2, 3, 1, 4.5)
+    assert edit.state.workers_ready == 0 and edit.state.median_render_s is None and edit.max_side_px is None
+    assert edit.serves("edit") and not edit.serves("generate") and edit.raw["added_later"] is True
+
+
+def test_models_of_the_async_client_and_a_body_that_is_not_a_list() -> None:
+    handler = Recorder(httpx.Response(200, json=MODELS), httpx.Response(200, json={"object": "list"}))
+
+    async def main() -> list[str]:
+        async with AsyncClient(BASE, KEY, transport=httpx.MockTransport(handler)) as client:
+            names = [m.name for m in await client.models()]
+            with pytest.raises(APIError) as raised:
+                await client.models()
+            assert raised.value.code == "invalid_response"
+            return names
+
+    assert asyncio.run(main()) == ["qwen-image", "qwen-image-edit"]

@@ -33,7 +33,7 @@ from api.settings import ApiSettings
 from cli.cluster import LocalCluster
 from cli.localservices import free_port
 from editfarm_testing.api import TEST_KEYS, fake_services
-from tests.e2e_support import TENANTS, auth, png_bytes
+from tests.e2e_support import TENANTS, auth, png_bytes, rendered_by
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -125,8 +125,8 @@ def cluster(shared_cluster: LocalCluster) -> LocalCluster:
     return shared_cluster
 
 
-@pytest.fixture(scope="module")
-def ui_url(cluster: LocalCluster) -> Iterator[str]:
+@contextlib.contextmanager
+def ui_of(cluster: LocalCluster) -> Iterator[str]:
     """Where the UI is served: the cluster's own API once it includes the UI routes, else an API
     built in this process (same settings as the cluster's) with them added, under uvicorn."""
     if httpx.get(f"{cluster.api_url}/ui/", timeout=10).status_code == 200:
@@ -138,6 +138,12 @@ def ui_url(cluster: LocalCluster) -> Iterator[str]:
                 env.setenv(name, value)
         settings = ApiSettings()
     with serve(with_ui(create_app(settings))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def ui_url(cluster: LocalCluster) -> Iterator[str]:
+    with ui_of(cluster) as url:
         yield url
 
 
@@ -229,6 +235,89 @@ def test_a_user_logs_in_uploads_draws_a_box_submits_and_sees_the_result(
             assert '{"' not in text and "null" not in text  # no JSON is ever shown
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "ui-result.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not problems, problems
+
+
+@pytest.mark.integration
+def test_the_model_picker_offers_the_models_of_the_operation_and_the_job_runs_on_the_one_picked(
+        fleet_cluster: LocalCluster, tmp_path: Path) -> None:
+    """tests/conftest.py's fleet_cluster: t2i (generate, inpaint) and edit (edit, inpaint; the default
+    for inpaint) each have a worker, lightning (generate) has none."""
+    sync_playwright = _playwright()
+    image_path = tmp_path / "room.png"
+    image_path.write_bytes(png_bytes((128, 96)))
+    problems: list[str] = []
+
+    def options(page: Any) -> list[tuple[str, str]]:
+        return [(o.get_attribute("value") or "", o.inner_text()) for o in page.locator("#model-select option").all()]
+
+    def render(page: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Submit the form; the request's body, and the job once the page shows its result."""
+        with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as posted:
+            page.click("#submit-button")
+        body = json.loads(posted.value.request.post_data or "{}")
+        job_id = posted.value.json()["id"]
+        page.wait_for_function("(id) => document.querySelector('#status-badge').textContent === 'Done'"
+                               " && document.querySelector('#job-details').textContent.endsWith(id)", arg=job_id)
+        return body, httpx.get(f"{url}/v1/jobs/{job_id}", headers=auth(), timeout=10).json()
+
+    with ui_of(fleet_cluster) as url, sync_playwright() as pw:
+        browser = launch(pw)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.set_default_timeout(20_000)
+            page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+                    if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            page.goto(f"{url}/ui/")
+            page.wait_for_selector("body[data-ready=true]")
+            page.fill("#api-key", TENANTS["acme"])
+            page.press("#api-key", "Enter")
+            page.wait_for_selector("#model-section:not([hidden])")
+            # only the operations some model serves
+            assert page.locator("#operations label").all_inner_texts() == ["Edit", "Inpaint", "Generate"]
+            assert options(page) == [("", "(default) edit — 1 worker"), ("edit", "edit · edit, inpaint — 1 worker")]
+
+            page.click("label[for=op-generate]")
+            assert options(page) == [("", "(default) t2i — 1 worker"),
+                                     ("t2i", "t2i · generate, inpaint — 1 worker"),
+                                     ("lightning", "lightning · generate — no workers: jobs wait")]
+            page.select_option("#model-select", "lightning")
+            assert "No workers are running it now" in page.inner_text("#model-info")
+
+            page.click("label[for=op-inpaint]")  # lightning does not serve inpaint: back to the default
+            assert [value for value, _ in options(page)] == ["", "t2i", "edit"]
+            assert page.input_value("#model-select") == ""
+            page.set_input_files("#file-input", str(image_path))
+            page.wait_for_selector("#editor:not([hidden])")
+            box = page.locator("#box-canvas").bounding_box()
+            assert box is not None
+            page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.2 * box["height"])
+            page.mouse.down()
+            page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.7 * box["height"], steps=4)
+            page.mouse.up()
+            page.fill("#prompt", "a wooden table")
+            page.click(".advanced summary")
+            page.fill("#steps", "2")
+            page.select_option("#model-select", "t2i")
+            assert "t2i serves generate, inpaint." in page.inner_text("#model-info")
+
+            body, job = render(page)
+            assert body["operation"] == "inpaint" and body["model"] == "t2i"
+            assert job["status"] == "succeeded" and job["model"] == "t2i"
+            assert rendered_by(fleet_cluster.redis_url, job["id"]) == "render0-t2i@local"
+            details = page.inner_text("#job-details").split("\n")
+            assert details[details.index("Model") + 1] == "t2i"
+            page.wait_for_selector(f"#recent-list [data-job-id='{job['id']}'] [data-model='t2i']")
+
+            page.select_option("#model-select", "")  # "(default)" names no model: the catalog picks edit
+            body, job = render(page)
+            assert "model" not in body and job["model"] == "edit" and job["status"] == "succeeded"
+            assert rendered_by(fleet_cluster.redis_url, job["id"]) == "render1-edit@local"
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "ui-models.png"), full_page=True)
         finally:
             browser.close()
     assert not problems, problems

@@ -52,6 +52,7 @@
   const state = {
     key: null,
     operations: ["edit"],
+    models: [],            // GET /v1/models: [{name, operations, default_for, state, ...}] ([]: unknown)
     requestFields: null,   // the fields POST /v1/jobs declares (null: unknown → send everything)
     operation: "edit",
     image: null,           // {dataUrl, name, type, size, width, height}
@@ -205,6 +206,7 @@
       $("session-label").textContent = `Signed in (key …${key.slice(-4)})`;
       showView(true);
       loadRecent(true);
+      loadModels();
     } catch (e) {
       if (e instanceof UiError && e.status === 401) {
         sessionStorage.removeItem(KEY_STORAGE);
@@ -225,6 +227,7 @@
   function signOut(message = null) {
     stopWatching();
     state.key = null;
+    state.models = [];
     sessionStorage.removeItem(KEY_STORAGE);
     showView(false);
     $("recent-list").replaceChildren();
@@ -242,8 +245,13 @@
 
   function renderOperations() {
     const known = Object.keys(OPS);
-    const ordered = [...known.filter((o) => state.operations.includes(o)),
-      ...state.operations.filter((o) => !known.includes(o))];
+    // once the models are known, only the operations some model serves
+    const served = state.models.length
+      ? state.operations.filter((o) => state.models.some((m) => (m.operations || []).includes(o)))
+      : state.operations;
+    const offered = served.length ? served : state.operations;
+    const ordered = [...known.filter((o) => offered.includes(o)),
+      ...offered.filter((o) => !known.includes(o))];
     if (!ordered.includes(state.operation)) state.operation = ordered[0] || "edit";
     const box = $("operations");
     box.querySelectorAll("label").forEach((node) => node.remove());
@@ -277,6 +285,67 @@
     }
     $("mask-canvas").hidden = !info.tools.includes("brush");
     updateStageHint();
+    renderModels();
+  }
+
+  // -- models (GET /v1/models) -------------------------------------------------------------------
+
+  async function loadModels() {
+    if (!state.key) return;
+    try {
+      const listing = await api("/v1/models");
+      state.models = Array.isArray(listing.data) ? listing.data : [];
+    } catch (e) {
+      // a server without models (404) or a passing failure: no picker, jobs get the default model
+      if (e instanceof UiError && e.status === 401) { handleError(e); return; }
+      state.models = [];
+    }
+    renderOperations();
+  }
+
+  function workersText(model) {
+    const ready = (model.state && model.state.workers_ready) || 0;
+    if (ready > 0) return `${ready} worker${ready === 1 ? "" : "s"}`;
+    return "no workers: jobs wait";
+  }
+
+  const defaultModelFor = (op) => state.models.find((m) => (m.default_for || []).includes(op)) || null;
+
+  function renderModels() {
+    const select = $("model-select");
+    const op = state.operation;
+    const serving = state.models.filter((m) => (m.operations || []).includes(op));
+    // one model (or none known) leaves nothing to choose
+    $("model-section").hidden = state.models.length < 2;
+    const previous = select.value;
+    const fallback = defaultModelFor(op);
+    const options = [el("option", { value: "", text: fallback
+      ? `(default) ${fallback.name} — ${workersText(fallback)}` : "(default)" })];
+    for (const model of serving) {
+      options.push(el("option", { value: model.name,
+        text: `${model.name} · ${(model.operations || []).join(", ")} — ${workersText(model)}` }));
+    }
+    select.replaceChildren(...options);
+    // keep the choice while the model serves the new operation, else back to the default
+    select.value = serving.some((m) => m.name === previous) ? previous : "";
+    describeModel();
+  }
+
+  function describeModel() {
+    const name = $("model-select").value;
+    const model = name ? state.models.find((m) => m.name === name) : defaultModelFor(state.operation);
+    const info = $("model-info");
+    if (!model) {
+      info.textContent = state.models.length ? "No model of this cluster serves this operation." : "";
+      return;
+    }
+    const s = model.state || {};
+    const parts = [`${model.name} serves ${(model.operations || []).map((o) => opInfo(o).label.toLowerCase()).join(", ")}.`];
+    parts.push((s.workers_ready || 0) > 0
+      ? `${workersText(model)} ready, ${s.queued || 0} queued, ${s.running || 0} rendering.`
+      : `No workers are running it now: its jobs wait in the queue until one starts (${s.queued || 0} waiting).`);
+    if (typeof s.median_render_s === "number") parts.push(`About ${s.median_render_s.toFixed(1)} s a render.`);
+    info.textContent = parts.join(" ");
   }
 
   function setTool(tool) {
@@ -523,13 +592,15 @@
 
   const FIELD_NAMES = {
     boxes: "boxes", mask: "a painted mask", outpaint: "outpainting sizes", move: "the move",
-    width: "the width", height: "the height", negative_prompt: "the negative prompt",
+    width: "the width", height: "the height", negative_prompt: "the negative prompt", model: "the model choice",
   };
 
   function buildRequest() {
     const op = state.operation;
     const info = opInfo(op);
     const body = { operation: op };
+    // "(default)" sends no model: the catalog's default for the operation renders it
+    if (!$("model-section").hidden && $("model-select").value) body.model = $("model-select").value;
     const prompt = $("prompt").value.trim();
     if (info.image && !state.image) throw new UiError("Choose an image first.");
     if (info.prompt && !prompt) throw new UiError("Write an instruction first.");
@@ -608,8 +679,11 @@
       }
       showJob(job);
       loadRecent(true);
+      loadModels();
     } catch (e) {
       handleError(e, error);
+      // the catalog may have changed since the page read it (unknown_model, unsupported_operation)
+      if (e instanceof UiError && e.param === "model") loadModels();
     } finally {
       button.disabled = false;
       button.textContent = "Render";
@@ -696,6 +770,7 @@
     const params = job.params || {};
     const rows = [
       ["Operation", opInfo(job.operation || params.operation || "edit").label],
+      ["Model", job.model || params.model],
       ["Instruction", params.prompt],
       ["Seed", params.seed],
       ["Steps", params.steps],
@@ -861,6 +936,7 @@
     } else if (name === "done") {
       renderJob(payload);
       loadRecent(true);
+      loadModels();  // queue counts and render times changed
       return true;
     }
     return false;
@@ -920,13 +996,16 @@
       : el("span", { class: "thumb placeholder", "aria-hidden": "true",
         text: (opInfo(job.operation || params.operation).label || "?")[0] });
     const title = params.prompt || opInfo(job.operation || params.operation).label;
+    const model = job.model || params.model;
     return el("li", {},
       el("button", { type: "button", class: "recent-item", "data-job-id": job.id,
         onclick: () => openJob(job.id) },
         thumb,
         el("span", { class: "recent-text" },
           el("span", { class: "recent-title", text: title }),
-          el("span", { class: "muted small", text: `${opInfo(job.operation || params.operation).label} · ${relativeTime(job.created_at)}` })),
+          el("span", { class: "muted small", "data-model": model,
+            text: [opInfo(job.operation || params.operation).label, model, relativeTime(job.created_at)]
+              .filter(Boolean).join(" · ") })),
         el("span", { class: "badge", "data-status": job.status, text: STATUS_LABELS[job.status] || job.status })));
   }
 
@@ -1040,7 +1119,8 @@
     });
     $("job-form").addEventListener("submit", submitJob);
     $("cancel-button").addEventListener("click", cancelCurrent);
-    $("recent-refresh").addEventListener("click", () => loadRecent(true));
+    $("recent-refresh").addEventListener("click", () => { loadRecent(true); loadModels(); });
+    $("model-select").addEventListener("change", describeModel);
     $("recent-filter").addEventListener("change", () => loadRecent(true));
     $("recent-more").addEventListener("click", () => loadRecent(false));
   }

@@ -18,7 +18,16 @@ import httpx
 
 from editfarm_client._uploads import ImageInput, Upload, to_upload
 from editfarm_client.errors import APIError, RateLimited, Unavailable, error_class
-from editfarm_client.models import Job, JobEvent, JobPage, Output, OutputFormat, Priority, WebhookEventName
+from editfarm_client.models import (
+    Job,
+    JobEvent,
+    JobPage,
+    Model,
+    Output,
+    OutputFormat,
+    Priority,
+    WebhookEventName,
+)
 
 #: ``[x0, y0, x1, y1]``, each relative to the image size (0..1).
 Box = Sequence[float]
@@ -36,6 +45,7 @@ _IMAGE_FIELDS = ("image", "mask")
 class SubmitOptions(TypedDict, total=False):
     """Keyword options every operation accepts (see :meth:`Client.submit` for their meaning)."""
 
+    model: str
     negative_prompt: str
     seed: int
     steps: int
@@ -221,6 +231,17 @@ def page_from(body: Any) -> JobPage:
     cursor = body.get("next_cursor") if isinstance(body, Mapping) else None
     jobs = [Job.from_dict(j) for j in data if isinstance(j, Mapping)] if isinstance(data, list) else []
     return JobPage(jobs=jobs, next_cursor=cursor if isinstance(cursor, str) and cursor else None)
+
+
+def models_from(response: httpx.Response) -> list[Model]:
+    """The models of a ``GET /v1/models`` answer, in catalog order. Raises APIError for a body that is
+    not a list of models."""
+    body = response.json()
+    data = body.get("data") if isinstance(body, Mapping) else None
+    if not isinstance(data, list):
+        raise APIError("the API answered with something that is not a list of models",
+                       status_code=response.status_code, code="invalid_response")
+    return [Model.from_dict(m) for m in data if isinstance(m, Mapping)]
 
 
 def job_from(response: httpx.Response) -> Job:

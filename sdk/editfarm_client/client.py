@@ -28,6 +28,7 @@ from editfarm_client._base import (
     job_from,
     job_id_of,
     list_spec,
+    models_from,
     output_filename,
     outputs_of,
     page_from,
@@ -45,6 +46,7 @@ from editfarm_client.models import (
     Job,
     JobEvent,
     JobPage,
+    Model,
     Operation,
     Output,
     OutputFormat,
@@ -176,6 +178,7 @@ class Client(_Common):
         self,
         operation: Operation = "edit",
         *,
+        model: str | None = None,
         prompt: str | None = None,
         image: ImageInput | None = None,
         images: Sequence[ImageInput] | None = None,
@@ -209,6 +212,8 @@ class Client(_Common):
 
         - ``operation``: ``edit`` (default), ``generate``, ``inpaint``, ``outpaint``, ``move``,
           ``upscale`` — whichever the server supports (else :class:`BadRequest` ``unknown_operation``).
+        - ``model``: the model to render with, by name (see :meth:`models`); None: the catalog's
+          default for the operation. ``job.model`` says which one it got.
         - ``prompt``: the instruction; ``negative_prompt``: what to avoid.
         - ``image``: the input image: a file path, bytes, a binary file object, a PIL image, or an
           ``https://``/``data:`` URL (sent for the server to fetch). ``images``: reference images
@@ -231,12 +236,14 @@ class Client(_Common):
         (``boxes``, ``outpaint``, ``move``, ``loras``) as JSON with the images inlined as
         ``data:`` URLs.
 
-        Raises :class:`BadRequest` (``.code`` e.g. ``invalid_image``, ``.param`` the field),
+        Raises :class:`BadRequest` (``.code`` e.g. ``invalid_image``, ``.param`` the field;
+        ``unknown_model`` for a model the cluster does not have, ``unsupported_operation`` for one
+        that does not serve the operation, both with ``.param == "model"``),
         :class:`Unauthorized`, :class:`RateLimited`/:class:`Unavailable` once retries are spent,
         :class:`APIConnectionError`; FileNotFoundError for a missing file.
         """
         fields = submit_fields(
-            operation, prompt=prompt, image=image, images=images, mask=mask, boxes=boxes,
+            operation, model=model, prompt=prompt, image=image, images=images, mask=mask, boxes=boxes,
             outpaint=outpaint, move=move, negative_prompt=negative_prompt, seed=seed, steps=steps,
             true_cfg_scale=true_cfg_scale, width=width, height=height, strength=strength,
             num_images=num_images, loras=loras, output_format=output_format, output_quality=output_quality,
@@ -284,6 +291,15 @@ class Client(_Common):
     def get(self, job: Job | str) -> Job:
         """The job as it is now (``GET /v1/jobs/{id}``). Raises :class:`NotFound`."""
         return job_from(self._send(RequestSpec("GET", f"/v1/jobs/{job_id_of(job)}")))
+
+    def models(self) -> builtins.list[Model]:
+        """The models jobs may name (``GET /v1/models``), in catalog order, each with its pool's live
+        state (workers ready, jobs queued and running, median render seconds).
+
+        Raises :class:`Unauthorized`, :class:`NotFound` from a server older than the model catalog,
+        :class:`Unavailable` once retries are spent, :class:`APIConnectionError`.
+        """
+        return models_from(self._send(RequestSpec("GET", "/v1/models")))
 
     def list_page(self, *, status: str | Sequence[str] | None = None, limit: int = 20,
                   cursor: str | None = None) -> JobPage:
@@ -501,6 +517,7 @@ class AsyncClient(_Common):
         self,
         operation: Operation = "edit",
         *,
+        model: str | None = None,
         prompt: str | None = None,
         image: ImageInput | None = None,
         images: Sequence[ImageInput] | None = None,
@@ -530,7 +547,7 @@ class AsyncClient(_Common):
     ) -> Job:
         """See :meth:`Client.submit`."""
         fields = submit_fields(
-            operation, prompt=prompt, image=image, images=images, mask=mask, boxes=boxes,
+            operation, model=model, prompt=prompt, image=image, images=images, mask=mask, boxes=boxes,
             outpaint=outpaint, move=move, negative_prompt=negative_prompt, seed=seed, steps=steps,
             true_cfg_scale=true_cfg_scale, width=width, height=height, strength=strength,
             num_images=num_images, loras=loras, output_format=output_format, output_quality=output_quality,
@@ -579,6 +596,10 @@ class AsyncClient(_Common):
     async def get(self, job: Job | str) -> Job:
         """See :meth:`Client.get`."""
         return job_from(await self._send(RequestSpec("GET", f"/v1/jobs/{job_id_of(job)}")))
+
+    async def models(self) -> builtins.list[Model]:
+        """See :meth:`Client.models`."""
+        return models_from(await self._send(RequestSpec("GET", "/v1/models")))
 
     async def list_page(self, *, status: str | Sequence[str] | None = None, limit: int = 20,
                         cursor: str | None = None) -> JobPage:

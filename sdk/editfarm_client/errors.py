@@ -69,7 +69,12 @@ class APIError(EditfarmError):
 
 
 class BadRequest(APIError):
-    """The request was refused as invalid (400, 413, 415, 422, or another 4xx without its own class)."""
+    """The request was refused as invalid (400, 413, 415, 422, or another 4xx without its own class).
+
+    ``code`` tells why: e.g. ``invalid_image``, ``missing_field``, ``unknown_operation``, and for a
+    job's ``model`` (``param == "model"``) ``unknown_model`` (no model of that name: see
+    ``client.models()``) or ``unsupported_operation`` (the model does not serve the operation).
+    """
 
 
 class PayloadTooLarge(BadRequest):

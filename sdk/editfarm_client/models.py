@@ -1,4 +1,4 @@
-"""Typed views of what the API returns: jobs, outputs, progress and live events.
+"""Typed views of what the API returns: jobs, outputs, progress, live events and the models.
 
 Every model is a frozen dataclass built with ``from_dict`` from the API's JSON.
 Fields the API may add later are ignored (the whole object stays available as
@@ -41,6 +41,18 @@ def _int(value: Any, default: int = 0) -> int:
 
 def _opt_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _opt_float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _strings(value: Any) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, Sequence) and not isinstance(value, str) else []
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,9 @@ class Job:
     """A job as ``GET /v1/jobs/{id}`` returns it.
 
     ``params`` are the validated request parameters (with the ``seed`` actually
-    used); ``queue_position`` is set only while ``queued``; times are aware UTC
+    used); ``model`` is the model that renders it (the one it named, else the
+    catalog's default for its operation; None from a server without models);
+    ``queue_position`` is set only while ``queued``; times are aware UTC
     datetimes; ``raw`` is the JSON object the API sent.
     """
 
@@ -131,6 +145,7 @@ class Job:
     raw: dict[str, Any] = field(repr=False, compare=False)
     # the job's inputs and outputs were deleted by their retention: outputs keep their metadata, no url
     data_removed: bool = False
+    model: str | None = None
 
     @property
     def done(self) -> bool:
@@ -175,6 +190,7 @@ class Job:
             urls={str(k): str(v) for k, v in urls.items()} if isinstance(urls, Mapping) else {},
             raw=dict(data),
             data_removed=bool(data.get("data_removed")),
+            model=_opt_str(data.get("model")) or _opt_str(params.get("model")),
         )
 
 
@@ -184,6 +200,64 @@ class JobPage:
 
     jobs: list[Job]
     next_cursor: str | None
+
+
+# -- the models (GET /v1/models) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What a model's pool is doing now: render workers ready (0: its jobs wait, queued, until one
+    starts), its jobs queued and running, and the median seconds of its last renders (None: none yet)."""
+
+    workers_ready: int = 0
+    queued: int = 0
+    running: int = 0
+    median_render_s: float | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> ModelState:
+        data = data if isinstance(data, Mapping) else {}
+        return cls(workers_ready=_int(data.get("workers_ready")), queued=_int(data.get("queued")),
+                   running=_int(data.get("running")), median_render_s=_opt_float(data.get("median_render_s")))
+
+
+@dataclass(frozen=True)
+class Model:
+    """A model jobs may name (``model=``), as ``GET /v1/models`` lists it.
+
+    ``operations`` are those it serves, ``default_for`` those whose jobs run on it when they name
+    no model; ``defaults`` what a job that sets none gets (``steps``, ``true_cfg_scale``; None: the
+    API's own); ``max_side_px`` the largest width or height it renders (None: the operation's
+    limit); ``state`` its pool's live state; ``raw`` the JSON object the API sent.
+    """
+
+    name: str
+    pipeline: str
+    operations: list[str]
+    default_for: list[str]
+    defaults: dict[str, Any]
+    max_side_px: int | None
+    state: ModelState
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    def serves(self, operation: str) -> bool:
+        """True if jobs of ``operation`` may name this model."""
+        return operation in self.operations
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Model:
+        defaults = data.get("defaults")
+        return cls(
+            name=str(data.get("name") or ""),
+            pipeline=str(data.get("pipeline") or ""),
+            operations=_strings(data.get("operations")),
+            default_for=_strings(data.get("default_for")),
+            defaults=dict(defaults) if isinstance(defaults, Mapping) else {},
+            max_side_px=_opt_int(data.get("max_side_px")),
+            state=ModelState.from_dict(data.get("state")),
+            raw=dict(data),
+        )
 
 
 # -- live events (GET /v1/jobs/{id}/events) ------------------------------------------------------
