@@ -16,12 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
-from broker.jobstore import RedisJobStore
 from cli.cluster import ClusterConfig, LocalCluster
 from cli.localservices import wait_until
-from tests.e2e_support import API_KEYS, auth, data_url, png_bytes, wait_terminal
+from tests.e2e_support import API_KEYS, auth, data_url, png_bytes, rendered_by, wait_terminal
 
 pytestmark = pytest.mark.integration
 
@@ -77,13 +75,6 @@ def get(cluster: LocalCluster, job_id: str) -> dict[str, Any]:
     return dict(httpx.get(f"{cluster.api_url}/v1/jobs/{job_id}", headers=auth(), timeout=10).json())
 
 
-def node(cluster: LocalCluster, job_id: str) -> str:
-    """The Celery node that ran the job, from its record (``<node>/<instance of that start>``)."""
-    job = RedisJobStore(redis.Redis.from_url(cluster.redis_url)).get(job_id)
-    assert job is not None and job.worker is not None
-    return job.worker.split("/")[0]
-
-
 def models(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
     listing = httpx.get(f"{cluster.api_url}/v1/models", headers=auth(), timeout=10).json()
     return {m["name"]: m["state"] for m in listing["data"]}
@@ -111,8 +102,8 @@ def test_each_operation_goes_to_its_models_pool(cluster: LocalCluster) -> None:
     for job_id, model in ((generate, "t2i"), (edit, "edit")):
         done = wait_terminal(cluster.api_url, job_id)
         assert done["status"] == "succeeded" and done["model"] == model, done
-    assert node(cluster, generate) == "render0-t2i@local"
-    assert node(cluster, edit) == "render1-edit@local"
+    assert rendered_by(cluster.redis_url, generate) == "render0-t2i@local"
+    assert rendered_by(cluster.redis_url, edit) == "render1-edit@local"
     state = models(cluster)
     assert state["t2i"]["workers_ready"] == state["edit"]["workers_ready"] == 1
     assert state["lightning"]["workers_ready"] == 0
@@ -130,7 +121,7 @@ def test_a_job_for_a_model_without_a_worker_waits_queued_until_one_starts(cluste
         cluster.wait_worker_ready(worker)
         done = wait_terminal(cluster.api_url, job_id)
         assert done["status"] == "succeeded" and done["attempts"] == 1
-        assert node(cluster, job_id) == "render5-lightning@local"
+        assert rendered_by(cluster.redis_url, job_id) == "render5-lightning@local"
     finally:
         cluster.stop_process(worker)
 
@@ -143,7 +134,7 @@ def test_killing_one_pools_worker_mid_render_leaves_the_other_pool_alone(cluster
     for job_id in others:
         done = wait_terminal(cluster.api_url, job_id)
         assert done["status"] == "succeeded" and done["attempts"] == 1, done
-        assert node(cluster, job_id) == "render0-t2i@local"
+        assert rendered_by(cluster.redis_url, job_id) == "render0-t2i@local"
     assert get(cluster, killed)["status"] in {"running", "queued"}  # its pool has no worker now
     cluster.start_render_worker(1, model="edit")
     cluster.wait_worker_ready("render1")
