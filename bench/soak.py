@@ -1,13 +1,15 @@
 """Soak: thousands of jobs through a whole local cluster with the zero-cost render stand-in.
 
     python -m bench.soak --jobs 3000            # the full run (docs/reliability.md)
-    python -m bench.soak --jobs 300             # the short run tests/test_faults.py makes
+    python -m bench.soak --fleet --jobs 300     # the short run tests/test_faults.py makes
 
 Starts a LocalCluster (Redis with AOF, moto's S3 server, the API, ``--workers`` render
 workers with ``EDITFARM_RENDERER=standin``, the webhook worker) and a webhook receiver,
 submits ``--jobs`` edit jobs from ``--concurrency`` client threads, each with a webhook, and
 waits until every accepted job ended. Then it checks each job: succeeded, its output object
-in the bucket, exactly one terminal webhook, started once.
+in the bucket, exactly one terminal webhook, started once. ``--fleet``: the two-model catalog
+of editfarm_testing/catalog.py instead of the one model, the workers split into a pool per
+model, every other job a ``generate`` naming ``qwen-image`` (the rest edits on the default).
 
 Prints the figures and writes them as JSON (``--out``): submitted, succeeded, lost (accepted
 but not succeeded, or succeeded without its object, or without a terminal webhook),
@@ -43,6 +45,7 @@ import redis  # noqa: E402 - after the sys.path line above
 
 from broker import keys  # noqa: E402 - after the sys.path line above
 from cli.cluster import ClusterConfig, LocalCluster  # noqa: E402 - after the sys.path line above
+from editfarm_testing.catalog import TEXT_TO_IMAGE_MODEL, fleet_catalog  # noqa: E402 - after the sys.path line above
 from editfarm_testing.webhooks import Delivery, WebhookReceiver  # noqa: E402 - after the sys.path line above
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -203,8 +206,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(args.render_s),
            # the soak measures loss and duplication, not the per-tenant limits: both off
            "EDITFARM_RATE_LIMIT_PER_MIN": "0", "EDITFARM_MAX_JOBS_IN_FLIGHT": "0"}
-    config = ClusterConfig(workdir=workdir, model="standin", render_workers=args.workers,
-                           api_keys=f"soak:{tenant_key}", extra_env=env)
+    if args.fleet:  # a stand-in pool per model (it loads nothing: any source), at least one worker each
+        edit_workers = max(1, args.workers - args.workers // 2)
+        pools = fleet_catalog(workdir, edit_source="/nowhere/standin", edit_workers=edit_workers,
+                              text_to_image_workers=max(1, args.workers // 2))
+        config = ClusterConfig(workdir=workdir, api_keys=f"soak:{tenant_key}", extra_env=env, **pools)
+    else:
+        config = ClusterConfig(workdir=workdir, model="standin", render_workers=args.workers,
+                               api_keys=f"soak:{tenant_key}", extra_env=env)
     headers = {"Authorization": f"Bearer {tenant_key}"}
     run_id = os.urandom(4).hex()
     image = _png()
@@ -222,8 +231,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             client = getattr(local, "client", None)
             if client is None:
                 client = local.client = httpx.Client(timeout=60)
-            body = {"operation": "edit", "prompt": "soak", "image": image, "seed": seed, "steps": args.steps,
-                    "webhook": receiver.url}
+            body: dict[str, Any] = {"operation": "edit", "prompt": "soak", "image": image, "seed": seed,
+                                    "steps": args.steps, "webhook": receiver.url}
+            if args.fleet and seed % 2:  # the other pool's model, named
+                body = {"operation": "generate", "prompt": "soak", "seed": seed, "steps": args.steps,
+                        "width": 64, "height": 48, "model": TEXT_TO_IMAGE_MODEL, "webhook": receiver.url}
             for attempt in range(20):
                 try:
                     response = client.post(f"{cluster.api_url}/v1/jobs", json=body,
@@ -281,7 +293,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(args.settle_s)
         sampler.stop()
 
-        rows = _job_rows(store, accepted, ("status", "attempts", "outputs", "created_at", "finished_at", "error"))
+        rows = _job_rows(store, accepted, ("status", "attempts", "outputs", "created_at", "finished_at", "error",
+                                           "params"))
         import boto3
 
         s3 = boto3.client("s3", endpoint_url=cluster.s3_url, region_name="us-east-1", aws_access_key_id="test",
@@ -317,11 +330,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "environment": {"cpus": os.cpu_count(), "python": platform.python_version(),
                         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"jobs": args.jobs, "workers": args.workers, "concurrency": args.concurrency,
-                     "render_s": args.render_s, "steps": args.steps, "warmup": args.warmup},
+                     "render_s": args.render_s, "steps": args.steps, "warmup": args.warmup, "fleet": args.fleet},
         "submitted": len(accepted),
         "rejected": rejected,
         "submit_retries": dict(retried),
         "succeeded": statuses.get("succeeded", 0),
+        "succeeded_per_model": dict(Counter(str((r["params"] or {}).get("model")) for r in rows.values()
+                                            if r["status"] == "succeeded")),
         "statuses": dict(statuses),
         "lost": len(lost),
         "duplicated": len(duplicated),
@@ -344,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=3000)
     parser.add_argument("--workers", type=int, default=2, help="render workers (stand-in)")
+    parser.add_argument("--fleet", action="store_true",
+                        help="the two-model catalog, a pool per model (the workers split), half the jobs each")
     parser.add_argument("--concurrency", type=int, default=8, help="client threads submitting")
     parser.add_argument("--render-s", type=float, default=0.0, help="stand-in render time per job (s)")
     parser.add_argument("--steps", type=int, default=2)

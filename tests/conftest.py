@@ -60,13 +60,16 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def shared_cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[object]:
-    """One ordinary local cluster (tiny model, the e2e tenants) shared by the modules that need nothing
-    special from it, so the suite starts it once."""
+    """One ordinary local cluster (the e2e tenants) shared by the modules that need nothing special from
+    it, so the suite starts it once. A fleet (editfarm_testing/catalog.py): one worker serves
+    ``qwen-image-edit`` (the tiny model; every operation's default), ``qwen-image`` has none, so the SDK,
+    CLI, UI and e2e suites run on per-model queues and indexes."""
     from cli.cluster import ClusterConfig, LocalCluster
+    from editfarm_testing.catalog import fleet_catalog
     from tests.e2e_support import API_KEYS
 
-    config = ClusterConfig(workdir=tmp_path_factory.mktemp("shared-cluster"), model=str(tiny_model),
-                           api_keys=API_KEYS)
+    workdir = tmp_path_factory.mktemp("shared-cluster")
+    config = ClusterConfig(workdir=workdir, api_keys=API_KEYS, **fleet_catalog(workdir, edit_source=tiny_model))
     with LocalCluster(config) as running:
         yield running
 

@@ -109,9 +109,10 @@ def wait_all_terminal(cluster: LocalCluster, job_ids: list[str], timeout_s: floa
 
 
 def holder(cluster: LocalCluster, job_id: str) -> str:
-    """Name of the render worker (``render0``...) whose lease the job holds."""
+    """Name of the render worker (``render0``...) whose lease the job holds (its node: ``render0@local``,
+    or ``render0-<model>@local`` on a fleet)."""
     worker = job_fields(cluster, [job_id], "worker")[job_id]["worker"] or ""
-    return str(worker).split("@", 1)[0]
+    return str(worker).split("@", 1)[0].split("-", 1)[0]
 
 
 def wait_new_child(cluster: LocalCluster, name: str, old_pid: int, timeout_s: float = 120) -> int:

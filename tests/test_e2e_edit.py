@@ -20,7 +20,9 @@ import redis
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
+from broker.queues import RenderQueue
 from cli.cluster import LocalCluster
+from editfarm_testing.catalog import EDIT_MODEL, TEXT_TO_IMAGE_MODEL
 from editfarm_testing.webhooks import ByJob, WebhookReceiver
 from tests.e2e_support import auth, data_url, png_bytes, png_with_corrupt_pixels, wait_terminal
 
@@ -128,7 +130,7 @@ def test_bad_input_gets_a_documented_4xx_and_never_reaches_a_worker(
     assert len(list(r.scan_iter("editfarm:job:*"))) == jobs_before
     assert r.zcard("editfarm:tenant:acme:jobs") == tenant_jobs_before
     # every message waiting in a render queue belongs to a stored job: nothing half-created was sent
-    for queue in ("render.high", "render.normal", "render.low"):
+    for queue in (*RenderQueue(model=EDIT_MODEL).order, *RenderQueue(model=TEXT_TO_IMAGE_MODEL).order):
         for raw in r.lrange(queue, 0, -1):
             args, _kwargs, _embed = json.loads(base64.b64decode(json.loads(raw)["body"]))
             job_id = args[0]

@@ -5,6 +5,11 @@ One render worker (Celery prefork, the render stand-in: every job holds the devi
 outside review's sequence: the worker busy on a 40-step job, two ``low`` jobs, then a ``high``
 one a second later, then the running job canceled. The ``high`` job must start first, whatever
 the worker had already taken from the broker into its render lane.
+
+Every test runs twice: on a fleet (editfarm_testing/catalog.py: the worker serves ``qwen-image-edit``,
+so the gate reads ``render.qwen-image-edit.*`` and ``editfarm:queued:qwen-image-edit:*``), and on a
+one-model cluster (``EDITFARM_MODEL`` alone: jobs carry the model ``default``, queues ``render.high``…),
+the upgrade path's end-to-end test of the legacy names.
 """
 
 from __future__ import annotations
@@ -16,9 +21,11 @@ import httpx
 import pytest
 import redis
 
-from broker.celery_app import RENDER_QUEUES
+from broker.keys import LEGACY_MODEL
+from broker.queues import RenderQueue
 from cli.cluster import ClusterConfig, LocalCluster
 from cli.localservices import wait_until
+from editfarm_testing.catalog import EDIT_MODEL, fleet_catalog
 from tests.e2e_support import API_KEYS, auth, data_url, png_bytes, wait_terminal
 
 pytestmark = pytest.mark.integration
@@ -29,12 +36,30 @@ ENV = {"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(RENDER_
        "EDITFARM_LANE_LEAD_S": "2", "EDITFARM_GIVE_WAY_WAIT_S": "8"}
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    config = ClusterConfig(workdir=tmp_path_factory.mktemp("priority"), model="standin", api_keys=API_KEYS,
-                           render_workers=1, extra_env=ENV)
+# the model the render workers serve, per cluster mode
+MODEL = {"fleet": EDIT_MODEL, "legacy": LEGACY_MODEL}
+
+
+@pytest.fixture(scope="module", params=["fleet", "legacy"])
+def cluster(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    workdir = tmp_path_factory.mktemp(f"priority-{request.param}")
+    if request.param == "fleet":  # the stand-in loads nothing: any source
+        config = ClusterConfig(workdir=workdir, api_keys=API_KEYS, extra_env=ENV,
+                               **fleet_catalog(workdir, edit_source="/nowhere/standin"))
+    else:
+        config = ClusterConfig(workdir=workdir, model="standin", api_keys=API_KEYS, render_workers=1, extra_env=ENV)
     with LocalCluster(config) as running:
         yield running
+
+
+def model_of(cluster: LocalCluster) -> str:
+    """The model the cluster's render workers serve (every job here runs on it)."""
+    return MODEL["fleet" if cluster.config.models_file is not None else "legacy"]
+
+
+def start_another_worker(cluster: LocalCluster, index: int) -> str:
+    model = model_of(cluster)
+    return cluster.start_render_worker(index, model=None if model == LEGACY_MODEL else model)
 
 
 def submit(cluster: LocalCluster, steps: int, priority: str = "normal") -> str:
@@ -74,6 +99,7 @@ def test_a_high_job_queued_behind_two_low_ones_starts_first_when_the_running_job
     cancel(cluster, running)
     assert started_order(cluster, [low1, low2, high]) == [high, low1, low2]
     assert get(cluster, running)["status"] == "canceled"
+    assert {get(cluster, job_id)["model"] for job_id in (running, low1, low2, high)} == {model_of(cluster)}
 
 
 def test_a_high_job_queued_while_the_running_job_nears_its_end_starts_before_the_low_ones(
@@ -101,7 +127,7 @@ def test_a_low_job_does_not_start_while_a_high_one_waits_in_another_workers_lane
     # two workers: the first to near its render's end takes the high job into its lane (its message
     # leaves the list, the job stays queued); the other one's running job is canceled then, and it
     # takes the low job with its device free. The low job must wait for the high one to start.
-    second = cluster.start_render_worker(1)
+    second = start_another_worker(cluster, 1)
     try:
         cluster.wait_worker_ready(second)
         first_running = submit(cluster, steps=40)
@@ -110,7 +136,8 @@ def test_a_low_job_does_not_start_while_a_high_one_waits_in_another_workers_lane
         wait_rendering(cluster, other_running)
         low, high = submit(cluster, 2, "low"), submit(cluster, 2, "high")
         broker = redis.Redis.from_url(cluster.redis_url)
-        wait_until(lambda: broker.llen(RENDER_QUEUES["high"]) == 0, 60, "the high job taken into a lane",
+        high_queue = RenderQueue(model=model_of(cluster)).names["high"]
+        wait_until(lambda: broker.llen(high_queue) == 0, 60, "the high job taken into a lane",
                    interval_s=0.01)
         assert get(cluster, high)["status"] == "queued"  # taken early, waiting for that worker's device
         cancel(cluster, other_running)

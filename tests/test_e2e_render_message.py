@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import redis
 
-from broker.celery_app import RENDER_QUEUES
 from broker.jobstore import RedisJobStore
 from broker.queues import RenderQueue
 from broker.schema import Job, JobParams, Operation, Priority, new_job_id
 from cli.cluster import LocalCluster
+from editfarm_testing.catalog import EDIT_MODEL
 from tests.e2e_support import wait_terminal
 
 pytestmark = pytest.mark.integration
@@ -21,9 +21,9 @@ def test_a_real_worker_runs_a_job_queued_by_a_hand_built_message(shared_cluster:
     try:
         job = Job(id=new_job_id(), tenant="acme", params=JobParams(
             operation=Operation.GENERATE, prompt="a red bicycle", seed=7, steps=2, width=64, height=64,
-            priority=Priority.HIGH))
-        queue, message = RenderQueue().message(job.id, job.params.priority)
-        assert queue == RENDER_QUEUES["high"]
+            priority=Priority.HIGH, model=EDIT_MODEL))
+        queue, message = RenderQueue(model=EDIT_MODEL).message(job.id, job.params.priority)
+        assert queue == f"render.{EDIT_MODEL}.high"
         assert RedisJobStore(client).create_and_enqueue(job, queue, message) is not None
         done = wait_terminal(shared_cluster.api_url, job.id)
         assert done["status"] == "succeeded", done

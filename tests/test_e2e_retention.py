@@ -13,6 +13,7 @@ import redis
 
 from broker import keys
 from cli.cluster import ClusterConfig, LocalCluster
+from editfarm_testing.catalog import fleet_catalog
 from tests.e2e_support import API_KEYS, auth, wait_terminal
 
 pytestmark = pytest.mark.integration
@@ -23,8 +24,9 @@ ENV = {"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": "0", "EDITFA
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    config = ClusterConfig(workdir=tmp_path_factory.mktemp("retention"), model="standin", api_keys=API_KEYS,
-                           extra_env=ENV)
+    workdir = tmp_path_factory.mktemp("retention")  # a fleet (editfarm_testing/catalog.py) of stand-ins
+    config = ClusterConfig(workdir=workdir, api_keys=API_KEYS, extra_env=ENV,
+                           **fleet_catalog(workdir, edit_source="/nowhere/standin"))
     with LocalCluster(config) as running:
         running.wait_worker_ready("render0", timeout_s=120)
         yield running

@@ -3,7 +3,10 @@ visibility timeout, progress streams, Flower and metrics.
 
 Two render workers (Celery prefork, the tiny Qwen-Image-Edit pipeline), a webhook
 worker running the reaper, the API, Redis and the S3 server; short leases and a
-5 s visibility timeout so the failure paths happen within a test.
+5 s visibility timeout so the failure paths happen within a test. A fleet
+(editfarm_testing/catalog.py): both workers serve ``qwen-image-edit``, so the queues, indexes,
+node names and metric labels are the per-model ones (tests/test_e2e_priority.py keeps a
+one-model cluster's legacy names covered end to end).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
+from broker import keys
 from cli.cluster import ROOT, ClusterConfig, LocalCluster
 from cli.localservices import free_port, wait_until
+from editfarm_testing.catalog import EDIT_MODEL, TEXT_TO_IMAGE_MODEL, fleet_catalog, legacy_render_keys
 from editfarm_testing.cluster import process_log, worker_child_pid
 from editfarm_testing.webhooks import ByJob, WebhookReceiver
 from tests.e2e_support import API_KEYS, auth, data_url, png_bytes, wait_terminal
@@ -38,8 +44,9 @@ FAST_FAILOVER = {
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[LocalCluster]:
-    config = ClusterConfig(workdir=tmp_path_factory.mktemp("workers"), model=str(tiny_model),
-                           api_keys=API_KEYS, render_workers=2, extra_env=FAST_FAILOVER)
+    workdir = tmp_path_factory.mktemp("workers")
+    config = ClusterConfig(workdir=workdir, api_keys=API_KEYS, extra_env=FAST_FAILOVER,
+                           **fleet_catalog(workdir, edit_source=tiny_model, edit_workers=2))
     with LocalCluster(config) as running:
         yield running
 
@@ -99,6 +106,22 @@ def test_canceling_a_queued_job_ends_it_at_once_and_it_never_reaches_the_gpu(
     assert final["status"] == "canceled" and final["started_at"] is None and final["attempts"] == 0
     [delivery] = hooks.for_job(queued["id"])
     assert json.loads(delivery.body)["type"] == "job.canceled"
+
+
+def test_a_jobs_queued_and_running_places_are_its_models_keys(cluster: LocalCluster) -> None:
+    blockers = busy(cluster)
+    waiting = submit(cluster, priority="high")["id"]
+    r = redis.Redis.from_url(cluster.redis_url)
+    try:
+        assert r.zscore(keys.queued("high", EDIT_MODEL), waiting) is not None
+        assert set(blockers) <= {j.decode() for j in r.lrange(keys.inflight(EDIT_MODEL), 0, -1)}
+        assert not [k for k in legacy_render_keys() if r.exists(k)]  # nothing under the one-model names
+    finally:
+        for job_id in blockers:
+            cancel(cluster, job_id)
+    assert wait_terminal(cluster.api_url, waiting)["status"] == "succeeded"
+    assert r.zscore(keys.queued("high", EDIT_MODEL), waiting) is None
+    assert not {j.decode() for j in r.lrange(keys.inflight(EDIT_MODEL), 0, -1)} & {waiting, *blockers}
 
 
 def test_canceling_a_running_job_stops_it_at_the_next_step(cluster: LocalCluster, hooks: ByJob) -> None:
@@ -201,15 +224,25 @@ def test_a_late_client_of_a_finished_job_gets_the_final_state_and_the_stream_end
     assert "event: status" in response.text and "event: done" in response.text
 
 
+def labelled(text: str, sample: str) -> list[dict[str, str]]:
+    """The label sets of every ``sample`` (e.g. ``editfarm_jobs_total``) in a Prometheus exposition."""
+    return [dict(s.labels) for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == sample]
+
+
 def test_metrics_of_the_api_and_every_worker_expose_the_cluster(cluster: LocalCluster) -> None:
     wait_terminal(cluster.api_url, submit(cluster)["id"])
     api = httpx.get(f"{cluster.api_url}/metrics").text
-    assert 'editfarm_queue_depth{priority="high"}' in api and "editfarm_jobs_running" in api
-    assert 'editfarm_jobs_total{status="submitted"}' in api
+    # every model of the catalog, the one without a worker too
+    assert {"model": TEXT_TO_IMAGE_MODEL, "priority": "high"} in labelled(api, "editfarm_queue_depth")
+    assert {"model": EDIT_MODEL, "priority": "high"} in labelled(api, "editfarm_queue_depth")
+    assert {"model": EDIT_MODEL} in labelled(api, "editfarm_jobs_running")
+    assert {"model": EDIT_MODEL, "status": "submitted"} in labelled(api, "editfarm_jobs_total")
     rendered = ""
     for name in ("render0", "render1"):
         rendered += httpx.get(f"http://127.0.0.1:{cluster.metrics_ports[name]}/metrics").text
-    assert 'editfarm_jobs_total{status="succeeded"}' in rendered
+    assert {"model": EDIT_MODEL, "status": "succeeded"} in labelled(rendered, "editfarm_jobs_total")
+    assert {"model": EDIT_MODEL, "le": "600.0"} in labelled(rendered, "editfarm_render_seconds_bucket")
     assert "editfarm_render_seconds_bucket" in rendered and "editfarm_queue_wait_seconds_bucket" in rendered
     assert 'le="600.0"' in rendered  # buckets reach minutes
     hooks_metrics = httpx.get(f"http://127.0.0.1:{cluster.metrics_ports['webhooks']}/metrics").text
@@ -227,7 +260,7 @@ def test_flower_shows_the_workers_behind_basic_auth(cluster: LocalCluster) -> No
 
         def workers_listed() -> bool:
             response = httpx.get(url, auth=("ops", "s3cret"), timeout=5)
-            return response.status_code == 200 and "render0@local" in response.text
+            return response.status_code == 200 and f"render0-{EDIT_MODEL}@local" in response.text
         wait_until(workers_listed, 60, "flower")
         assert httpx.get(url, timeout=5).status_code == 401
     finally:
@@ -245,12 +278,12 @@ def test_sigterm_lets_the_running_job_finish_and_takes_no_new_one(cluster: Local
     assert code == 0
     final = get(cluster, job["id"])
     assert final["status"] == "succeeded" and final["attempts"] == 1
-    cluster.start_render_worker(int(name[-1]))
+    cluster.start_render_worker(int(name[-1]), model=EDIT_MODEL)
     cluster.wait_worker_ready(name)
 
 
 def test_a_drain_window_that_runs_out_hands_the_job_to_another_worker(cluster: LocalCluster) -> None:
-    name = cluster.start_render_worker(2, {"EDITFARM_DRAIN_TIMEOUT_S": "1"})
+    name = cluster.start_render_worker(2, {"EDITFARM_DRAIN_TIMEOUT_S": "1"}, model=EDIT_MODEL)
     cluster.wait_worker_ready(name)
     others = ("render0", "render1")
     for other in others:  # only the short-drain worker may take the next job
@@ -263,6 +296,6 @@ def test_a_drain_window_that_runs_out_hands_the_job_to_another_worker(cluster: L
         assert handed["status"] == "queued" and handed["progress"]["step"] < 40
     finally:
         for index in range(len(others)):
-            cluster.start_render_worker(index)
+            cluster.start_render_worker(index, model=EDIT_MODEL)
     final = wait_terminal(cluster.api_url, job["id"], timeout_s=180)
     assert final["status"] == "succeeded" and final["attempts"] == 2

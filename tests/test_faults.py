@@ -2,16 +2,19 @@
 
 One local cluster (Redis with AOF, the S3 server (SeaweedFS), the API, two render workers running the
 zero-cost render stand-in, the webhook worker with the reaper) plus two render workers with the
-real tiny Qwen-Image model on their own queue; the stand-in workers reach S3 through a TCP proxy
-that can be switched off, and the webhooks go to a receiver that can fail on purpose. Each scenario
-injects one fault while jobs are queued and running, then judges every job it accepted
-(tests/fault_support.py: survived / lost / duplicated) and writes its tally to
+real tiny Qwen-Image model; the stand-in workers reach S3 through a TCP proxy that can be switched
+off, and the webhooks go to a receiver that can fail on purpose. The cluster is a fleet
+(editfarm_testing/catalog.py): the stand-ins serve ``qwen-image-edit`` (every job that names no
+model), the tiny-model workers a third model, ``tiny``, so each scenario runs on per-model queues
+and indexes. Each scenario injects one fault while jobs are queued and running, then judges every
+job it accepted (tests/fault_support.py: survived / lost / duplicated) and writes its tally to
 ``test-artifacts/faults/<scenario>.json``.
 
 ``FAULT_TRIALS`` (default 4) sets the trials per scenario (the table of docs/reliability.md was
 measured with 10). The soak test runs ``bench/soak.py`` in its short mode (``SOAK_JOBS``,
-default 300). Three of the tests (S3 hand-backs vs worker deaths, Redis errors mid-render, a
-restarted worker's drain deadline) found bugs that are fixed now.
+default 300) on a fleet (``--fleet``: a stand-in pool per model of the two-model catalog). Three
+of the tests (S3 hand-backs vs worker deaths, Redis errors mid-render, a restarted worker's drain
+deadline) found bugs that are fixed now.
 """
 
 from __future__ import annotations
@@ -30,9 +33,16 @@ import pytest
 import redis
 
 from broker import keys
-from broker.celery_app import RENDER_QUEUES
+from broker.queues import RenderQueue
 from cli.cluster import ROOT, ClusterConfig, LocalCluster
 from cli.localservices import wait_until
+from editfarm_testing.catalog import (
+    EDIT_MODEL,
+    TEXT_TO_IMAGE_MODEL,
+    CatalogModel,
+    fleet_catalog,
+    legacy_render_keys,
+)
 from editfarm_testing.cluster import process_log, restart_api, restart_redis, worker_child_pid
 from editfarm_testing.tcpproxy import TcpProxy
 from editfarm_testing.webhooks import ByJob, FlakyReceiver
@@ -55,9 +65,11 @@ pytestmark = pytest.mark.integration
 
 TRIALS = max(2, int(os.environ.get("FAULT_TRIALS", "4")))
 RENDER_S = 2.0  # each stand-in job holds its worker this long (spread over its steps)
-STANDIN = ("render0", "render1")  # the stand-in workers: queues high + normal
-TINY = ("render8", "render9")  # tiny-model workers: queue low only, so only jobs sent there reach them
-STANDIN_QUEUES = (RENDER_QUEUES["high"], RENDER_QUEUES["normal"])
+STANDIN = ("render0", "render1")  # the stand-in workers: qwen-image-edit's queues high + normal
+TINY = ("render8", "render9")  # tiny-model workers: model TINY_MODEL, so only jobs that name it reach them
+TINY_MODEL = "tiny"
+EDIT_QUEUES = RenderQueue(model=EDIT_MODEL).names
+STANDIN_QUEUES = (EDIT_QUEUES["high"], EDIT_QUEUES["normal"])
 
 FAULT_ENV = {
     "EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(RENDER_S),
@@ -84,13 +96,13 @@ class Faults:
 
     def start_standin(self, name: str) -> None:
         self.cluster.start_render_worker(int(name.removeprefix("render")),
-                                         {"EDITFARM_S3_ENDPOINT_URL": self.s3_proxy.url}, queues=STANDIN_QUEUES)
+                                         {"EDITFARM_S3_ENDPOINT_URL": self.s3_proxy.url}, queues=STANDIN_QUEUES,
+                                         model=EDIT_MODEL)
 
     def start_tiny(self, name: str) -> None:
         # straight to S3, not through the proxy: the S3 outage scenario is about the stand-in workers
-        self.cluster.start_render_worker(int(name.removeprefix("render")), {
-            "EDITFARM_RENDERER": "diffusers", "EDITFARM_MODEL": str(self.tiny_model)},
-            queues=(RENDER_QUEUES["low"],))
+        self.cluster.start_render_worker(int(name.removeprefix("render")), {"EDITFARM_RENDERER": "diffusers"},
+                                         model=TINY_MODEL)
 
     def healthy(self) -> None:
         """Every fault is repaired: S3 reachable, receiver answering, stand-in workers ready."""
@@ -103,8 +115,12 @@ class Faults:
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
            request: pytest.FixtureRequest) -> Iterator[Faults]:
-    config = ClusterConfig(workdir=tmp_path_factory.mktemp("faults"), model="standin", api_keys=API_KEYS,
-                           render_workers=0, extra_env=FAULT_ENV, redis_appendfsync="always")
+    workdir = tmp_path_factory.mktemp("faults")
+    # no pool started by the cluster: the fixture starts the stand-ins (behind the S3 proxy) and the tiny ones
+    catalog = fleet_catalog(workdir, edit_source=tiny_model, edit_workers=0, extra=[
+        CatalogModel(name=TINY_MODEL, source=tiny_model, operations=("generate",))])
+    config = ClusterConfig(workdir=workdir, api_keys=API_KEYS, extra_env=FAULT_ENV, redis_appendfsync="always",
+                           **catalog)
     with LocalCluster(config) as cluster, FlakyReceiver() as receiver:
         assert cluster.s3 is not None
         with TcpProxy(cluster.s3.port) as s3_proxy:
@@ -337,7 +353,7 @@ def test_sigkill_of_a_tiny_model_child_mid_render_ends_the_job_once(faults: Faul
         cluster.wait_worker_ready(name, timeout_s=300)
     # text-to-image at 1024x1024, 100 steps: the tiny model's steps take ~20-40 ms each here, so the
     # render lasts seconds and the kill lands mid-render (at 64x64, 12 steps it could end before the kill)
-    job_id = submit(cluster, operation="generate", width=1024, height=1024, steps=100, priority="low",
+    job_id = submit(cluster, operation="generate", width=1024, height=1024, steps=100, model=TINY_MODEL,
                     webhook=faults.receiver.url)
     wait_running(cluster, [job_id], min_step=2, timeout_s=120)
     victim = holder(cluster, job_id)
@@ -363,14 +379,14 @@ def test_a_worker_restarted_under_the_same_name_after_a_sigterm_still_renders(fa
     EDITFARM_DRAIN_TIMEOUT_S=1 stands in for the default 600 s, which the key outlives by an hour."""
     cluster = faults.cluster
     env = {"EDITFARM_S3_ENDPOINT_URL": faults.s3_proxy.url, "EDITFARM_DRAIN_TIMEOUT_S": "1"}
-    low = (RENDER_QUEUES["low"],)  # with the tiny-model workers gone, only this one takes low jobs
+    low = (EDIT_QUEUES["low"],)  # the stand-ins take high and normal only: only this one takes low jobs
     for tiny in TINY:
         cluster.stop_process(tiny, signal.SIGKILL)
-    name = cluster.start_render_worker(7, env, queues=low)
+    name = cluster.start_render_worker(7, env, queues=low, model=EDIT_MODEL)
     try:
         cluster.wait_worker_ready(name, timeout_s=120)
         assert cluster.stop_process(name, signal.SIGTERM, timeout_s=60, group=False) == 0
-        cluster.start_render_worker(7, env, queues=low)
+        cluster.start_render_worker(7, env, queues=low, model=EDIT_MODEL)
         cluster.wait_worker_ready(name, timeout_s=120)
         job_id = submit(cluster, steps=8, priority="low", webhook=faults.receiver.url)
         # it succeeds, or it keeps being handed back ("worker shutting down") and started again
@@ -447,6 +463,9 @@ def test_get_after_everything_still_answers(faults: Faults) -> None:
     assert get(faults.cluster, job_id)["status"] == "succeeded"
     response = httpx.get(f"{faults.cluster.api_url}/v1/jobs/{job_id}", headers=auth(), timeout=10)
     assert response.status_code == 200
+    # every re-send, hand-back and restore above went to the model's own keys: the one-model names are empty
+    client = redis.Redis.from_url(faults.cluster.redis_url)
+    assert not [k for k in legacy_render_keys() if client.exists(k)]
 
 
 # -- soak ------------------------------------------------------------------------------------------
@@ -455,7 +474,7 @@ def test_get_after_everything_still_answers(faults: Faults) -> None:
 def test_soak_short_run_loses_and_duplicates_nothing_and_memory_stays_bounded(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     jobs = int(os.environ.get("SOAK_JOBS", "300"))
-    run = subprocess.run([sys.executable, "-m", "bench.soak", "--jobs", str(jobs), "--warmup", "10",
+    run = subprocess.run([sys.executable, "-m", "bench.soak", "--fleet", "--jobs", str(jobs), "--warmup", "10",
                           "--settle-s", "1", "--out", str(out), "--workdir", str(tmp_path / "cluster")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
@@ -468,5 +487,6 @@ def test_soak_short_run_loses_and_duplicates_nothing_and_memory_stays_bounded(tm
     finish(tally)
     assert report["submitted"] == jobs and report["succeeded"] == jobs
     assert report["lost"] == 0 and report["duplicated"] == 0, report["problems"]
+    assert set(report["succeeded_per_model"]) == {EDIT_MODEL, TEXT_TO_IMAGE_MODEL}  # both pools rendered
     for role, rss in report["rss_mb"].items():
         assert rss["end"] - rss["start"] < 64, (role, rss)  # no leak of any size over a short run
