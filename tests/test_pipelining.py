@@ -289,6 +289,27 @@ def test_give_way_puts_the_job_first_in_its_queue_only_when_a_higher_message_wai
     assert render_job_id(redis_client.rpop(RENDER_QUEUES["normal"])) == normal.id  # next one popped
 
 
+def test_a_requeue_goes_to_the_jobs_own_models_queue(redis_client: Any) -> None:
+    # the reaper runs in a webhook worker (no model of its own) and re-sends any model's job
+    from broker.celery_app import make_celery, render_job_id
+    from broker.queues import RenderQueue
+
+    celery = make_celery(f"redis://127.0.0.1:{redis_client.connection_pool.connection_kwargs['port']}/0")
+    try:
+        queue = CeleryRenderQueue(redis_client=redis_client, celery=celery, model="qwen-image-edit")
+        other = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="p", seed=1, priority="low",  # type: ignore[arg-type]
+                                                                  model="qwen-image"))
+        legacy = Job(id=new_job_id(), tenant="t", params=JobParams(prompt="p", seed=1))
+        queue.requeue(other)
+        queue.requeue(legacy)
+        low, normal = RenderQueue(model="qwen-image").name("low"), RenderQueue().name("normal")
+        assert [render_job_id(m) for m in redis_client.lrange(low, 0, -1)] == [other.id]
+        assert [render_job_id(m) for m in redis_client.lrange(normal, 0, -1)] == [legacy.id]
+        assert redis_client.llen(RenderQueue(model="qwen-image-edit").name("low")) == 0
+    finally:
+        celery.close()
+
+
 def test_a_terminal_webhook_is_asked_for_in_the_terminal_transition_itself() -> None:
     p = Pipelined()
     p.transitions.terminal_message = lambda job_id, event: ("webhooks", f"{job_id} {event}")

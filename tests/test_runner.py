@@ -73,6 +73,17 @@ def test_a_queued_job_renders_uploads_and_succeeds_with_one_notification() -> No
     assert kinds.count("progress") == 3 and kinds[0] == "status"
 
 
+def test_a_job_of_another_model_is_sent_to_its_own_queue_never_rendered_here() -> None:
+    h = Harness()
+    h.runner.model = "qwen-image-edit"
+    other = h.submit(params={"model": "qwen-image"})
+    assert h.runner.run(other.id) is JobStatus.QUEUED
+    assert h.renderer.calls == 0 and h.job(other.id).status is JobStatus.QUEUED
+    assert h.requeued == [other.id]  # CeleryRenderQueue sends it on its own model's queues
+    mine = h.submit(params={"model": "qwen-image-edit"})
+    assert h.runner.run(mine.id) is JobStatus.SUCCEEDED
+
+
 def test_a_duplicate_delivery_of_a_finished_job_renders_nothing() -> None:
     h = Harness()
     job = h.submit()

@@ -29,6 +29,7 @@ from broker.schema import (
     Job,
     JobStatus,
     Output,
+    model_of,
     queue_deadline_at,
 )
 from storage import ObjectNotFound, ObjectStore, StorageUnavailable
@@ -101,14 +102,17 @@ class Runner:
     ``queue`` (re-send a handed-back job, give way to higher priorities, see what waits), ``loras``
     (a job's LoRA uris → local files; from the EDITFARM_ settings on first use if None),
     ``pipelining`` (render lane + background finisher; None: one job at a time, in order),
-    ``draining`` (the shutdown window is over) and ``observe(metric, seconds)``.
+    ``draining`` (the shutdown window is over) and ``observe(metric, seconds)``. ``model``: the catalog model
+    ``renderer`` holds; a job of another model is sent to its own model's queue, never rendered here
+    (None: every job is this worker's, as in unit tests).
     """
 
     def __init__(self, *, transitions: Transitions, objects: ObjectStore, renderer: Renderer, queue: WorkQueue,
                  config: RunnerConfig, loras: LoraResolver | None = None, pipelining: Pipelining | None = None,
                  draining: DrainCheck | None = None,
-                 observe: Callable[[str, float], None] | None = None) -> None:
+                 observe: Callable[[str, float], None] | None = None, model: str | None = None) -> None:
         self.transitions, self.objects, self.renderer, self.queue = transitions, objects, renderer, queue
+        self.model = model
         self.config, self.pipelining = config, pipelining
         self._loras = loras
         self.draining = draining or (lambda: False)
@@ -153,6 +157,8 @@ class Runner:
             return job.status
         if self._past_queue_deadline(job):
             return self.transitions.expired(job)
+        if self.model is not None and model_of(job) != self.model:
+            return self._not_our_model(job)
         lane = self.pipelining.lane if self.pipelining is not None else None
         if lane is None:
             return self._start_and_render(job)
@@ -160,6 +166,18 @@ class Runner:
         early = self._fetch_early(job) if job.status is JobStatus.QUEUED else None
         running: JobStatus | None = JobStatus.RUNNING
         return lane.run(functools.partial(self._in_lane, job_id, early), running=running)
+
+    def _not_our_model(self, job: Job) -> JobStatus | None:
+        """A message of another model's job reached this worker (a queue it was pointed at by hand, a
+        message pushed by an old version): rendering it would use the wrong weights. A queued job is sent
+        to its own model's queue (a second message is harmless: the lease lets one delivery run it); a
+        running one belongs to its lease holder."""
+        log.warning("job %s is for model %s, this worker serves %s: sent to its own model's queue", job.id,
+                    model_of(job), self.model)
+        if job.status is JobStatus.QUEUED:
+            self.queue.requeue(job)
+            return JobStatus.QUEUED
+        return None
 
     def _fetch_early(self, job: Job) -> RenderRequest | Exception:
         """The job's request, or the error building it raised (store errors propagate)."""

@@ -212,7 +212,7 @@ class WorkerServices:
             transitions=services.transitions, objects=services.objects, renderer=renderer, queue=services.queue,
             config=services.transitions.config, pipelining=services.pipelining, draining=services.drain.draining,
             observe=functools.partial(_observe, fleet, served.name),
-            loras=LoraResolver.from_settings(services.objects, LoraSettings()),
+            loras=LoraResolver.from_settings(services.objects, LoraSettings()), model=served.name,
         )
         return services
 
