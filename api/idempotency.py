@@ -8,10 +8,15 @@ Per tenant and key (``keys.idempotency``) the store keeps ``"<request sha256> <j
 2. the key exists with another body → 409 ``idempotency_conflict``; with this body and a job → 200
    and that job as it is now (``Idempotent-Replayed: true``); still pending → wait up to
    :data:`IN_PROGRESS_WAIT_S`, then 409 ``idempotency_in_progress`` (``Retry-After: 1``);
-3. once the job is stored *and queued* the marker becomes ``"<sha256> <job id>"``; any other end
-   of the request (a 4xx, a 503, an exception) deletes the marker, so a key never points at a job
-   that does not exist and the client may retry with the same key. A key whose job has expired
-   is free again.
+3. the marker becomes ``"<sha256> <job id>"`` in the job store's create itself, in the same atomic
+   step that records and queues the job (:mod:`broker.jobstore.claim`; on Redis): the key and its
+   job exist together or not at all, one ``WAIT`` confirms both on the replicas
+   (``EDITFARM_REDIS_MIN_REPLICAS``), and a create whose reply was lost (the connection dropped)
+   leaves the key naming the job it made. Any other end of the request (a 4xx, a 503, an
+   exception) deletes the marker if it still is this request's, so a key never points at a job
+   that does not exist and the client may retry with the same key; a delete that found the store
+   unreachable is retried in the background until the marker would have expired. A key whose job
+   has expired is free again.
 
 The request hash covers the parsed fields and every image source (file parts and data URLs by
 their SHA-256), not the raw bytes: a multipart body re-sent with a new boundary, or JSON with
@@ -21,6 +26,7 @@ other whitespace or key order, is the same request. Only the compare-and-set wri
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -41,6 +47,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import STORE_ERRORS, ApiError, ErrorResponse, store_unavailable
 from api.models import JobOut
 from broker import keys, scripts
+from broker.jobstore import KeyClaim
 from broker.replication import ReplicaShortfall
 from broker.schema import ErrorCode, Job
 
@@ -71,6 +78,11 @@ class IdempotencyStore(abc.ABC):
     def swap(self, tenant: str, key: str, expected: str, value: str | None, ttl_s: int) -> bool:
         """If the key holds ``expected``, replace it with ``value`` (None: delete it); else change nothing."""
 
+    def key_claim(self, tenant: str, key: str, held: str, done: str, ttl_s: int) -> KeyClaim | None:
+        """The key as the job store's create points it (``held`` → ``done``), when the job store holds
+        these keys too; None (this default): the caller swaps it after the create."""
+        return None
+
 
 class RedisIdempotencyStore(IdempotencyStore):
     def __init__(self, client: redis.Redis) -> None:
@@ -85,6 +97,10 @@ class RedisIdempotencyStore(IdempotencyStore):
 
     def swap(self, tenant: str, key: str, expected: str, value: str | None, ttl_s: int) -> bool:
         return bool(self._swap(keys=[keys.idempotency(tenant, key)], args=[expected, value or "", ttl_s]))
+
+    def key_claim(self, tenant: str, key: str, held: str, done: str, ttl_s: int) -> KeyClaim | None:
+        # the job store is on the same Redis (one EDITFARM_REDIS_URL): its create script sets the key
+        return KeyClaim(key=keys.idempotency(tenant, key), held=held, done=done, ttl_s=ttl_s)
 
 
 class InMemoryIdempotencyStore(IdempotencyStore):
@@ -153,12 +169,32 @@ def _unavailable() -> ApiError:
     return ApiError(503, ErrorCode.UNAVAILABLE, "the idempotency store is unavailable; retry later")
 
 
+_RELEASE_RETRY_MAX_S = 5.0
+# the background releases in flight (the event loop keeps only weak references to tasks)
+_RELEASING: set[asyncio.Task[None]] = set()
+
+
+async def _release_later(store: IdempotencyStore, tenant: str, key: str, held: str, until: float) -> None:
+    """Delete the marker ``held`` once the store answers again (a failover: seconds), until the marker
+    would have expired anyway; retrying a key meanwhile answers 409 ``idempotency_in_progress``."""
+    delay_s = 0.5
+    while time.monotonic() < until:
+        await anyio.sleep(delay_s)
+        try:
+            await run_in_threadpool(store.swap, tenant, key, held, None, 0)
+            logger.info("released an %s once the store answered again", HEADER)
+            return
+        except STORE_ERRORS:
+            delay_s = min(delay_s * 2, _RELEASE_RETRY_MAX_S)
+
+
 class IdempotencyScope:
     """One submission's use of its Idempotency-Key (all no-ops without the header)."""
 
     def __init__(self, services: Any, tenant: str, key: str | None) -> None:
         self.services, self.tenant, self.key = services, tenant, key
         self._held: str | None = None  # our pending marker while we own the key
+        self._held_at = 0.0  # when it was set (monotonic s)
 
     @property
     def to_release(self) -> bool:
@@ -183,7 +219,7 @@ class IdempotencyScope:
             while True:
                 current = await run_in_threadpool(store.reserve, self.tenant, self.key, pending, PENDING_TTL_S)
                 if current is None:
-                    self._held = pending
+                    self._held, self._held_at = pending, time.monotonic()
                     return None
                 stored_digest, _, ref = current.partition(" ")
                 if stored_digest != digest:
@@ -201,7 +237,7 @@ class IdempotencyScope:
                 if job is None:  # its job expired: the key is free again
                     if await run_in_threadpool(store.swap, self.tenant, self.key, current, pending,
                                                PENDING_TTL_S):
-                        self._held = pending
+                        self._held, self._held_at = pending, time.monotonic()
                         return None
                     continue
                 try:  # a job answered 503 store_unavailable before: replayed once replicas hold it
@@ -216,9 +252,25 @@ class IdempotencyScope:
             logger.warning("idempotency store unavailable: %s", type(exc).__name__)
             raise _unavailable() from None
 
+    def key_claim(self, job_id: str) -> KeyClaim | None:
+        """The key for the job store's create of ``job_id`` to point at it in the same atomic step;
+        None without a key held, or when the idempotency store is not the job store's (then
+        :meth:`complete` after the create)."""
+        if self._held is None:
+            return None
+        done = f"{self._held.partition(' ')[0]} {job_id}"
+        return self.services.idempotency.key_claim(self.tenant, self.key, self._held, done,
+                                                  self.services.settings.idempotency_ttl_s)
+
+    def pointed(self) -> None:
+        """The create given :meth:`key_claim` settled the key (pointed it at its job, or freed it with
+        a withdrawn job): nothing is left to do."""
+        self._held = None
+
     async def complete(self, job_id: str) -> None:
-        """Point the key at ``job_id`` (once the job is stored and queued). Never raises: the job is
-        accepted either way; on failure the marker expires and the key is free again."""
+        """Point the key at ``job_id`` (once the job is stored and queued), where the create did not
+        (:meth:`key_claim` was None). Never raises: the job is accepted either way; on failure the
+        marker expires and the key is free again."""
         if self._held is None:
             return
         held, self._held = self._held, None
@@ -233,13 +285,19 @@ class IdempotencyScope:
 
     async def release(self) -> None:
         """Free the key if this request still holds it unfinished (it ended without a job)."""
-        if self._held is None:
+        if self._held is None or self.key is None:
             return
         held, self._held = self._held, None
+        store: IdempotencyStore = self.services.idempotency
         try:
-            await run_in_threadpool(self.services.idempotency.swap, self.tenant, self.key, held, None, 0)
-        except STORE_ERRORS as exc:  # the marker expires after PENDING_TTL_S
-            logger.warning("could not release an %s: %s", HEADER, type(exc).__name__)
+            # only if still ours: a create whose reply was lost may have pointed the key at its job
+            await run_in_threadpool(store.swap, self.tenant, self.key, held, None, 0)
+        except STORE_ERRORS as exc:
+            logger.warning("could not release an %s: %s; retrying in the background", HEADER, type(exc).__name__)
+            task = asyncio.get_running_loop().create_task(
+                _release_later(store, self.tenant, self.key, held, self._held_at + PENDING_TTL_S))
+            _RELEASING.add(task)
+            task.add_done_callback(_RELEASING.discard)
 
 
 def check_key(key: str | None) -> str | None:

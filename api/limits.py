@@ -43,7 +43,7 @@ from fastapi import Request
 from api.errors import STORE_ERRORS, ApiError, ErrorResponse
 from api.settings import ApiSettings
 from broker import keys
-from broker.jobstore import InMemoryJobStore, JobStore, Quota, QuotaAnswer, RedisJobStore
+from broker.jobstore import NO_QUOTA, InMemoryJobStore, JobStore, KeyClaim, Quota, QuotaAnswer, RedisJobStore
 from broker.schema import ErrorCode, Job
 
 logger = logging.getLogger("editfarm.api")
@@ -186,27 +186,30 @@ class RateLimiter:
         return _admission(answer, max_in_flight, limit, elapsed, created=False)
 
     def admit_and_create(self, tenant: str, store: JobStore, max_in_flight: int, limit: int, now: float,
-                         job: Job, queue: str, message: str, counted: bool) -> Created:
+                         job: Job, queue: str, message: str, counted: bool, *,
+                         claim: KeyClaim | None = None) -> Created:
         """The limits, then :meth:`JobStore.create_and_enqueue`, as one step: refused, nothing is
         created. ``counted``: this submission was counted toward the rate already (by :meth:`admit`),
-        so only the in-flight cap is checked again (blocking).
+        so only the in-flight cap is checked again (blocking). ``claim``: as
+        :meth:`JobStore.create_and_enqueue_within`.
 
         Raises:
             KeyError: the job id is taken.
         """
         quota, elapsed = self._quota(tenant, max_in_flight, limit, now, check=not counted, count=not counted)
-        answer = store.create_and_enqueue_within(job, queue, message, quota)
+        answer = store.create_and_enqueue_within(job, queue, message, quota, claim=claim)
         return Created(_admission(answer, max_in_flight, limit, elapsed, created=True), answer.position)
 
     async def admit_and_create_async(self, tenant: str, store: JobStore, max_in_flight: int, limit: int,
-                                     now: float, job: Job, queue: str, message: str, counted: bool) -> Created:
+                                     now: float, job: Job, queue: str, message: str, counted: bool, *,
+                                     claim: KeyClaim | None = None) -> Created:
         """:meth:`admit_and_create` for the event loop.
 
         Raises:
             KeyError: the job id is taken.
         """
         quota, elapsed = self._quota(tenant, max_in_flight, limit, now, check=not counted, count=not counted)
-        answer = await store.create_and_enqueue_within_async(job, queue, message, quota)
+        answer = await store.create_and_enqueue_within_async(job, queue, message, quota, claim=claim)
         return Created(_admission(answer, max_in_flight, limit, elapsed, created=True), answer.position)
 
 
@@ -315,20 +318,23 @@ async def enforce_submission_limits(request: Request, tenant: str) -> bool:
 
 
 async def create_within_limits(request: Request, tenant: str, job: Job, queue: str, message: str,
-                               counted: bool) -> int | None:
+                               counted: bool, *, claim: KeyClaim | None = None) -> int | None:
     """Record ``job`` and queue its ``message`` (:meth:`broker.jobstore.JobStore.create_and_enqueue`) if
-    the tenant's limits admit it, checked (and, unless ``counted``, counted) in the same atomic step.
-    Returns the job's queue position. Raises ApiError 429 as :func:`enforce_submission_limits` (nothing
-    is created) and the store's errors."""
+    the tenant's limits admit it, checked (and, unless ``counted``, counted) in the same atomic step,
+    which also points ``claim``'s Idempotency-Key at the job. Returns the job's queue position. Raises
+    ApiError 429 as :func:`enforce_submission_limits` (nothing is created) and the store's errors."""
     services = request.app.state.services
     settings = services.settings
     cap, limit = settings.max_jobs_in_flight, settings.rate_limit_per_min
     if not (cap or limit):
+        if claim is not None:
+            answer = await services.store.create_and_enqueue_within_async(job, queue, message, NO_QUOTA, claim=claim)
+            return answer.position
         position: int | None = await services.store.create_and_enqueue_async(job, queue, message)
         return position
     limiter: RateLimiter = services.limiter
     created = await limiter.admit_and_create_async(tenant, services.store, cap, limit, time.time(), job, queue,
-                                                   message, counted)
+                                                   message, counted, claim=claim)
     request.app.state.limits_memory.remember(tenant, created.admission, time.monotonic())
     _raise_refused(created.admission, cap, limit)
     return created.position

@@ -218,12 +218,14 @@ def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
 
 class BenchCluster:
     """A LocalCluster whose render workers run the stand-in; ``timed=True`` uses the bench-only
-    :class:`bench.timed_standin.TimedStandinRenderer`, which logs each render's start/end."""
+    :class:`bench.timed_standin.TimedStandinRenderer`, which logs each render's start/end.
+    ``redis_url``: an outside Redis (None: the cluster starts its own)."""
 
     def __init__(self, workdir: Path, render_workers: int = 1, render_s: float = 0.0, timed: bool = False,
                  output_side: int = 0, model: str = "standin", extra_env: dict[str, str] | None = None,
                  webhook_worker: bool = True, api_app: str = "api.app:create_app",
-                 webhook_app: str = "workers.celery_worker:app", s3_server: str = "seaweedfs") -> None:
+                 webhook_app: str = "workers.celery_worker:app", s3_server: str = "seaweedfs",
+                 redis_url: str | None = None) -> None:
         from cli.cluster import ClusterConfig, LocalCluster
 
         self.render_log = workdir / "render-intervals"
@@ -238,7 +240,7 @@ class BenchCluster:
             env.update({"EDITFARM_BENCH_RENDER_LOG": str(self.render_log),
                         "EDITFARM_BENCH_OUTPUT_SIDE": str(output_side)})
         config = ClusterConfig(workdir=workdir, model=model, render_workers=render_workers, extra_env=env,
-                               s3_server=s3_server)
+                               s3_server=s3_server, redis_url=redis_url)
         timed_app = timed
         with_webhooks = webhook_worker
 

@@ -1,17 +1,25 @@
-"""Submission throughput with ``EDITFARM_REDIS_MIN_REPLICAS=1`` against 0, side by side in one run.
+"""Submission throughput and submit → webhook latency with ``EDITFARM_REDIS_MIN_REPLICAS=1`` against 0,
+side by side in one run.
 
-    python -m bench.replicas            # 3 interleaved rounds of 10 s per setting (~2 min)
-    python -m bench.replicas --quick    # one short round (smoke)
+    python -m bench.replicas            # 3 interleaved rounds of 10 s per setting, 200 jobs each (~4 min)
+    python -m bench.replicas --quick    # one short round, 10 jobs (smoke)
 
 Starts a Redis primary (AOF, ``appendfsync everysec``, as the local cluster) and one replica
 (``redis-server --replicaof``, cli/redisreplica.py) once; each round starts the API
 (``uvicorn --factory api.app:create_app``, no access log) on a fresh database with
 ``MIN_REPLICAS`` 0 or 1 (same topology: the replica is attached both times, only the ``WAIT``
 differs), warms it up for 2 s, and loads ``POST /v1/jobs`` (a ``generate`` job: no input image, no
-S3 put) from ``bench.loadgen`` in its own process. Reports medians over rounds, the ratio 1/0, and
+S3 put) from ``bench.loadgen`` in its own process. Reports medians over rounds, the ratio 1/0 (of the
+medians, and the median of each round's ratio to the 0 measured just before it), and
 checks that the replica holds every job the primary has at the end of a round. Then, with no HTTP
 in between, the job store's create alone, one at a time from one client (``--creates`` per setting,
 in interleaved blocks of 200): its median and p99 latency with and without the ``WAIT``.
+
+Last, submit → webhook (``--jobs`` per setting): two whole local clusters on the same primary (its
+databases 1 and 2; each with the API, one stand-in render worker at 0 s and the webhook worker, and
+its own SeaweedFS), ``MIN_REPLICAS`` 0 and 1, one job at a time, alternating between them: the clock
+starts before ``POST /v1/jobs`` and stops when the job's terminal webhook arrives (as
+``bench.orchestration``). With 1 the create and the job's end each wait for the replica.
 """
 
 from __future__ import annotations
@@ -100,6 +108,45 @@ def store_creates(primary_port: int, count: int) -> dict[str, Any]:
     return {name: summary(values, 1e6, 1) for name, values in latencies.items()}
 
 
+def webhook_latency(primary_port: int, root: Path, jobs: int, warm: int) -> dict[str, Any]:
+    """Submit → webhook (ms) and the POST alone, MIN_REPLICAS 0 and 1, one job at a time, alternating."""
+    import contextlib
+
+    import httpx
+
+    from bench.common import BenchCluster, TimedReceiver, percentile, summary
+
+    settings = {"min_replicas_0": 0, "min_replicas_1": 1}
+    totals: dict[str, list[float]] = {name: [] for name in settings}
+    posts: dict[str, list[float]] = {name: [] for name in settings}
+    with contextlib.ExitStack() as stack:
+        receiver = stack.enter_context(TimedReceiver())
+        clients = {}
+        for db, (name, min_replicas) in enumerate(settings.items(), start=1):
+            cluster = stack.enter_context(BenchCluster(
+                root / name, redis_url=f"redis://127.0.0.1:{primary_port}/{db}",
+                extra_env={"EDITFARM_REDIS_MIN_REPLICAS": str(min_replicas),
+                           "EDITFARM_REDIS_WAIT_TIMEOUT_MS": "1000"})).cluster
+            clients[name] = stack.enter_context(httpx.Client(
+                base_url=cluster.api_url, timeout=30, headers={"Authorization": f"Bearer {cluster.api_key()}"}))
+        for index in range(warm + jobs):
+            for name, client in clients.items():
+                began = time.perf_counter()
+                answer = client.post("/v1/jobs", json=job_body(steps=2, seed=index, webhook=receiver.url))
+                posted = time.perf_counter()
+                if answer.status_code != 202:
+                    raise RuntimeError(f"{name} submit answered {answer.status_code}: {answer.text[:300]}")
+                arrived, _ = receiver.wait_for(answer.json()["id"], timeout_s=30)
+                if index >= warm:
+                    totals[name].append(arrived - began)
+                    posts[name].append(posted - began)
+    def with_p95(values: list[float]) -> dict[str, Any]:
+        return {**summary(values, 1000), "p95": round(percentile([v * 1000 for v in values], 95), 3)}
+
+    return {name: {"submit_to_webhook_ms": with_p95(totals[name]), "post_ms": with_p95(posts[name])}
+            for name in settings}
+
+
 def main() -> int:
     import redis
 
@@ -112,9 +159,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--creates", type=int, default=4000)
+    p.add_argument("--jobs", type=int, default=200, help="submit → webhook jobs per setting")
     args = p.parse_args()
     if args.quick:
-        args.seconds, args.rounds, args.creates = 3.0, 1, 400
+        args.seconds, args.rounds, args.creates, args.jobs = 3.0, 1, 400, 10
     root = workdir(args.workdir, "replicas")
     primary = start_redis(workdir=root / "redis", log=root / "redis.log")
     replica = start_replica(primary.port, root / "replica")
@@ -148,6 +196,9 @@ def main() -> int:
         client.flushdb()
         creates = store_creates(primary.port, args.creates)
         log(f"store creates: {creates}")
+        client.flushdb()
+        latency = webhook_latency(primary.port, root, args.jobs, warm=2 if args.quick else 5)
+        log(f"submit → webhook: {latency}")
     finally:
         client.close()
         on_replica.close()
@@ -165,9 +216,18 @@ def main() -> int:
         }
     summary["ratio_1_over_0"] = ratio(summary["min_replicas_1"]["requests_per_s"],
                                       summary["min_replicas_0"]["requests_per_s"])
+    # each round's 1 against the 0 measured just before it: steadier than the ratio of medians when the
+    # machine's other load drifts between rounds
+    by_round = [ratio(one["requests_per_s"], zero["requests_per_s"])
+                for zero, one in zip(runs["min_replicas_0"], runs["min_replicas_1"], strict=True)]
+    summary["ratio_1_over_0_by_round"] = by_round
+    summary["ratio_1_over_0_paired_median"] = round(median(r for r in by_round if r is not None), 3)
     summary["store_create_us"] = creates
+    summary["submit_to_webhook"] = latency
+    summary["submit_to_webhook_p50_ratio_1_over_0"] = ratio(
+        latency["min_replicas_1"]["submit_to_webhook_ms"]["p50"], latency["min_replicas_0"]["submit_to_webhook_ms"]["p50"])
     report = {"settings": {"seconds": args.seconds, "rounds": args.rounds, "connections": args.connections,
-                           "creates": args.creates,
+                           "creates": args.creates, "jobs": args.jobs,
                            "wait_timeout_ms": 1000, "topology": "1 primary (AOF everysec) + 1 replica, loopback"},
               "summary": summary, "runs": runs}
     write_report("replicas", report, args.out, args.quick, command_line())

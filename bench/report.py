@@ -1,6 +1,6 @@
 """Render the "Performance" table of ``docs/performance.md`` from ``bench/results/``: ``python -m bench.report``.
 
-Reads ``submit``, ``submit-edit``, ``orchestration``, ``duty_cycle``, ``scaleout``, ``pipeline``, ``memory``
+Reads ``submit``, ``submit-edit``, ``orchestration``, ``replicas``, ``duty_cycle``, ``scaleout``, ``pipeline``, ``memory``
 (``<name>.json``, as written by each benchmark) and the GPU reports
 (``bench/results-gpu-*.json``, from ``bench/gpu_real_size.py`` on an H200), and writes
 Markdown rows (figure, value, goal, met?, and the command behind the number) between the two
@@ -105,13 +105,34 @@ def orchestration_rows(orch: dict[str, Any]) -> list[Row]:
                  f"Celery round trip + API HTTP leg {alone['api_http_get']['p50']:.1f} + S3 put "
                  f"{alone['s3_put_64px_png']['p50']:.1f} + webhook POST {alone['webhook_post']['p50']:.1f} ms "
                  "(each measured alone, p50)")
-        out.append(("Submit → webhook: floor of the parts that are not ours", value, "", "", cmd))
+        server = orch.get("s3_servers", ["moto"])[0]  # runs before --s3 existed were on moto
+        out.append((f"Submit → webhook: floor of the parts that are not ours (S3: {server})", value, "", "", cmd))
     by_s3 = orch.get("floor_by_s3_ms", {})
     if len(by_s3) > 1:  # --s3 seaweedfs,moto: the same floor on each S3 server, side by side
         puts = {s: alone["s3_put_64px_png" if i == 0 else f"s3_put_64px_png@{s}"]["p50"]
                 for i, s in enumerate(orch["s3_servers"])}
         value = "; ".join(f"{s}: floor {f:.1f} ms (S3 put {puts[s]:.1f} ms)" for s, f in by_s3.items())
         out.append(("Submit → webhook floor by S3 server (one run)", value, "", "", cmd))
+    return out
+
+
+def replica_rows(rep: dict[str, Any]) -> list[Row]:
+    """``bench.replicas``: EDITFARM_REDIS_MIN_REPLICAS 1 against 0, side by side in one run."""
+    cmd, s = f"`{rep['command']}`", rep["summary"]
+    zero, one = s["min_replicas_0"], s["min_replicas_1"]
+    out: list[Row] = [(
+        "Submission with `EDITFARM_REDIS_MIN_REPLICAS` 1 vs 0 (1 replica, loopback)",
+        f"{one['requests_per_s']:.0f} vs {zero['requests_per_s']:.0f} jobs/s (medians) = {s['ratio_1_over_0']}×; "
+        f"round by round **{s.get('ratio_1_over_0_paired_median', s['ratio_1_over_0'])}×** (median); "
+        f"every job on the replica: {yes(one['replica_has_every_job'])}", "", "", cmd)]
+    latency = s.get("submit_to_webhook")
+    if latency:
+        t0, t1 = latency["min_replicas_0"]["submit_to_webhook_ms"], latency["min_replicas_1"]["submit_to_webhook_ms"]
+        p0, p1 = latency["min_replicas_0"]["post_ms"], latency["min_replicas_1"]["post_ms"]
+        out.append(("Submit → webhook with `EDITFARM_REDIS_MIN_REPLICAS` 1 vs 0, stand-in 0 s",
+                    f"p50 {t1['p50']:.1f} vs {t0['p50']:.1f} ms (**{s['submit_to_webhook_p50_ratio_1_over_0']}×**), "
+                    f"p95 {t1['p95']:.1f} vs {t0['p95']:.1f} ms; POST alone p50 {p1['p50']:.1f} vs {p0['p50']:.1f} ms",
+                    "", "", cmd))
     return out
 
 
@@ -224,7 +245,7 @@ def memory_rows(mem: dict[str, Any]) -> list[Row]:
 def rows() -> list[Row]:
     out: list[Row] = []
     for name, render in (("submit", submit_rows), ("submit-edit", edit_submit_rows),
-                         ("orchestration", orchestration_rows), ("duty_cycle", duty_rows),
+                         ("orchestration", orchestration_rows), ("replicas", replica_rows), ("duty_cycle", duty_rows),
                          ("scaleout", scale_rows), ("pipeline", pipeline_rows)):
         data = load(name)
         if data:

@@ -18,6 +18,7 @@ from kombu.entity import Queue
 
 from broker import keys
 from broker.redis_conn import celery_broker
+from broker.transport import install as install_transports
 
 RENDER_TASK = "editfarm.render"
 WEBHOOK_TASK = "editfarm.webhook"
@@ -43,6 +44,9 @@ def make_celery(redis_url: str, visibility_timeout_s: int = 12 * 3600,
     sets how often a worker sweeps for messages unacked past the visibility timeout (kombu's
     default is about 100 s).
     """
+    # kombu's transports for redis://, rediss:// and sentinel://, surviving a lost connection that
+    # holds unacknowledged messages (broker/transport.py)
+    install_transports()
     broker = celery_broker(redis_url)  # a redis+sentinel:// URL: kombu's sentinel transport
     app = Celery("editfarm", broker=broker.url, set_as_current=False)
     transport: dict[str, object] = {**broker.transport_options, "visibility_timeout": visibility_timeout_s,

@@ -193,3 +193,15 @@ def job_archive_object(tenant: str, job_id: str) -> str:
 
 def mask_object(tenant: str, job_id: str, ext: str) -> str:
     return f"tenants/{tenant}/jobs/{job_id}/inputs/mask.{ext}"
+
+
+JOB_OBJECTS_PREFIX = "tenants/"
+"""Every job's objects (and archived record) are under it."""
+
+
+def job_of_object(key: str) -> str | None:
+    """The job id of a job's object key (any of the above), None for another key."""
+    parts = key.split("/", 4)
+    if len(parts) < 5 or parts[0] != "tenants" or parts[2] != "jobs" or not parts[3]:
+        return None
+    return parts[3]

@@ -58,12 +58,11 @@ def lifecycle_show() -> None:
 
 
 def _tenants():  # type: ignore[no-untyped-def]
-    import redis
-
+    from broker.redis_conn import client_from_url
     from broker.settings import ClusterSettings
     from broker.tenants import RedisTenantStore
 
-    return RedisTenantStore(redis.Redis.from_url(ClusterSettings().redis_url))
+    return RedisTenantStore(client_from_url(ClusterSettings().redis_url))  # plain or Sentinel
 
 
 @retention_app.command("set")
@@ -91,10 +90,9 @@ def retention_show(tenant: str = typer.Option(..., "--tenant")) -> None:
 def retention_backfill() -> None:
     """Index finished jobs recorded before retention existed, so the sweeper finds them (run once
     after upgrading; harmless to run again)."""
-    import redis
-
+    from broker.redis_conn import client_from_url
     from broker.retention import RetentionIndex
     from broker.settings import ClusterSettings
 
-    added = RetentionIndex(redis.Redis.from_url(ClusterSettings().redis_url)).backfill()
+    added = RetentionIndex(client_from_url(ClusterSettings().redis_url)).backfill()
     typer.echo(f"{added} finished job(s) added to the expiry index")

@@ -27,9 +27,9 @@ from typing import Any
 
 import boto3
 import httpx
-import redis
 
 from broker import keys
+from broker.redis_conn import client_from_url
 from cli.cluster import ROOT, LocalCluster
 from cli.localservices import ServiceDied, wait_until
 from editfarm_testing.cluster import worker_child_pid
@@ -59,8 +59,8 @@ def get(cluster: LocalCluster, job_id: str) -> dict[str, Any]:
 
 
 def job_fields(cluster: LocalCluster, job_ids: list[str], *names: str) -> dict[str, dict[str, Any]]:
-    """Fields of the job records read straight from Redis (cheap for many jobs)."""
-    client = redis.Redis.from_url(cluster.redis_url)
+    """Fields of the job records read straight from Redis (cheap for many jobs; plain or Sentinel URL)."""
+    client = client_from_url(cluster.redis_url, socket_timeout=5)
     try:
         pipe = client.pipeline(transaction=False)
         for job_id in job_ids:

@@ -176,6 +176,58 @@ def test_a_job_store_failure_frees_the_key_for_the_retry() -> None:
     assert retry.status_code == 202 and len(queued(services)) == 1
 
 
+class _LostReplyStore(RedisJobStore):
+    """The create runs on Redis, then its reply is lost (the connection dropped, as in a failover)."""
+
+    async def create_and_enqueue_within_async(self, *args: Any, **kwargs: Any) -> Any:
+        await super().create_and_enqueue_within_async(*args, **kwargs)
+        raise redis.exceptions.ConnectionError("connection reset by peer")
+
+
+def test_a_create_whose_reply_was_lost_leaves_the_key_naming_its_job(redis_client: redis.Redis) -> None:
+    """The key is pointed by the create itself: the request's clean-up (the 503) must not free it, or a
+    retry with the key would make a second job beside the one the lost reply created."""
+    services = fake_services()
+    services.store = _LostReplyStore(redis_client)
+    services.idempotency = RedisIdempotencyStore(redis_client)
+    client, _ = make_client(services)
+    assert_error(post(client, "order-7"), 503, "unavailable")
+    (made,) = [i.decode() for i in redis_client.zrange(keys.tenant_jobs("acme"), 0, -1)]
+    services.store = RedisJobStore(redis_client)
+    retry = post(client, "order-7")
+    assert retry.status_code == 200 and retry.json()["id"] == made, retry.text
+    assert redis_client.zcard(keys.tenant_jobs("acme")) == 1
+
+
+class _DownOnce(InMemoryIdempotencyStore):
+    """Deletes fail while ``down`` (a store unreachable when the request ends)."""
+
+    down = True
+
+    def swap(self, tenant: str, key: str, expected: str, value: str | None, ttl_s: int) -> bool:
+        if value is None and self.down:
+            raise redis.exceptions.ConnectionError("down")
+        return super().swap(tenant, key, expected, value, ttl_s)
+
+
+def test_a_key_the_request_could_not_free_is_freed_once_the_store_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(idem, "IN_PROGRESS_WAIT_S", 0.1)
+    services = fake_services()
+    services.store = store = _FlakyStore()
+    services.idempotency = keys_store = _DownOnce()
+    with TestClient(create_app(services=services)) as client:
+        store.down = True
+        assert_error(post(client, "k"), 503, "unavailable")
+        assert_error(post(client, "k"), 409, "idempotency_in_progress")  # its marker is still there
+        store.down = keys_store.down = False
+        deadline = time.monotonic() + 10
+        while keys_store.values and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not keys_store.values  # released in the background, not after PENDING_TTL_S
+        retry = post(client, "k")
+    assert retry.status_code == 202 and len(queued(services)) == 1
+
+
 def test_a_key_whose_job_is_gone_is_free_again() -> None:
     client, services = make_client()
     first = post(client, "k").json()["id"]

@@ -36,7 +36,8 @@ EXPECTED: dict[str, dict[str, Any]] = {
                "api_malloc_arena_max_2": dict,
                "standin_worker": ["child_idle_mb", "child_after_jobs_mb", "prefork_parent_mb"],
                "model_worker": dict, "goals": dict},
-    "replicas": {"summary": ["min_replicas_0", "min_replicas_1", "ratio_1_over_0", "store_create_us"], "runs": dict},
+    "replicas": {"summary": ["min_replicas_0", "min_replicas_1", "ratio_1_over_0", "store_create_us",
+                             "submit_to_webhook"], "runs": dict},
     "retention": {"pushed": int, "samples": list, "bytes_per_retained_job": int,
                   "steady": ["used_memory_mib_max", "bytes_per_job_in_redis_max", "in_redis_over_last_retention_max"]},
 }

@@ -785,6 +785,42 @@ def test_redis_bundled_with_aof(rendered: dict[str, list[dict[str, Any]]]) -> No
     assert url.startswith("rediss://:$(REDIS_PASSWORD)@")
 
 
+SENTINEL_VALUES = [arg for value in (
+    "redis.enabled=false", "externalRedis.password=pw", "externalRedis.database=2",
+    "externalRedis.sentinel.hosts={redis-node-0.redis-headless:26379,redis-node-1.redis-headless:26379}",
+    "externalRedis.sentinel.masterName=mymaster", "externalRedis.sentinel.passwordSecret.name=redis",
+    "externalRedis.sentinel.tls=true") for arg in ("--set", value)]
+
+
+def test_an_external_sentinel_redis_renders_a_sentinel_url(helm: Path) -> None:
+    from broker.redis_conn import parse_sentinel_url
+
+    result = _helm(helm, "template", "ef", str(CHART), "--namespace", "editfarm", *SENTINEL_VALUES)
+    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert not _find(docs, "StatefulSet"), "no bundled Redis"
+    for suffix in ("-api", "-render-worker", "-webhook-worker"):
+        (container, *_) = _one(docs, "Deployment", suffix)["spec"]["template"]["spec"]["containers"]
+        env = [e["name"] for e in container["env"]]
+        # Kubernetes expands $(VAR) only from entries defined before the one using it
+        assert env.index("REDIS_PASSWORD") < env.index("EDITFARM_REDIS_URL")
+        assert env.index("REDIS_SENTINEL_PASSWORD") < env.index("EDITFARM_REDIS_URL")
+        by_name = {e["name"]: e for e in container["env"]}
+        assert by_name["REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "redis",
+                                                                                   "key": "redis-password"}
+        url = by_name["EDITFARM_REDIS_URL"]["value"]
+        assert url == ("redis+sentinel://:$(REDIS_PASSWORD)@redis-node-0.redis-headless:26379,"
+                       "redis-node-1.redis-headless:26379/mymaster/2"
+                       "?sentinel_password=$(REDIS_SENTINEL_PASSWORD)&ssl=true")
+    # what the processes parse once Kubernetes has expanded the passwords
+    config = parse_sentinel_url(url.replace("$(REDIS_PASSWORD)", "pw").replace("$(REDIS_SENTINEL_PASSWORD)", "sp"))
+    assert config is not None and config.master_name == "mymaster" and config.db == 2 and config.ssl
+    assert config.sentinels == (("redis-node-0.redis-headless", 26379), ("redis-node-1.redis-headless", 26379))
+    assert config.password == "pw" and config.sentinel_password == "sp"
+    # KEDA's redis trigger needs one fixed address: refused with a Sentinel rather than rendered wrong
+    refused = _helm(helm, "template", "ef", str(CHART), *SENTINEL_VALUES, "--set", "keda.enabled=true", check=False)
+    assert refused.returncode != 0 and "keda.enabled=false" in refused.stderr, refused.stderr
+
+
 def test_production_turns_everything_on(rendered: dict[str, list[dict[str, Any]]]) -> None:
     docs = rendered["production"]
     kinds = {d["kind"] for d in docs}

@@ -24,7 +24,7 @@ from broker.jobstore.quota import NO_QUOTA
 from broker.queues import RenderQueue
 from broker.replication import NO_WAIT, ReplicaPolicy, ReplicaShortfall
 from broker.schema import Job, JobParams, JobStatus, new_job_id
-from cli.localservices import ManagedProcess, start_redis
+from cli.localservices import ManagedProcess, start_redis, wait_until
 from cli.redisreplica import start_replica, wait_replica_gone
 from editfarm_testing.api import TEST_KEYS, make_settings
 
@@ -235,6 +235,45 @@ def test_without_the_replica_a_submit_is_503_and_a_retry_with_its_key_makes_one_
     assert retried.status_code == 202, retried.text
     assert again.status_code == 200 and again.json()["id"] == retried.json()["id"]
     assert client.zcard(keys.tenant_jobs("acme")) == 1 and client.llen(QUEUE) == 1
+
+
+def test_an_idempotency_key_is_confirmed_on_the_replica_with_its_job(
+        client: redis.Redis, primary: ManagedProcess, replica: ManagedProcess) -> None:
+    """The key names the job before the create's WAIT (set by the create script itself), so the 202
+    means both are on the replica; a failover can never keep the job and lose its key."""
+    headers = {**AUTH, "Idempotency-Key": "order-19"}
+    key = keys.idempotency("acme", "order-19")
+    os.kill(replica.proc.pid, signal.SIGSTOP)  # the create's WAIT blocks until the replica is back
+    answers: list[object] = []
+    try:
+        with TestClient(create_app(make_settings(
+                redis_url=f"redis://127.0.0.1:{primary.port}/0", redis_min_replicas=1, redis_wait_timeout_ms=8000,
+                s3_endpoint_url="http://127.0.0.1:1"))) as http:
+            submitting = threading.Thread(target=lambda: answers.append(http.post("/v1/jobs", json=GENERATE,
+                                                                                   headers=headers)))
+            submitting.start()
+            wait_until(lambda: client.zcard(keys.tenant_jobs("acme")) == 1, 10, "the create")
+            (job_id,) = [i.decode() for i in client.zrange(keys.tenant_jobs("acme"), 0, -1)]
+            time.sleep(0.2)
+            assert not answers  # still waiting for the replica...
+            value = client.get(key)
+            assert value is not None and value.decode().endswith(" " + job_id)  # ...and the key names the job
+            os.kill(replica.proc.pid, signal.SIGCONT)
+            submitting.join(15)
+    finally:
+        os.kill(replica.proc.pid, signal.SIGCONT)
+    (answer,) = answers
+    assert answer.status_code == 202 and answer.json()["id"] == job_id  # type: ignore[attr-defined]
+    on_replica = redis.Redis(port=replica.port)
+    assert on_replica.get(key) == client.get(key) and on_replica.hget(keys.job(job_id), "status") == b'"queued"'
+    on_replica.close()
+
+
+def test_a_withdrawn_create_frees_its_idempotency_key(client: redis.Redis, primary: ManagedProcess) -> None:
+    with api(primary) as http:
+        refused = http.post("/v1/jobs", json=GENERATE, headers={**AUTH, "Idempotency-Key": "order-20"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+    assert client.get(keys.idempotency("acme", "order-20")) is None and client.llen(QUEUE) == 0
 
 
 def test_a_job_kept_on_the_primary_is_what_a_retry_with_its_key_returns(

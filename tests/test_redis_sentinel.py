@@ -1,7 +1,8 @@
 """broker/redis_conn.py: plain and Sentinel Redis URLs, and clients that follow a real failover.
 
 The failover test runs real processes on loopback: a Redis primary, one replica and three
-sentinels (the machine's `redis-server`, in sentinel mode for the sentinels). The primary is
+sentinels (the machine's `redis-server`, in sentinel mode for the sentinels;
+``editfarm_testing.sentinel``). The primary is
 SIGKILLed; Sentinel promotes the replica; the blocking client, the asyncio client and the Celery
 broker connection built from the same URL go on working against it without being rebuilt.
 """
@@ -9,8 +10,6 @@ broker connection built from the same URL go on working against it without being
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +25,7 @@ from broker.redis_conn import (
     client_from_url,
     parse_sentinel_url,
 )
-from cli.localservices import (
-    ManagedProcess,
-    free_port,
-    redis_answers,
-    redis_server_binary,
-    start_redis,
-    wait_until,
-)
+from editfarm_testing.sentinel import SentinelGroup
 
 
 def test_a_plain_url_is_not_sentinel_and_goes_to_celery_as_it_is() -> None:
@@ -75,55 +67,6 @@ def test_make_celery_uses_the_sentinel_transport_with_the_master_name() -> None:
 
 # -- a real failover ---------------------------------------------------------------------------------
 
-MASTER = "editfarm-test"
-
-
-def start_sentinel(workdir: Path, primary_port: int) -> ManagedProcess:
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = workdir / "sentinel.conf"  # sentinel rewrites its own config file: one per sentinel
-    conf.write_text("\n".join([
-        f"port {port}", "bind 127.0.0.1", f"dir {workdir}",
-        f"sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2",
-        f"sentinel down-after-milliseconds {MASTER} 1000",
-        f"sentinel failover-timeout {MASTER} 10000",
-        f"sentinel parallel-syncs {MASTER} 1", "",
-    ]))
-    proc = subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"], stdout=open(workdir / "log", "ab"),
-                            stderr=subprocess.STDOUT)
-    managed = ManagedProcess("sentinel", proc, port, workdir)
-    wait_until(lambda: redis_answers(port), 30, "sentinel")
-    return managed
-
-
-class SentinelGroup:
-    def __init__(self, root: Path) -> None:
-        self.primary = start_redis(workdir=root / "primary", appendfsync="always")
-        self.replica = start_redis(workdir=root / "replica", appendfsync="always")
-        redis.Redis(port=self.replica.port).replicaof("127.0.0.1", self.primary.port)
-        wait_until(lambda: redis.Redis(port=self.replica.port).info("replication")["master_link_status"] == "up",
-                   30, "replica in sync")
-        self.sentinels = [start_sentinel(root / f"sentinel{i}", self.primary.port) for i in range(3)]
-        # every sentinel knows the replica and the other sentinels before a failover can be agreed on
-        wait_until(lambda: all(self._settled(s.port) for s in self.sentinels), 30, "sentinels settled")
-
-    def _settled(self, port: int) -> bool:
-        [master] = redis.Redis(port=port, decode_responses=True).sentinel_masters().values()
-        return int(master["num-slaves"]) == 1 and int(master["num-other-sentinels"]) == 2
-
-    @property
-    def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{MASTER}/0"
-
-    def master_port(self) -> int:
-        host, port = redis.Redis(port=self.sentinels[0].port).sentinel_get_master_addr_by_name(MASTER)
-        return int(port)
-
-    def stop(self) -> None:
-        for managed in [*self.sentinels, self.replica, self.primary]:
-            managed.stop()
-
 
 @pytest.fixture()
 def group(tmp_path: Path) -> Iterator[SentinelGroup]:
@@ -164,19 +107,18 @@ def test_clients_built_from_one_sentinel_url_follow_a_failover_without_a_restart
             await aclient.aclose()
 
     assert asyncio.run(async_set("async-before")) == b"1"
-    old_primary = group.primary.port
+    old_primary, replica = group.primary().port, group.replica()
 
-    group.primary.proc.send_signal(signal.SIGKILL)
-    group.primary.proc.wait()
-    wait_until(lambda: group.master_port() == group.replica.port, 60, "sentinels promote the replica")
+    group.kill_primary()
+    assert group.wait_promoted(old_primary) == replica.port
 
     # the same client object: its next connection asks the sentinels, and finds the promoted replica
     assert retry(lambda: client.get("before")) == b"1"
     retry(lambda: client.set("after", "2"))
-    assert redis.Redis(port=group.replica.port).get("after") == b"2"
+    assert redis.Redis(port=replica.port).get("after") == b"2"
     assert client.connection_pool.get_master_address()[1] != old_primary
     assert retry(lambda: asyncio.run(async_set("async-after"))) == b"1"
-    assert redis.Redis(port=group.replica.port).get("async-after") == b"a"
+    assert redis.Redis(port=replica.port).get("async-after") == b"a"
     with celery.connection_for_write() as conn:
         queue = conn.SimpleQueue("sentinel-test")
         message = retry(lambda: queue.get(timeout=5))

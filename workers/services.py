@@ -33,6 +33,7 @@ from workers import malloc, metrics
 from workers.lifecycle import Drain, Heartbeat, touch
 from workers.loras import LoraResolver, LoraSettings
 from workers.notify import WebhookNotifier
+from workers.object_sweeper import ObjectSweeper
 from workers.pipeline.base import Renderer
 from workers.pipelining import Pipelining
 from workers.reaper import Reaper
@@ -275,13 +276,15 @@ class WorkerServices:
         return {str(self.renderer.device): int(torch.cuda.memory_allocated())}
 
     def start_background(self, role: str) -> None:
-        """Per-process threads: heartbeat and metrics (both roles), the reaper and the retention sweeper
-        (webhook workers)."""
+        """Per-process threads: heartbeat and metrics (both roles), the reaper, the retention sweeper
+        and, with ``EDITFARM_OBJECT_SWEEPER``, the object sweeper (webhook workers)."""
         self.heartbeat.start()
         metrics.serve(self.settings.metrics_port, lambda: self.store, self.gpu_memory, self._metric_models())
         if role == "webhooks":
             self.reaper().start()
             self.sweeper().start()
+            if (objects := self.object_sweeper()) is not None:
+                objects.start()
 
     def _metric_models(self) -> tuple[str, ...]:
         """The models whose queues this process's /metrics shows: a render worker's own; a webhook worker's
@@ -319,6 +322,18 @@ class WorkerServices:
             return bool(self.redis.set(keys.reaped(job_id, lease_until), "1", nx=True, ex=3600))
         return Reaper(store=self.store, transitions=self.transitions, queue=self.queue, claim=claim,
                       interval_s=self.settings.reaper_interval_s)
+
+    def object_sweeper(self) -> ObjectSweeper | None:
+        """The object sweeper if this process runs one (``EDITFARM_OBJECT_SWEEPER`` with an object
+        retention); None otherwise."""
+        s = self.settings
+        if not s.object_sweeper:
+            return None
+        if s.object_retention_days <= 0:
+            log.warning("EDITFARM_OBJECT_SWEEPER is on but EDITFARM_OBJECT_RETENTION_DAYS is 0: objects are kept")
+            return None
+        return ObjectSweeper(objects=self.objects, store=self.store, retention_s=s.object_retention_days * 86400,
+                             interval_s=s.object_sweep_interval_s)
 
     def sweeper(self) -> RetentionSweeper:
         return RetentionSweeper(store=self.store, index=RetentionIndex(self.redis),

@@ -6,7 +6,7 @@ import json
 import socket
 from typing import Annotated
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
 
 from broker.settings import ClusterSettings
@@ -75,6 +75,12 @@ class WorkerSettings(ClusterSettings):
     reaper_interval_s: float = 2.0
     # how often the retention sweeper (in webhook workers) deletes finished jobs past their retention
     retention_sweep_interval_s: float = 10.0
+    # for an object store without lifecycle rules: the webhook workers delete a finished job's objects
+    # (inputs, previews, outputs, archived record) EDITFARM_OBJECT_RETENTION_DAYS after it ended,
+    # instead of the bucket rule of `editfarm storage lifecycle apply` (workers/object_sweeper.py)
+    object_sweeper: bool = False
+    # how often that sweeper passes over the bucket (seconds)
+    object_sweep_interval_s: float = Field(default=600.0, gt=0)
 
     webhook_timeout_s: float = 15.0
     # delays before each attempt (s); "0,5,300" or a JSON list in the environment

@@ -163,11 +163,15 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
     queue, message = services.render_queues.of(params.model).message(job_id, params.priority)
     counted, submission.counted = submission.counted, True
     stored = [*input_keys, *([mask_key] if mask_key else [])]
+    claim = idempotency.key_claim(job_id)
     try:
-        # the limits, the record, its message and its queue position in one atomic step: all or nothing
-        position = await create_within_limits(request, tenant, job, queue, message, counted)
+        # the limits, the record, its message, its queue position and its Idempotency-Key in one
+        # atomic step: all or nothing
+        position = await create_within_limits(request, tenant, job, queue, message, counted, claim=claim)
     except ReplicaShortfall as exc:  # inputs kept, as below; a kept job answers a retry with this key
-        if exc.kept:
+        if claim is not None:  # the create pointed the key at the job, or the withdraw freed it
+            idempotency.pointed()
+        elif exc.kept:
             await idempotency.complete(job_id)
         raise store_unavailable() from None
     except ApiError:  # refused by the limits: no job, so no inputs either
@@ -177,7 +181,10 @@ async def _submit(request: Request, submission: Submission) -> JSONResponse:
         # inputs kept: a reply lost to a timeout may hide a job that was created (and needs them)
         logger.warning("job store unavailable creating %s: %s", job_id, type(exc).__name__)
         raise unavailable("the job store") from None
-    await idempotency.complete(job_id)
+    if claim is not None:
+        idempotency.pointed()
+    else:
+        await idempotency.complete(job_id)
     metrics_of(request).job_submitted(model_of(job))
     view = public_view(job, base_url, services, position)
     logger.info("accepted %s %s for tenant %s (%d input image(s)%s)", params.operation.value, job_id, tenant,

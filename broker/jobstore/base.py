@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from broker.jobstore.claim import KeyClaim
 from broker.jobstore.quota import LocalQuota, Quota, QuotaAnswer
 from broker.schema import Job, JobStatus, Priority, sources_of
 
@@ -46,22 +47,28 @@ class JobStore(abc.ABC):
         """:meth:`create_and_enqueue` for the event loop (this default runs it in a thread)."""
         return await asyncio.to_thread(self.create_and_enqueue, job, queue, message)
 
-    def create_and_enqueue_within(self, job: Job, queue: str, message: str, quota: Quota) -> QuotaAnswer:
+    def create_and_enqueue_within(self, job: Job, queue: str, message: str, quota: Quota, *,
+                                  claim: KeyClaim | None = None) -> QuotaAnswer:
         """:meth:`create_and_enqueue` if the tenant's ``quota`` admits it, checked (and counted) in the
-        same atomic step: refused, nothing is written or counted.
+        same atomic step: refused, nothing is written or counted. ``claim``: an Idempotency-Key to
+        point at the job in the same step (:mod:`broker.jobstore.claim`); only a store that holds
+        the keys (Redis) takes one.
 
         This default is atomic within one process (:class:`~broker.jobstore.quota.LocalQuota`, its
         counters in process memory); the Redis store does it in its create script.
 
         Raises:
             KeyError: the id is taken (nothing is written or counted).
+            ValueError: a ``claim`` given to a store that does not hold the keys.
         """
+        if claim is not None:
+            raise ValueError(f"{type(self).__name__} does not hold Idempotency-Keys")
         return self._local_quota().create(self, job, queue, message, quota)
 
-    async def create_and_enqueue_within_async(self, job: Job, queue: str, message: str,
-                                              quota: Quota) -> QuotaAnswer:
+    async def create_and_enqueue_within_async(self, job: Job, queue: str, message: str, quota: Quota, *,
+                                              claim: KeyClaim | None = None) -> QuotaAnswer:
         """:meth:`create_and_enqueue_within` for the event loop (this default runs it in a thread)."""
-        return await asyncio.to_thread(self.create_and_enqueue_within, job, queue, message, quota)
+        return await asyncio.to_thread(self.create_and_enqueue_within, job, queue, message, quota, claim=claim)
 
     def check_quota(self, tenant: str, quota: Quota) -> QuotaAnswer:
         """``tenant``'s ``quota`` without a create: checked and, when admitted and ``quota.count``,

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from broker.jobstore.base import Expect, JobStore
+from broker.jobstore.claim import KeyClaim
 from broker.jobstore.codec import decode_job, encode
 from broker.jobstore.quota import Quota, QuotaAnswer
 from broker.keys import LEGACY_MODEL
@@ -47,9 +48,9 @@ class InMemoryJobStore(JobStore):
     async def create_and_enqueue_async(self, job: Job, queue: str, message: str) -> int | None:
         return self.create_and_enqueue(job, queue, message)
 
-    async def create_and_enqueue_within_async(self, job: Job, queue: str, message: str,
-                                              quota: Quota) -> QuotaAnswer:
-        return self.create_and_enqueue_within(job, queue, message, quota)
+    async def create_and_enqueue_within_async(self, job: Job, queue: str, message: str, quota: Quota, *,
+                                              claim: KeyClaim | None = None) -> QuotaAnswer:
+        return self.create_and_enqueue_within(job, queue, message, quota, claim=claim)
 
     async def check_quota_async(self, tenant: str, quota: Quota) -> QuotaAnswer:
         return self.check_quota(tenant, quota)

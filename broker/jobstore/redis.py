@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from broker import keys, scripts
 from broker.jobstore.base import Expect, JobStore, transition_checks
+from broker.jobstore.claim import KeyClaim
 from broker.jobstore.codec import decode_job, encode
 from broker.jobstore.quota import NO_QUOTA, Quota, QuotaAnswer
 from broker.replication import NO_WAIT, ReplicaPolicy, ReplicaShortfall
@@ -51,16 +52,23 @@ def _flag(value: bool) -> str:
     return "1" if value else "0"
 
 
-def _create_args(job: Job, queue: str, message: str, quota: Quota) -> tuple[list[str], list[str]]:
+def _create_args(job: Job, queue: str, message: str, quota: Quota,
+                 claim: KeyClaim | None) -> tuple[list[str], list[str]]:
     """(KEYS, ARGV) of lua/create_and_enqueue.lua."""
     fields: list[str] = []
     for name, value in dump_fields(job).items():
         fields += [name, encode(value)]
     args = [job.id, repr(job.created_at), message, str(quota.max_in_flight), str(quota.rate_limit),
             repr(quota.previous_weight), str(quota.counter_ttl_s), _flag(quota.check_rate), _flag(quota.count),
-            encode(fields)]
+            encode(fields), *_claim_args(claim)]
+    # a script needs a key in each KEYS slot: the job's own when there is no Idempotency-Key
     return [keys.job(job.id), *INDEX_KEYS, keys.tenant_jobs(job.tenant), queue,
-            keys.tenant_active(job.tenant), *_rate_keys(job.tenant, quota)], args
+            keys.tenant_active(job.tenant), *_rate_keys(job.tenant, quota),
+            claim.key if claim else keys.job(job.id)], args
+
+
+def _claim_args(claim: KeyClaim | None) -> list[str]:
+    return [claim.held, claim.done, str(claim.ttl_s)] if claim else ["", "", "0"]
 
 
 def _check_args(tenant: str, quota: Quota) -> tuple[list[str], list[str]]:
@@ -165,25 +173,27 @@ class RedisJobStore(JobStore):
     async def create_and_enqueue_async(self, job: Job, queue: str, message: str) -> int | None:
         return (await self.create_and_enqueue_within_async(job, queue, message, NO_QUOTA)).position
 
-    def create_and_enqueue_within(self, job: Job, queue: str, message: str, quota: Quota) -> QuotaAnswer:
-        """As the base's; with a :class:`~broker.replication.ReplicaPolicy` that waits, the job counts
-        as created only once enough replicas hold it.
+    def create_and_enqueue_within(self, job: Job, queue: str, message: str, quota: Quota, *,
+                                  claim: KeyClaim | None = None) -> QuotaAnswer:
+        """As the base's; ``claim``'s key is pointed at the job in the same script. With a
+        :class:`~broker.replication.ReplicaPolicy` that waits, the job (and its key) counts as created
+        only once enough replicas hold it.
 
         Raises:
             KeyError: the id is taken.
             ReplicaShortfall: too few replicas acknowledged the create in time (see :meth:`_fall_short`).
         """
-        script_keys, args = _create_args(job, queue, message, quota)
+        script_keys, args = _create_args(job, queue, message, quota, claim)
         if not self.replicas.waits:
-            return _answer(self._create_and_enqueue(keys=script_keys, args=args), job.id)
+            return self._created(self._create_and_enqueue(keys=script_keys, args=args), job, claim)
         reply, acked = self._script_and_wait(self._create_and_enqueue, script_keys, args)
-        answer = _answer(reply, job.id)
+        answer = self._created(reply, job, claim)
         if answer.refused is None and acked < self.replicas.min_replicas:
-            self._fall_short(job, queue, message, acked)
+            self._fall_short(job, queue, message, acked, claim)
         return answer
 
-    async def create_and_enqueue_within_async(self, job: Job, queue: str, message: str,
-                                              quota: Quota) -> QuotaAnswer:
+    async def create_and_enqueue_within_async(self, job: Job, queue: str, message: str, quota: Quota, *,
+                                              claim: KeyClaim | None = None) -> QuotaAnswer:
         """:meth:`create_and_enqueue_within` on the event loop (its script and ``WAIT`` in one
         pipeline, so on one connection).
 
@@ -192,14 +202,22 @@ class RedisJobStore(JobStore):
             ReplicaShortfall: as :meth:`create_and_enqueue_within`.
         """
         if self._on_loop is None:
-            return await asyncio.to_thread(self.create_and_enqueue_within, job, queue, message, quota)
-        script_keys, args = _create_args(job, queue, message, quota)
+            return await asyncio.to_thread(self.create_and_enqueue_within, job, queue, message, quota, claim=claim)
+        script_keys, args = _create_args(job, queue, message, quota, claim)
         if not self.replicas.waits:
-            return _answer(await self._run_on_loop("create", script_keys, args), job.id)
+            return self._created(await self._run_on_loop("create", script_keys, args), job, claim)
         reply, acked = await self._script_and_wait_on_loop("create", script_keys, args)
-        answer = _answer(reply, job.id)
+        answer = self._created(reply, job, claim)
         if answer.refused is None and acked < self.replicas.min_replicas:
-            await asyncio.to_thread(self._fall_short, job, queue, message, acked)
+            await asyncio.to_thread(self._fall_short, job, queue, message, acked, claim)
+        return answer
+
+    @staticmethod
+    def _created(reply: Any, job: Job, claim: KeyClaim | None) -> QuotaAnswer:
+        answer = _answer(reply, job.id)
+        if claim is not None and answer.refused is None and not int(reply[4]):
+            logger.warning("the Idempotency-Key of %s was no longer held (the request outlived its marker)",
+                           job.id)
         return answer
 
     def _script_and_wait(self, script: Any, script_keys: list[str], args: list[Any]) -> tuple[Any, int]:
@@ -230,16 +248,18 @@ class RedisJobStore(JobStore):
                 await client.script_load(script.script)
         raise redis.exceptions.NoScriptError("the script could not be loaded")
 
-    def _fall_short(self, job: Job, queue: str, message: str, acked: int) -> None:
+    def _fall_short(self, job: Job, queue: str, message: str, acked: int, claim: KeyClaim | None) -> None:
         """A create that too few replicas acknowledged: withdraw it if no worker has taken it yet (a
-        failover could drop it after the client was told "accepted"), else keep it (it runs already).
+        failover could drop it after the client was told "accepted"), with the Idempotency-Key the
+        create pointed at it; else keep both (it runs already; a retry with the key gets it).
 
         Raises:
             ReplicaShortfall: always; ``kept`` says which.
         """
         self.replicas.on_shortfall("create", acked)
-        withdrawn = self._withdraw(keys=[keys.job(job.id), *INDEX_KEYS, keys.tenant_jobs(job.tenant), queue],
-                                   args=[job.id, message])
+        withdrawn = self._withdraw(keys=[keys.job(job.id), *INDEX_KEYS, keys.tenant_jobs(job.tenant), queue,
+                                         claim.key if claim else keys.job(job.id)],
+                                   args=[job.id, message, claim.done if claim else ""])
         kept = not withdrawn
         logger.warning("create of %s: %d of %d replica(s) acknowledged within %d ms; %s", job.id, acked,
                        self.replicas.min_replicas, self.replicas.wait_timeout_ms,

@@ -157,9 +157,16 @@ Image reference: (dict "ctx" $ "image" .Values.images.api). A digest wins over t
 {{- define "editfarm.redis.host" -}}
 {{- if .Values.redis.enabled }}
 {{- include "editfarm.redis.fullname" . }}
+{{- else if include "editfarm.redis.sentinel" . }}
+{{- fail "externalRedis.sentinel: the primary has no fixed address for KEDA's redis trigger; set keda.enabled=false" }}
 {{- else }}
-{{- required "externalRedis.host is required when redis.enabled is false" .Values.externalRedis.host }}
+{{- required "externalRedis.host (or externalRedis.sentinel.hosts) is required when redis.enabled is false" .Values.externalRedis.host }}
 {{- end }}
+{{- end }}
+
+{{/* "true" when EDITFARM_REDIS_URL names the sentinels of an external Sentinel-backed Redis. */}}
+{{- define "editfarm.redis.sentinel" -}}
+{{- if and (not .Values.redis.enabled) .Values.externalRedis.sentinel.hosts }}true{{ end }}
 {{- end }}
 
 {{- define "editfarm.redis.port" -}}
@@ -179,6 +186,9 @@ EDITFARM_REDIS_URL. The password is not written here: Kubernetes expands $(REDIS
 from the env entry defined just before it (see editfarm.env.redis).
 */}}
 {{- define "editfarm.redis.url" -}}
+{{- if include "editfarm.redis.sentinel" . }}
+{{- include "editfarm.redis.sentinelUrl" . }}
+{{- else }}
 {{- $scheme := ternary "rediss" "redis" (eq (include "editfarm.redis.tls" .) "true") }}
 {{- $user := ternary .Values.externalRedis.username "" (not .Values.redis.enabled) }}
 {{- $auth := "" }}
@@ -190,8 +200,32 @@ from the env entry defined just before it (see editfarm.env.redis).
 {{- $query := ternary "?ssl_cert_reqs=required" "" (eq $scheme "rediss") }}
 {{- printf "%s://%s%s:%s/%s%s" $scheme $auth (include "editfarm.redis.host" .) (include "editfarm.redis.port" .) (include "editfarm.redis.database" .) $query }}
 {{- end }}
+{{- end }}
 
-{{/* env entries: the Redis password (when any) then EDITFARM_REDIS_URL. */}}
+{{/*
+EDITFARM_REDIS_URL for a Sentinel-backed Redis (broker/redis_conn.py):
+redis+sentinel://[user:$(REDIS_PASSWORD)@]host:26379,.../<master>/<db>[?sentinel_password=$(REDIS_SENTINEL_PASSWORD)&ssl=true]
+*/}}
+{{- define "editfarm.redis.sentinelUrl" -}}
+{{- $sentinel := .Values.externalRedis.sentinel }}
+{{- $auth := "" }}
+{{- if include "editfarm.redis.hasPassword" . }}
+{{- $auth = printf "%s:$(REDIS_PASSWORD)@" .Values.externalRedis.username }}
+{{- else if .Values.externalRedis.username }}
+{{- $auth = printf "%s@" .Values.externalRedis.username }}
+{{- end }}
+{{- $query := list }}
+{{- if $sentinel.passwordSecret.name }}
+{{- $query = append $query "sentinel_password=$(REDIS_SENTINEL_PASSWORD)" }}
+{{- end }}
+{{- if $sentinel.tls }}
+{{- $query = append $query "ssl=true" }}
+{{- end }}
+{{- printf "redis+sentinel://%s%s/%s/%v" $auth (join "," $sentinel.hosts) (required "externalRedis.sentinel.masterName is required with externalRedis.sentinel.hosts" $sentinel.masterName) .Values.externalRedis.database }}
+{{- with $query }}?{{ join "&" . }}{{ end }}
+{{- end }}
+
+{{/* env entries: the Redis password (when any), the sentinels' (when any), then EDITFARM_REDIS_URL. */}}
 {{- define "editfarm.env.redis" -}}
 {{- if include "editfarm.redis.hasPassword" . }}
 - name: REDIS_PASSWORD
@@ -199,6 +233,13 @@ from the env entry defined just before it (see editfarm.env.redis).
     secretKeyRef:
       name: {{ include "editfarm.redis.secretName" . }}
       key: {{ include "editfarm.redis.secretKey" . }}
+{{- end }}
+{{- if and (include "editfarm.redis.sentinel" .) .Values.externalRedis.sentinel.passwordSecret.name }}
+- name: REDIS_SENTINEL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.externalRedis.sentinel.passwordSecret.name }}
+      key: {{ .Values.externalRedis.sentinel.passwordSecret.key }}
 {{- end }}
 - name: EDITFARM_REDIS_URL
   value: {{ include "editfarm.redis.url" . | quote }}
