@@ -80,6 +80,7 @@ def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a short run that only proves the benchmark works")
     p.add_argument("--out", default=str(RESULTS / f"{name}.json"), help="where the JSON report goes")
     p.add_argument("--workdir", default="", help="scratch folder (default: a temporary one)")
+    p.add_argument("--note", default="", help="a word on the run's conditions, kept in the report's environment")
     return p
 
 
@@ -99,8 +100,12 @@ def environment() -> dict[str, Any]:
 
 def write_report(name: str, report: dict[str, Any], out: str, quick: bool, command: str) -> dict[str, Any]:
     """Print ``report`` as JSON and write it to ``out`` (with the benchmark name, command and machine)."""
+    env = environment()
+    note = _note()
+    if note:
+        env["note"] = note
     full = {"benchmark": name, "quick": quick, "command": command, "measured_at": time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": environment(), **report}
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": env, **report}
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(full, indent=2, default=str) + "\n")
@@ -113,9 +118,31 @@ def write_report(name: str, report: dict[str, Any], out: str, quick: bool, comma
     return full
 
 
+def _note() -> str:
+    """``--note`` of this run's command line, if any (every benchmark's parser takes it)."""
+    argv = sys.argv[1:]
+    for index, arg in enumerate(argv):
+        if arg.startswith("--note="):
+            return arg.split("=", 1)[1]
+        if arg == "--note" and index + 1 < len(argv):
+            return argv[index + 1]
+    return ""
+
+
 def command_line() -> str:
+    """How this benchmark was run (``--note`` left out: it is in the report's environment)."""
     module = Path(sys.argv[0]).stem
-    return " ".join([f"python -m bench.{module}", *sys.argv[1:]])
+    argv, kept = sys.argv[1:], []
+    skip = False
+    for arg in argv:
+        if skip or arg.startswith("--note="):
+            skip = False
+            continue
+        if arg == "--note":
+            skip = True
+            continue
+        kept.append(arg)
+    return " ".join([f"python -m bench.{module}", *kept])
 
 
 def log(message: str) -> None:
@@ -216,16 +243,32 @@ def stop_group(proc: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
         pass
 
 
+def write_standin_catalog(path: Path, names: Sequence[str]) -> Path:
+    """A model catalog (``EDITFARM_MODELS_FILE``) of ``names``, each serving generate and edit, the first
+    the default for both. Their sources point nowhere: the stand-in loads no model."""
+    lines = ["models:"]
+    for index, name in enumerate(names):
+        lines += [f"  - name: {name}", f"    source: /nowhere/{name}", "    pipeline: QwenImageEditPipeline",
+                  "    operations: [generate, edit]"]
+        if index == 0:
+            lines.append("    default_for: [generate, edit]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 class BenchCluster:
     """A LocalCluster whose render workers run the stand-in; ``timed=True`` uses the bench-only
     :class:`bench.timed_standin.TimedStandinRenderer`, which logs each render's start/end.
-    ``redis_url``: an outside Redis (None: the cluster starts its own)."""
+    ``redis_url``: an outside Redis (None: the cluster starts its own). ``models_file``: a catalog (see
+    :func:`write_standin_catalog`) instead of the one model; its workers are started per model
+    (``cluster.start_render_worker(index, model=...)``)."""
 
     def __init__(self, workdir: Path, render_workers: int = 1, render_s: float = 0.0, timed: bool = False,
                  output_side: int = 0, model: str = "standin", extra_env: dict[str, str] | None = None,
                  webhook_worker: bool = True, api_app: str = "api.app:create_app",
                  webhook_app: str = "workers.celery_worker:app", s3_server: str = "seaweedfs",
-                 redis_url: str | None = None) -> None:
+                 redis_url: str | None = None, models_file: Path | None = None) -> None:
         from cli.cluster import ClusterConfig, LocalCluster
 
         self.render_log = workdir / "render-intervals"
@@ -239,8 +282,9 @@ class BenchCluster:
             self.render_log.mkdir(parents=True, exist_ok=True)
             env.update({"EDITFARM_BENCH_RENDER_LOG": str(self.render_log),
                         "EDITFARM_BENCH_OUTPUT_SIDE": str(output_side)})
-        config = ClusterConfig(workdir=workdir, model=model, render_workers=render_workers, extra_env=env,
-                               s3_server=s3_server, redis_url=redis_url)
+        config = ClusterConfig(workdir=workdir, model=None if models_file else model, models_file=models_file,
+                               render_workers=render_workers, extra_env=env, s3_server=s3_server,
+                               redis_url=redis_url)
         timed_app = timed
         with_webhooks = webhook_worker
 

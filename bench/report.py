@@ -1,6 +1,7 @@
 """Render the "Performance" table of ``docs/performance.md`` from ``bench/results/``: ``python -m bench.report``.
 
-Reads ``submit``, ``submit-edit``, ``orchestration``, ``replicas``, ``duty_cycle``, ``scaleout``, ``pipeline``, ``memory``
+Reads ``submit``, ``submit-edit``, ``submit-fleet``, ``orchestration``, ``replicas``, ``duty_cycle``,
+``scaleout``, ``fleet_scaleout``, ``pipeline``, ``memory``
 (``<name>.json``, as written by each benchmark) and the GPU reports
 (``bench/results-gpu-*.json``, from ``bench/gpu_real_size.py`` on an H200), and writes
 Markdown rows (figure, value, goal, met?, and the command behind the number) between the two
@@ -165,6 +166,42 @@ def scale_rows(scale: dict[str, Any]) -> list[Row]:
     return out
 
 
+def fleet_scale_rows(fleet: dict[str, Any]) -> list[Row]:
+    """``bench.fleet_scaleout``: each pool's scaling with every pool loaded at once, beside the one-model cluster."""
+    cmd, n, base = f"`{fleet['command']}`", fleet["workers_per_pool"], fleet.get("baseline")
+    cells = ", ".join(f"{r['pool']}: {r['jobs_per_s']:.2f} ({r['efficiency']:.3f})" for r in fleet["results"])
+    for row in (base, fleet.get("baseline_same_total_workers")):
+        if row:
+            cells += f"; one-model cluster beside it, {row['workers']} workers: {row['jobs_per_s']:.2f} ({row['efficiency']:.3f})"
+    worst = min(r["efficiency"] for r in fleet["results"])
+    label = {"serial": "pipelining off", "pipelined": "pipelined, the default"}.get(fleet["runner"], fleet["runner"])
+    return [(f"Fleet scale-out, {len(fleet['pools'])} pools × {n} workers loaded at once, T = {fleet['render_s']:g} s "
+             f"({label}): per pool jobs/s (efficiency vs {n}× its 1 worker)", cells, "≥ 0.95 per pool", yes(worst >= 0.95),
+             cmd)]
+
+
+def fleet_submit_rows(sub: dict[str, Any]) -> list[Row]:
+    """``bench.submit --fleet``: submissions naming a model against the one-model cluster's, over HTTP
+    (throughput, the server's CPU per job) and in one process (the API's CPU per job, paired blocks)."""
+    cmd, out = f"`{sub['command']}`", []
+    inproc = sub.get("in_process")
+    for setting, r in sub.get("model_field", {}).items():
+        rate, cpu, today = r["jobs_per_s"], r["app_cpu_ms_per_job"], r["today"]
+        key = today.replace("-", "_")
+        rounds = r[f"ratio_model_over_{key}_per_round"]
+        value = (f"HTTP: {rate['api-model']:.0f} jobs/s vs {rate[today]:.0f} = {r[f'ratio_model_over_{key}']}× "
+                 f"(rounds {min(rounds)}–{max(rounds)}), server CPU/job {cpu['api-model']:.2f} vs {cpu[today]:.2f} ms "
+                 f"= {r[f'cpu_ratio_{key}_over_model']}×")
+        if inproc and today == "api":
+            us = inproc["cpu_us_per_job"]
+            value += (f"; in-process CPU/job {us['api-model']:.0f} vs {us['api']:.0f} µs = "
+                      f"**{inproc['cpu_ratio_api_over_api_model_paired_median']}×** (paired blocks; the catalog "
+                      f"naming no model: {inproc['cpu_ratio_api_over_api_catalog_paired_median']}×)")
+        out.append((f"Submission naming a model (catalog of 2) vs the one-model cluster, 1 API process, {setting}",
+                    value, "≥ 0.95× today's", yes(r["goal_within_5_percent"]), cmd))
+    return out
+
+
 def pipeline_rows(pipe: dict[str, Any]) -> list[Row]:
     cmd = f"`{pipe['command']}`"
     w, d = pipe["worker_job_s"], pipe["direct_s"]
@@ -245,8 +282,9 @@ def memory_rows(mem: dict[str, Any]) -> list[Row]:
 def rows() -> list[Row]:
     out: list[Row] = []
     for name, render in (("submit", submit_rows), ("submit-edit", edit_submit_rows),
-                         ("orchestration", orchestration_rows), ("replicas", replica_rows), ("duty_cycle", duty_rows),
-                         ("scaleout", scale_rows), ("pipeline", pipeline_rows)):
+                         ("submit-fleet", fleet_submit_rows), ("orchestration", orchestration_rows),
+                         ("replicas", replica_rows), ("duty_cycle", duty_rows), ("scaleout", scale_rows),
+                         ("fleet_scaleout", fleet_scale_rows), ("pipeline", pipeline_rows)):
         data = load(name)
         if data:
             out += render(data)

@@ -27,6 +27,18 @@ Redis writes, async), ``bare-sync`` (the same writes with the blocking client in
 ``--settings`` picks server settings by name (comma-separated); ``--workers ""`` skips the
 multi-process rows.
 
+``--fleet`` (report: ``bench/results/submit-fleet.json``) asks whether a job's ``model`` costs
+submission anything: ``api`` (the one-model cluster, ``EDITFARM_MODEL`` alone, as every other variant
+runs), ``api-catalog`` (the same API with a catalog of two models, ``EDITFARM_MODELS_FILE``, the jobs
+naming no model: the catalog's default takes them) and ``api-model`` (that catalog, every job naming
+its second model), in interleaved rounds at the fastest setting, 1 process; then the same three
+apps in one process, called as ASGI applications in alternated blocks (``bench/submit_inproc.py``,
+``--blocks``; report ``in_process``): their CPU per job, which a shared machine's other work moves
+far less than a server's throughput. ``model_field`` gives the ratios, over the medians and round
+by round, and the goal (naming a model costs at most 5 %), judged on the in-process CPU per job.
+Every variant of the API runs with ``EDITFARM_MODEL`` set (a one-model catalog; the API loads no
+weights), the catalog variants with ``EDITFARM_MODELS_FILE`` instead.
+
 Settings compared at 1 process: uvicorn's h11 + asyncio with log level info and the access
 log (how ``editfarm api`` runs today: the project does not depend on uvloop/httptools), the
 same with ``--no-access-log --log-level warning``, and httptools + uvloop without the access
@@ -59,6 +71,7 @@ from bench.common import (
     tree_pids,
     workdir,
     write_report,
+    write_standin_catalog,
 )
 
 API_KEY = "ef_bench_key_0123456789abcdef"
@@ -69,7 +82,13 @@ APPS = {"api": "api.app:create_app", "bare": "bench.bare_api:create_app"}
 # variant → (app, path)
 VARIANTS = {"api": ("api", "/v1/jobs"), "bare": ("bare", "/v1/jobs"), "bare+s3": ("bare", "/v1/jobs"),
             "bare-sync": ("bare", "/v1/jobs"), "api-dynamic-malloc": ("api", "/v1/jobs"),
-            "api-uploads-4": ("api", "/v1/jobs")}
+            "api-uploads-4": ("api", "/v1/jobs"), "api-catalog": ("api", "/v1/jobs"), "api-model": ("api", "/v1/jobs")}
+# the API with a catalog of these two models (EDITFARM_MODELS_FILE) instead of EDITFARM_MODEL alone;
+# api-model's jobs name the second one (the first is the default that takes api-catalog's)
+CATALOG_VARIANTS = ("api-catalog", "api-model")
+CATALOG_MODELS = ("t2i", "t2i-lightning")
+# what the one-model variants run with: EDITFARM_MODEL alone (the API reads no weights)
+ONE_MODEL = "/nowhere/qwen-image-edit"
 # variant → settings of its app beyond the services' (api-dynamic-malloc: glibc's own mmap threshold, which
 # keeps freed upload buffers in the heap: what the API's memory bound costs an upload in page faults)
 # api-uploads-4: 4 upload slots (3 for one tenant) instead of 2 (1): what the slots cost one busy tenant
@@ -111,7 +130,7 @@ class Services:
                     "EDITFARM_S3_BUCKET": "editfarm", "EDITFARM_S3_ACCESS_KEY_ID": "test",
                     "EDITFARM_S3_SECRET_ACCESS_KEY": "test", "EDITFARM_API_KEYS": f"bench:{API_KEY}",
                     "EDITFARM_ALLOW_PRIVATE_URLS": "true", "EDITFARM_ALLOW_HTTP_URLS": "true",
-                    **LIMITS_NEVER_REFUSE})
+                    "EDITFARM_MODEL": ONE_MODEL, **LIMITS_NEVER_REFUSE})
         return env
 
     def flush(self) -> None:
@@ -275,6 +294,70 @@ def probe_body(services: Services, root: Path) -> dict[str, Any]:
     raise RuntimeError("the API accepted neither a generate nor an edit job")
 
 
+def model_body(body_file: Path) -> Path:
+    """The body of ``body_file`` naming the catalog's second model (written once, beside it)."""
+    path = body_file.with_name("body-model.json")
+    if not path.exists():
+        path.write_text(json.dumps({**json.loads(body_file.read_text()), "model": CATALOG_MODELS[1]}))
+    return path
+
+
+def in_process_run(services: Services, root: Path, body_file: Path, blocks: int) -> dict[str, Any]:
+    """``bench.submit_inproc``'s figures: the three fleet variants' CPU per job inside one process."""
+    services.flush()
+    cmd = [sys.executable, "-m", "bench.submit_inproc", "--body-file", str(body_file), "--catalog",
+           str(root / "models.yaml"), "--model", CATALOG_MODELS[1], "--one-model", ONE_MODEL, "--key", API_KEY,
+           "--blocks", str(blocks), *(["--jobs-per-block", "50"] if blocks < 10 else [])]
+    log(f"in-process: {blocks} blocks per variant")
+    proc = subprocess.run(cmd, env=services.env(), cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                          text=True, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.submit_inproc failed: {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    log(f"in-process CPU per job (us): {result['cpu_us_per_job']}, non-202 {result['non_202']}")
+    return result
+
+
+def model_field(runs: list[dict[str, Any]], in_process: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What naming a model costs submission: ``api-model`` against ``api-catalog`` (the same catalog, no
+    model named) and against ``api`` (the one-model cluster), per setting, over the medians and round
+    by round (rounds are interleaved, so a round's ratio holds the same drift on both sides)."""
+    out: dict[str, Any] = {}
+    for setting in dict.fromkeys(r["setting"] for r in runs if r["workers"] == 1):
+        mine = [r for r in runs if r["setting"] == setting and r["workers"] == 1]
+        per_variant = {v: [r for r in mine if r["variant"] == v] for v in ("api", *CATALOG_VARIANTS)}
+        if not per_variant["api-model"]:
+            continue
+        rates = {v: median(r["requests_per_s"] for r in rows) for v, rows in per_variant.items() if rows}
+        cpu = {v: round(median(r["cpu_ms_per_job"]["app"] for r in rows), 3) for v, rows in per_variant.items() if rows}
+        row: dict[str, Any] = {"jobs_per_s": {v: round(x, 1) for v, x in rates.items()}, "app_cpu_ms_per_job": cpu}
+        for base in ("api-catalog", "api"):
+            if base in rates:
+                pairs = list(zip(per_variant["api-model"], per_variant[base], strict=False))
+                row[f"ratio_model_over_{base.replace('-', '_')}"] = ratio(rates["api-model"], rates[base])
+                row[f"ratio_model_over_{base.replace('-', '_')}_per_round"] = [
+                    ratio(m["requests_per_s"], b["requests_per_s"]) for m, b in pairs]
+                # a saturated process's throughput is 1 / its CPU per job: this ratio is what the
+                # throughput ratio would be without the machine's other load taking the core away
+                row[f"cpu_ratio_{base.replace('-', '_')}_over_model"] = ratio(cpu[base], cpu["api-model"])
+        if "api" in rates and "api-catalog" in rates:
+            row["ratio_catalog_over_api"] = ratio(rates["api-catalog"], rates["api"])
+        # "within 5 % of today's": today's is the one-model cluster when it ran, else the same catalog.
+        # Judged on the API's CPU per job (one process saturated by the load: its throughput is 1 / its CPU
+        # per job once it has its core), in-process when measured (paired blocks), else the server's: on a
+        # shared machine the wall-clock ratio moves by tens of percent from round to round with the other
+        # work, the server's CPU per job by ~10 %, the in-process blocks' by a few
+        today = "api" if "api" in rates else "api-catalog"
+        key = today.replace("-", "_")
+        row["today"] = today
+        paired = (in_process or {}).get(f"cpu_ratio_{key}_over_api_model_paired_median")
+        row["goal_basis"] = "in_process cpu per job, paired blocks" if paired else "app_cpu_ms_per_job"
+        row["goal_within_5_percent"] = (paired or row.get(f"cpu_ratio_{key}_over_model") or 0) >= 0.95
+        row["jobs_per_s_ratio_within_5_percent"] = (row.get(f"ratio_model_over_{key}") or 0) >= 0.95
+        out[setting] = row
+    return out
+
+
 def one_run(services: Services, root: Path, variant: str, setting: dict[str, Any], workers: int,
             body_file: Path, seconds: float, connections: int, tool: str) -> dict[str, Any]:
     from cli.localservices import free_port
@@ -284,6 +367,10 @@ def one_run(services: Services, root: Path, variant: str, setting: dict[str, Any
     extra = {"EDITFARM_BENCH_BARE_S3": "true" if variant == "bare+s3" else "",
              "EDITFARM_BENCH_BARE_OPERATION": json.loads(body_file.read_text())["operation"],
              "EDITFARM_BENCH_BARE_SYNC": "true" if variant == "bare-sync" else "", **VARIANT_ENV.get(variant, {})}
+    if variant in CATALOG_VARIANTS:  # both set is refused at start
+        extra.update({"EDITFARM_MODELS_FILE": str(root / "models.yaml"), "EDITFARM_MODEL": ""})
+    if variant == "api-model":
+        body_file = model_body(body_file)
     port = free_port()
     proc = start_app(services, app, setting["args"], workers, port, root / f"{variant}.log", extra)
     url = f"http://127.0.0.1:{port}{path}"
@@ -326,14 +413,23 @@ def main() -> int:
                    help="generate: no input image; edit: a 1024x1024 PNG as a data URL")
     p.add_argument("--settings", default="", help="comma-separated server settings to run (default: all)")
     p.add_argument("--variants", default="", help="comma-separated variants to run (default: per mode)")
+    p.add_argument("--blocks", type=int, default=40, help="--fleet: in-process blocks per variant")
+    p.add_argument("--fleet", action="store_true",
+                   help="a job's model field: api, api-catalog, api-model at the fastest setting, 1 process "
+                        "(report submit-fleet.json)")
     args = p.parse_args()
     if args.quick:
         args.seconds, args.rounds, args.workers = 1.5, 1, ""
+    if args.fleet:
+        args.workers = ""
+        args.variants = args.variants or "api,api-catalog,api-model"
     args.connections = args.connections or (8 if args.mode == "edit" else 64)
-    if args.mode == "edit" and args.out == p.get_default("out"):
-        args.out = str(Path(args.out).with_name("submit-edit.json"))
+    if args.out == p.get_default("out") and (args.fleet or args.mode == "edit"):
+        name = "-".join(["submit", *(["fleet"] if args.fleet else []), *(["edit"] if args.mode == "edit" else [])])
+        args.out = str(Path(args.out).with_name(f"{name}.json"))
     tool = args.loadgen if args.loadgen != "auto" else ("wrk" if shutil.which("wrk") else "python")
     root = workdir(args.workdir, "submit")
+    write_standin_catalog(root / "models.yaml", CATALOG_MODELS)
     services = Services(root)
     if args.mode == "edit":
         body = job_body("edit", steps=2, image=photo_png())
@@ -354,14 +450,15 @@ def main() -> int:
     if args.settings:
         chosen = set(args.settings.split(","))
         settings = [s for s in settings if s["name"] in chosen] or settings[-1:]
-    if args.quick:
+    if args.quick or (args.fleet and not args.settings):
         settings = settings[-1:]
     log(f"operation={operation}, loadgen={tool}, settings={[s['name'] for s in settings]}, variants={variants}")
     runs: list[dict[str, Any]] = []
     try:
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
             for setting in settings:
-                for variant in variants:
+                # --fleet: ABBA order, so that the small differences it looks for are not the drift's
+                for variant in variants[::-1] if args.fleet and round_index % 2 else variants:
                     if variant == "bare-sync" and setting is not settings[-1]:
                         continue
                     runs.append(one_run(services, root, variant, setting, 1, body_file, args.seconds,
@@ -372,6 +469,8 @@ def main() -> int:
                     if variant in variants:
                         runs.append(one_run(services, root, variant, best, workers, body_file, args.seconds,
                                             args.connections, tool))
+        in_process = in_process_run(services, root, body_file, blocks=3 if args.quick else args.blocks) \
+            if args.fleet else None
     finally:
         services.stop()
 
@@ -428,6 +527,10 @@ def main() -> int:
             (r for r in bare_rows if r["setting"] == settings[-1]["name"]), key=lambda r: r["workers"])},
         "runs": runs,
     }
+    if "api-model" in variants:
+        report["model_field"] = model_field(runs, in_process)
+    if in_process is not None:
+        report["in_process"] = in_process
     write_report("submit", report, args.out, args.quick, command_line())
     return 0
 

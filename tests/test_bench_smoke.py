@@ -40,26 +40,33 @@ EXPECTED: dict[str, dict[str, Any]] = {
                              "submit_to_webhook"], "runs": dict},
     "retention": {"pushed": int, "samples": list, "bytes_per_retained_job": int,
                   "steady": ["used_memory_mib_max", "bytes_per_job_in_redis_max", "in_redis_over_last_retention_max"]},
+    "fleet_scaleout": {"render_s": float, "results": list, "baseline": dict, "runs": list, "goals": dict},
+    "submit-fleet": {"results": list, "model_field": dict},
 }
+# a report name → (its benchmark's module, the options that select it)
+MODULES: dict[str, tuple[str, list[str]]] = {"submit-fleet": ("submit", ["--fleet"])}
 
 
 def _run(name: str, out: Path, extra: list[str]) -> tuple[str, subprocess.CompletedProcess[str]]:
-    cmd = [sys.executable, "-m", f"bench.{name}", "--quick", "--out", str(out), "--workdir",
-           str(out.parent / f"work-{name}"), *extra]
+    module, options = MODULES.get(name, (name, []))
+    cmd = [sys.executable, "-m", f"bench.{module}", "--quick", "--out", str(out), "--workdir",
+           str(out.parent / f"work-{name}"), *options, *extra]
     return name, subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, check=False)
 
 
 def test_every_benchmark_writes_its_report(tmp_path: Path, tiny_model: Path) -> None:
     extra = {"pipeline": ["--model", str(tiny_model)]}
     outs = {name: tmp_path / f"{name}.json" for name in EXPECTED}
-    order = ["pipeline", "submit", "orchestration", "duty_cycle", "scaleout", "memory", "replicas", "retention"]
+    order = ["pipeline", "submit", "orchestration", "duty_cycle", "scaleout", "memory", "replicas", "retention",
+             "fleet_scaleout", "submit-fleet"]
     with ThreadPoolExecutor(3) as pool:
         finished = list(pool.map(lambda n: _run(n, outs[n], extra.get(n, [])), order))
     for name, proc in finished:
         assert proc.returncode == 0, f"bench.{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         report = json.loads(outs[name].read_text())
-        assert report["benchmark"] == name and report["quick"] is True
-        assert report["command"].startswith(f"python -m bench.{name}")
+        module = MODULES.get(name, (name,))[0]
+        assert report["benchmark"] == module and report["quick"] is True
+        assert report["command"].startswith(f"python -m bench.{module}")
         for key, kind in EXPECTED[name].items():
             assert key in report, f"bench.{name}: no {key!r}"
             if isinstance(kind, list):
@@ -73,3 +80,16 @@ def test_every_benchmark_writes_its_report(tmp_path: Path, tiny_model: Path) -> 
     assert {"duty_cycle", "gap_ms", "pre_render_ms", "post_render_ms"} <= set(rows[0])
     rows = json.loads(outs["scaleout"].read_text())["results"]
     assert [r["workers"] for r in rows] == [1, 2] and "efficiency" in rows[0]
+    # the fleet: each pool's jobs ran on that pool's workers only, and both pools were measured
+    fleet = json.loads(outs["fleet_scaleout"].read_text())
+    assert [r["pool"] for r in fleet["results"]] == ["pool-a", "pool-b"]
+    assert all(r["misrouted"] == 0 for r in fleet["results"]), fleet["results"]
+    assert set(fleet["goals"]) == {"efficiency_ge_0_95[pool-a]", "efficiency_ge_0_95[pool-b]",
+                                   "efficiency_ge_0_95[one-model cluster, 2 workers]",
+                                   "efficiency_ge_0_95[one-model cluster, 4 workers]"}
+    # the model field: every variant's submissions were accepted (a job naming a model included)
+    sub = json.loads(outs["submit-fleet"].read_text())
+    assert {r["variant"] for r in sub["results"]} == {"api", "api-catalog", "api-model"}
+    assert all(r["non_2xx"] == 0 and r["requests"] > 0 for r in sub["runs"]), sub["runs"]
+    (row,) = sub["model_field"].values()
+    assert set(row["jobs_per_s"]) == {"api", "api-catalog", "api-model"} and "ratio_model_over_api" in row
