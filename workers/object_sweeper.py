@@ -24,6 +24,7 @@ from broker.jobstore import JobStore
 from broker.schema import Job
 from storage import S3ObjectStore
 from storage.listing import ListedObject, delete_keys, list_page
+from workers.periodic import Periodic
 
 log = logging.getLogger("editfarm.sweeper")
 
@@ -37,7 +38,7 @@ class ObjectSweeper:
         self.objects, self.store, self.retention_s = objects, store, retention_s
         self.interval_s, self.page, self.pages_per_pass, self.clock = interval_s, page, pages_per_pass, clock
         self._after: str | None = None  # where the next pass goes on listing (None: from the start)
-        self._stop = threading.Event()
+        self._periodic = Periodic(name="editfarm-object-retention", interval_s=self.interval_s, task=self.sweep)
 
     def sweep(self) -> dict[str, int]:
         """One pass: up to ``pages_per_pass`` pages of the bucket; how many objects were deleted, and
@@ -83,17 +84,9 @@ class ObjectSweeper:
             return job.finished_at < cutoff
         return item.modified_at < cutoff  # its record left the job store: by the object's age
 
-    def run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sweep()
-            except Exception:  # noqa: BLE001 - keep sweeping through Redis or S3 blips
-                log.exception("object retention sweep failed")
-
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="editfarm-object-retention", daemon=True)
-        thread.start()
-        return thread
+        """Sweep every ``interval_s`` on a daemon thread (a failed pass is logged, the next one runs)."""
+        return self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._periodic.stop()

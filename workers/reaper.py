@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from broker.jobstore import JobStore
 from broker.schema import JobStatus
+from workers.periodic import Periodic
 from workers.render_queue import WorkQueue
 from workers.transitions import Transitions
 
@@ -37,7 +38,7 @@ class Reaper:
                  interval_s: float = 2.0) -> None:
         self.store, self.transitions, self.queue, self.claim = store, transitions, queue, claim
         self.interval_s = interval_s
-        self._stop = threading.Event()
+        self._periodic = Periodic(name="editfarm-reaper", interval_s=self.interval_s, task=self.sweep)
 
     def sweep(self, now: float | None = None) -> dict[str, int]:
         """One pass; returns how many jobs were requeued and expired."""
@@ -57,17 +58,9 @@ class Reaper:
                 expired += 1
         return {"requeued": requeued, "expired": expired}
 
-    def run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sweep()
-            except Exception:  # noqa: BLE001 - keep sweeping through Redis blips
-                log.exception("reaper pass failed")
-
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="editfarm-reaper", daemon=True)
-        thread.start()
-        return thread
+        """Sweep every ``interval_s`` on a daemon thread (a failed pass is logged, the next one runs)."""
+        return self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._periodic.stop()

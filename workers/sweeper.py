@@ -19,6 +19,7 @@ from broker import keys
 from broker.jobstore import JobStore
 from broker.retention import DELETED, RetentionIndex
 from storage import ObjectStore
+from workers.periodic import Periodic
 
 log = logging.getLogger("editfarm.sweeper")
 
@@ -32,7 +33,7 @@ class RetentionSweeper:
                  interval_s: float = 10.0, batch: int = 500, clock: Callable[[], float] = time.time) -> None:
         self.store, self.index, self.archive = store, index, archive
         self.interval_s, self.batch, self.clock = interval_s, batch, clock
-        self._stop = threading.Event()
+        self._periodic = Periodic(name="editfarm-retention", interval_s=self.interval_s, task=self.sweep)
 
     def sweep(self, max_jobs: int = 100_000) -> dict[str, int]:
         """Passes over the due jobs until none is left (or ``max_jobs`` were looked at); how many were
@@ -69,17 +70,9 @@ class RetentionSweeper:
         self.archive.put(keys.job_archive_object(job.tenant, job.id), job.model_dump_json().encode(),
                          "application/json")
 
-    def run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sweep()
-            except Exception:  # noqa: BLE001 - keep sweeping through Redis or S3 blips
-                log.exception("retention sweep failed")
-
     def start(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name="editfarm-retention", daemon=True)
-        thread.start()
-        return thread
+        """Sweep every ``interval_s`` on a daemon thread (a failed pass is logged, the next one runs)."""
+        return self._periodic.start()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._periodic.stop()
