@@ -112,6 +112,12 @@ def webhook_message(message_id: str) -> str:
     return f"{PREFIX}webhook:{message_id}"
 
 
+WEBHOOK_PENDING = f"{PREFIX}webhook:pending"
+"""Sorted set of webhook message ids that may still need a delivery, scored by when to look at each again
+(epoch s): written when a message is stored or redelivered, read by the relay (workers/relay.py), which
+re-queues a pending message nobody is delivering and drops the ended ones."""
+
+
 def webhook_attempts(message_id: str) -> str:
     """List of JSON delivery attempts of one webhook message."""
     return f"{PREFIX}webhook:{message_id}:attempts"

@@ -6,7 +6,8 @@ deliveries (``api/delivery_log.py``).
   created_at, finished_at, status_code, error, next_attempt_at`` (times in epoch seconds, as text);
 * ``keys.webhook_attempts(id)``: list of JSON attempts ``{attempt, at, status_code, error, duration_ms}``;
 * ``keys.webhook_lock(id)``: a token held while one delivery attempt is in flight;
-* ``keys.job_webhooks(job_id)``: set of the message ids a job produced (its delivery log).
+* ``keys.job_webhooks(job_id)``: set of the message ids a job produced (its delivery log);
+* ``keys.WEBHOOK_PENDING``: sorted set of the messages that may still need a delivery (the relay's).
 
 Every record expires ``ttl_s`` after its last write. The scripts are ``broker/lua/outbox_*.lua``.
 Every method raises ``redis.RedisError`` when Redis is unreachable.
@@ -15,6 +16,7 @@ Every method raises ``redis.RedisError`` when Redis is unreachable.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,10 +61,11 @@ class OutboxRecords:
         self._reset = client.register_script(scripts.source("outbox_reset"))
 
     def put(self, message_id: str, fields: Mapping[str, Any], job_id: str | None = None) -> bool:
-        """Create the message once (False: it exists, unchanged); with ``job_id`` add it to that job's
-        delivery log either way."""
-        ks = [keys.webhook_message(message_id), *([keys.job_webhooks(job_id)] if job_id else [])]
-        return int(self._put(keys=ks, args=[self.ttl_s, message_id, *_flat(fields)])) == 1
+        """Create the message once, pending (False: it exists, unchanged); with ``job_id`` add it to that
+        job's delivery log either way."""
+        ks = [keys.webhook_message(message_id), keys.WEBHOOK_PENDING,
+              *([keys.job_webhooks(job_id)] if job_id else [])]
+        return int(self._put(keys=ks, args=[self.ttl_s, message_id, repr(time.time()), *_flat(fields)])) == 1
 
     def update(self, message_id: str, fields: Mapping[str, str]) -> bool:
         """Set fields of an existing message (False: no such message, nothing written)."""
@@ -117,5 +120,37 @@ class OutboxRecords:
     def redeliver(self, message_id: str) -> bool:
         """Make the message pending again (:data:`REDELIVERY_FIELDS`), keeping its attempt log, both for
         another ``ttl_s``. False if it does not exist."""
-        ks = [keys.webhook_message(message_id), keys.webhook_attempts(message_id)]
-        return bool(self._reset(keys=ks, args=[self.ttl_s, *_flat(REDELIVERY_FIELDS)]))
+        ks = [keys.webhook_message(message_id), keys.webhook_attempts(message_id), keys.WEBHOOK_PENDING]
+        return bool(self._reset(keys=ks, args=[self.ttl_s, message_id, repr(time.time()),
+                                               *_flat(REDELIVERY_FIELDS)]))
+
+    # -- the relay's view (workers/relay.py) --
+
+    def pending_due(self, now: float, limit: int = 100) -> list[str]:
+        """Up to ``limit`` messages of the pending index due for a look at ``now`` (epoch s)."""
+        return [_text(m) for m in self.redis.zrangebyscore(keys.WEBHOOK_PENDING, "-inf", repr(now), start=0,
+                                                           num=limit)]
+
+    def delivery_states(self, message_ids: list[str]) -> list[tuple[str | None, float | None, bool]]:
+        """Per message: (its state, None if it is gone; its next attempt time, None if none is set;
+        whether a delivery holds its lock), in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        for message_id in message_ids:
+            pipe.hmget(keys.webhook_message(message_id), "state", "next_attempt_at")
+            pipe.exists(keys.webhook_lock(message_id))
+        answers = pipe.execute()
+        states: list[tuple[str | None, float | None, bool]] = []
+        for (state, next_at), locked in zip(answers[0::2], answers[1::2], strict=True):
+            next_text = _text(next_at) if next_at is not None else ""
+            states.append((_text(state) if state is not None else None, float(next_text) if next_text else None,
+                           bool(locked)))
+        return states
+
+    def look_again(self, message_id: str, at: float) -> None:
+        """Keep ``message_id`` in the pending index, to be looked at again at ``at`` (epoch s)."""
+        self.redis.zadd(keys.WEBHOOK_PENDING, {message_id: at}, xx=True)
+
+    def forget(self, message_ids: list[str]) -> None:
+        """Take ended (or gone) messages out of the pending index."""
+        if message_ids:
+            self.redis.zrem(keys.WEBHOOK_PENDING, *message_ids)

@@ -52,6 +52,8 @@ ENV = {
     "EDITFARM_VISIBILITY_TIMEOUT_S": "5", "EDITFARM_UNACKED_RESTORE_INTERVAL_S": "1",
     "EDITFARM_TRANSIENT_RETRY_S": "1",
     "EDITFARM_WEBHOOK_RETRY_SCHEDULE_S": ",".join(["0"] + ["0.5"] * 4 + ["1"] * 20),
+    # a delivery lost with a dying primary is queued again by the relay within seconds
+    "EDITFARM_WEBHOOK_RELAY_AFTER_S": "3",
     "EDITFARM_WEBHOOK_TIMEOUT_S": "3",
 }
 

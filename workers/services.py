@@ -25,6 +25,7 @@ from broker.celery_app import NotifyMessages, enqueue_notify, enqueue_webhook, m
 from broker.events import RedisEventPublisher
 from broker.fleet import RedisFleet
 from broker.jobstore import RedisJobStore
+from broker.outbox import OutboxRecords
 from broker.retention import RetentionIndex
 from broker.schema import Job
 from broker.tenants import RedisTenantStore
@@ -37,6 +38,7 @@ from workers.object_sweeper import ObjectSweeper
 from workers.pipeline.base import Renderer
 from workers.pipelining import Pipelining
 from workers.reaper import Reaper
+from workers.relay import OutboxRelay
 from workers.render_queue import CeleryRenderQueue
 from workers.runner import Runner, RunnerConfig
 from workers.serving import served_model
@@ -283,6 +285,7 @@ class WorkerServices:
         if role == "webhooks":
             self.reaper().start()
             self.sweeper().start()
+            self.relay().start()
             if (objects := self.object_sweeper()) is not None:
                 objects.start()
 
@@ -334,6 +337,12 @@ class WorkerServices:
             return None
         return ObjectSweeper(objects=self.objects, store=self.store, retention_s=s.object_retention_days * 86400,
                              interval_s=s.object_sweep_interval_s)
+
+    def relay(self) -> OutboxRelay:
+        """The outbox relay: a pending webhook message whose delivery was lost gets one again."""
+        return OutboxRelay(records=OutboxRecords(self.redis), enqueue=self.queue_webhook,
+                           after_s=self.settings.webhook_relay_after_s,
+                           interval_s=min(5.0, self.settings.webhook_relay_after_s / 2))
 
     def sweeper(self) -> RetentionSweeper:
         return RetentionSweeper(store=self.store, index=RetentionIndex(self.redis),

@@ -82,6 +82,9 @@ class WorkerSettings(ClusterSettings):
     # how often that sweeper passes over the bucket (seconds)
     object_sweep_interval_s: float = Field(default=600.0, gt=0)
 
+    # a pending webhook message that no delivery has held for this long (and has no retry scheduled
+    # sooner) is given a delivery again by the webhook workers' relay (workers/relay.py)
+    webhook_relay_after_s: float = 60.0
     webhook_timeout_s: float = 15.0
     # delays before each attempt (s); "0,5,300" or a JSON list in the environment
     webhook_retry_schedule_s: Annotated[list[float], NoDecode] = [0, 5, 300, 1800, 7200, 18000, 36000]
