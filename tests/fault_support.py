@@ -170,11 +170,16 @@ class Tally:
 
 
 def judge(cluster: LocalCluster, tally: Tally, job_ids: list[str], deliveries: ByJob | None,
-          expect_attempts: int | None = None) -> None:
+          expect_attempts: int | None = None, same_message_again_ok: bool = False) -> None:
     """Add ``job_ids`` to ``tally`` as survived / lost / duplicated (see the module docstring).
 
     Reads every job through the API (so GET works), checks each output object in the bucket,
     and counts terminal webhooks. ``expect_attempts`` turns a different attempt count into a problem.
+    ``same_message_again_ok``: one terminal message (one ``webhook-id``) delivered more than once is
+    counted in ``tally.notes["same_message_again"]``, not as a duplicate: across a failover whose
+    dying primary took the record of a delivery with it, the message is sent again rather than lost,
+    and a receiver drops the repeat by its ``webhook-id`` (Standard Webhooks). Two messages for one
+    job are always a duplicate.
     """
     s3 = s3_client(cluster)
     for job_id in job_ids:
@@ -201,6 +206,8 @@ def judge(cluster: LocalCluster, tally: Tally, job_ids: list[str], deliveries: B
             ids = {d.headers.get("webhook-id") for d in terminal}
             if not terminal:
                 problems.append(f"{job_id}: no terminal webhook")
+            elif len(ids) == 1 and len(terminal) > 1 and same_message_again_ok:
+                tally.notes["same_message_again"] = tally.notes.get("same_message_again", 0) + 1
             elif len(terminal) > 1 or len(ids) > 1:
                 duplicated = True
                 tally.problems.append(f"{job_id}: {len(terminal)} terminal webhooks, ids {sorted(map(str, ids))}")
