@@ -37,6 +37,19 @@ from editfarm_testing.webhooks import ByJob
 from tests.e2e_support import auth, data_url, png_bytes
 
 TERMINAL = ("succeeded", "failed", "canceled")
+# every process of a fault test's cluster recovers within seconds: leases, the reaper, Celery's
+# redelivery, storage retries, webhook retries and the outbox relay (see tests/test_e2e_workers.py)
+QUICK_RECOVERY_ENV = {
+    "EDITFARM_LEASE_S": "3", "EDITFARM_HEARTBEAT_INTERVAL_S": "0.5", "EDITFARM_REAPER_INTERVAL_S": "0.5",
+    "EDITFARM_VISIBILITY_TIMEOUT_S": "5", "EDITFARM_UNACKED_RESTORE_INTERVAL_S": "1",
+    "EDITFARM_TRANSIENT_RETRY_S": "1",
+    # enough quick retries to outlive a receiver that refuses, fails and hangs in turn
+    "EDITFARM_WEBHOOK_RETRY_SCHEDULE_S": ",".join(["0"] + ["0.5"] * 4 + ["1"] * 20),
+    # a delivery lost with a dying primary is queued again by the relay within seconds
+    "EDITFARM_WEBHOOK_RELAY_AFTER_S": "3",
+    "EDITFARM_WEBHOOK_TIMEOUT_S": "3",
+}
+
 REPORT_DIR = ROOT / "test-artifacts" / "faults"
 
 

@@ -48,6 +48,7 @@ from editfarm_testing.tcpproxy import TcpProxy
 from editfarm_testing.webhooks import ByJob, FlakyReceiver
 from tests.e2e_support import API_KEYS, auth
 from tests.fault_support import (
+    QUICK_RECOVERY_ENV,
     Tally,
     get,
     holder,
@@ -71,18 +72,7 @@ TINY_MODEL = "tiny"
 EDIT_QUEUES = RenderQueue(model=EDIT_MODEL).names
 STANDIN_QUEUES = (EDIT_QUEUES["high"], EDIT_QUEUES["normal"])
 
-FAULT_ENV = {
-    "EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(RENDER_S),
-    # failover within seconds (see tests/test_e2e_workers.py)
-    "EDITFARM_LEASE_S": "3", "EDITFARM_HEARTBEAT_INTERVAL_S": "0.5", "EDITFARM_REAPER_INTERVAL_S": "0.5",
-    "EDITFARM_VISIBILITY_TIMEOUT_S": "5", "EDITFARM_UNACKED_RESTORE_INTERVAL_S": "1",
-    "EDITFARM_TRANSIENT_RETRY_S": "1",
-    # enough quick retries to outlive a receiver that refuses, fails and hangs in turn
-    "EDITFARM_WEBHOOK_RETRY_SCHEDULE_S": ",".join(["0"] + ["0.5"] * 4 + ["1"] * 20),
-    # a delivery lost with a dying primary is queued again by the relay within seconds
-    "EDITFARM_WEBHOOK_RELAY_AFTER_S": "3",
-    "EDITFARM_WEBHOOK_TIMEOUT_S": "3",
-}
+FAULT_ENV = {"EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(RENDER_S), **QUICK_RECOVERY_ENV}
 
 REPORTS: list[Tally] = []
 

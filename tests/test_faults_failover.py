@@ -37,7 +37,7 @@ from cli.cluster import ClusterConfig, LocalCluster
 from editfarm_testing.sentinel import SentinelGroup
 from editfarm_testing.webhooks import ByJob, FlakyReceiver
 from tests.e2e_support import API_KEYS, auth, data_url, png_bytes
-from tests.fault_support import Tally, judge, submit, wait_all_terminal, wait_n_running
+from tests.fault_support import QUICK_RECOVERY_ENV, Tally, judge, submit, wait_all_terminal, wait_n_running
 
 pytestmark = pytest.mark.integration
 
@@ -49,14 +49,7 @@ REJOIN_AFTER_S = 1.5  # the killed node comes back as a replica this long after 
 ENV = {
     "EDITFARM_RENDERER": "standin", "EDITFARM_STANDIN_RENDER_S": repr(RENDER_S),
     "EDITFARM_REDIS_MIN_REPLICAS": "1", "EDITFARM_REDIS_WAIT_TIMEOUT_MS": "1000",
-    # take over within seconds (as tests/test_faults.py)
-    "EDITFARM_LEASE_S": "3", "EDITFARM_HEARTBEAT_INTERVAL_S": "0.5", "EDITFARM_REAPER_INTERVAL_S": "0.5",
-    "EDITFARM_VISIBILITY_TIMEOUT_S": "5", "EDITFARM_UNACKED_RESTORE_INTERVAL_S": "1",
-    "EDITFARM_TRANSIENT_RETRY_S": "1",
-    "EDITFARM_WEBHOOK_RETRY_SCHEDULE_S": ",".join(["0"] + ["0.5"] * 4 + ["1"] * 20),
-    # a delivery lost with a dying primary is queued again by the relay within seconds
-    "EDITFARM_WEBHOOK_RELAY_AFTER_S": "3",
-    "EDITFARM_WEBHOOK_TIMEOUT_S": "3",
+    **QUICK_RECOVERY_ENV,  # take over within seconds (as tests/test_faults.py)
 }
 
 
