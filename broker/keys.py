@@ -88,6 +88,10 @@ def render_queue(priority: str, model: str | None = None) -> str:
     return f"render.{scope[:-1]}.{priority}" if scope else f"render.{priority}"
 
 
+KOMBU_UNACKED = "unacked"
+"""kombu's hash of the messages workers hold unacknowledged (prefetched, running, or waiting for their
+countdown), by delivery tag: ``[message, exchange, routing key]`` as JSON (kombu's default name)."""
+
 WEBHOOK_QUEUE = "webhooks"
 """List of the CPU workers' messages: notify (a job's webhook to build) and webhook deliveries."""
 
@@ -95,6 +99,11 @@ WEBHOOK_QUEUE = "webhooks"
 def reaped(job_id: str, lease_until: float) -> str:
     """Marker that the reaper already re-queued this job for this lapsed lease."""
     return f"{PREFIX}reaped:{job_id}:{lease_until!r}"
+
+
+def resent(job_id: str) -> str:
+    """Marker (with a TTL) that a reaper already re-sent this queued job's lost render message."""
+    return f"{PREFIX}resent:{job_id}"
 
 
 def worker_drain(worker_name: str) -> str:

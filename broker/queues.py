@@ -11,13 +11,15 @@ and looks at the lists for messages no worker has taken (:meth:`RenderQueue.wait
 
 from __future__ import annotations
 
+import binascii
+import json
 from collections.abc import Iterable
 
 import redis
 from celery import Celery
 
 from broker import keys
-from broker.celery_app import RENDER_TASK, TaskMessages
+from broker.celery_app import RENDER_TASK, TaskMessages, render_job_id
 
 
 def _priority(priority: object) -> str:
@@ -113,6 +115,58 @@ class RenderQueue:
             pipe.zcard(keys.queued(priority_of[queue], self.model))
         answers = [int(n) for n in pipe.execute()]
         return sum(answers[:len(names)]), sum(answers[len(names):])
+
+
+    def held_job_ids(self) -> set[str]:
+        """The jobs whose render message is somewhere: waiting in this model's lists, or held
+        unacknowledged by a worker (kombu's unacked hash: prefetched, in a render lane, or waiting
+        for a countdown). Reads whole lists: for a periodic check, not a hot path.
+
+        Raises:
+            RuntimeError: built without ``client``.
+            redis.RedisError: Redis is unreachable.
+        """
+        pipe = self._redis().pipeline(transaction=False)
+        for queue in self.order:
+            pipe.lrange(queue, 0, -1)
+        pipe.hvals(keys.KOMBU_UNACKED)
+        *lists, unacked = pipe.execute()
+        held = {_job_id(message) for messages in lists for message in messages}
+        for entry in unacked:
+            try:
+                message, _exchange, routing_key = json.loads(entry)
+            except (ValueError, TypeError):
+                continue
+            if routing_key in self.order:
+                held.add(_job_id(json.dumps(message)))
+        held.discard("")
+        return held
+
+    def stranded(self, before_s: float, limit: int = 100) -> list[str]:
+        """Jobs of this model the store has queued since before ``before_s`` (epoch s) whose render
+        message is nowhere (:meth:`held_job_ids`): lost with a Redis primary that died before its
+        replica had the worker's bookkeeping. Empty without reading the lists when no job is that old.
+
+        Raises:
+            RuntimeError: built without ``client``.
+            redis.RedisError: Redis is unreachable.
+        """
+        pipe = self._redis().pipeline(transaction=False)
+        for priority in keys.RENDER_PRIORITIES:
+            pipe.zrangebyscore(keys.queued(priority, self.model), "-inf", f"({before_s!r}", start=0, num=limit)
+        old = [m.decode() if isinstance(m, bytes) else str(m) for ids in pipe.execute() for m in ids]
+        if not old:
+            return []
+        held = self.held_job_ids()
+        return [job_id for job_id in old if job_id not in held][:limit]
+
+
+def _job_id(message: str | bytes) -> str:
+    """The job id of a render message ('' if it is not one)."""
+    try:
+        return render_job_id(message)
+    except (ValueError, TypeError, KeyError, IndexError, binascii.Error):
+        return ""
 
 
 class RenderQueues:

@@ -48,6 +48,8 @@ QUICK_RECOVERY_ENV = {
     # a delivery lost with a dying primary is queued again by the relay within seconds
     "EDITFARM_WEBHOOK_RELAY_AFTER_S": "3",
     "EDITFARM_WEBHOOK_TIMEOUT_S": "3",
+    # a queued job whose render message went down with a Redis primary gets a new one within seconds
+    "EDITFARM_STRANDED_AFTER_S": "10",
 }
 
 REPORT_DIR = ROOT / "test-artifacts" / "faults"

@@ -67,8 +67,8 @@ def test_the_reaper_resends_a_lapsed_job_once_and_expires_an_overdue_one_without
 
     reaper = Reaper(store=store, transitions=_transitions(store, pushed_with_terminal=True), queue=queue,
                     claim=claim)
-    assert reaper.sweep(now) == {"requeued": 1, "expired": 1}
-    assert reaper.sweep(now) == {"requeued": 0, "expired": 0}  # the lapse was claimed; the job ended
+    assert reaper.sweep(now) == {"requeued": 1, "expired": 1, "resent": 0}
+    assert reaper.sweep(now) == {"requeued": 0, "expired": 0, "resent": 0}  # the lapse was claimed; the job ended
     assert queue.requeued == [lapsed.id]
     expired = store.get(overdue.id)
     assert expired is not None and expired.status is JobStatus.CANCELED

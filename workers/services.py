@@ -26,6 +26,7 @@ from broker.events import RedisEventPublisher
 from broker.fleet import RedisFleet
 from broker.jobstore import RedisJobStore
 from broker.outbox import OutboxRecords
+from broker.queues import RenderQueue
 from broker.retention import RetentionIndex
 from broker.schema import Job
 from broker.tenants import RedisTenantStore
@@ -323,8 +324,21 @@ class WorkerServices:
     def reaper(self) -> Reaper:
         def claim(job_id: str, lease_until: float) -> bool:
             return bool(self.redis.set(keys.reaped(job_id, lease_until), "1", nx=True, ex=3600))
+        after_s = self.settings.stranded_after_s
+
+        def claim_stranded(job_id: str) -> bool:
+            return bool(self.redis.set(keys.resent(job_id), "1", nx=True, ex=max(1, int(after_s))))
+
+        # every model's queues: a webhook worker's reaper looks after the whole fleet
+        models = [RenderQueue(model=model, client=self.redis) for model in self._metric_models()]
+
+        def find_stranded(before_s: float) -> list[str]:
+            return [job_id for queue in models for job_id in queue.stranded(before_s)]
+
         return Reaper(store=self.store, transitions=self.transitions, queue=self.queue, claim=claim,
-                      interval_s=self.settings.reaper_interval_s)
+                      interval_s=self.settings.reaper_interval_s, find_stranded=find_stranded,
+                      claim_stranded=claim_stranded, stranded_after_s=after_s,
+                      stranded_every_s=min(30.0, after_s / 2))
 
     def object_sweeper(self) -> ObjectSweeper | None:
         """The object sweeper if this process runs one (``EDITFARM_OBJECT_SWEEPER`` with an object

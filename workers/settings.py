@@ -73,6 +73,9 @@ class WorkerSettings(ClusterSettings):
     reuse_cpu_memory: bool = True
     # how often the reaper (in webhook workers) looks for lapsed leases and queue deadlines (seconds)
     reaper_interval_s: float = 2.0
+    # a queued job whose render message is nowhere (not in its model's lists, held by no worker) this long
+    # gets a new one from the reaper: a message lost with a Redis primary that died (workers/reaper.py)
+    stranded_after_s: float = Field(default=300.0, gt=0)
     # how often the retention sweeper (in webhook workers) deletes finished jobs past their retention
     retention_sweep_interval_s: float = 10.0
     # for an object store without lifecycle rules: the webhook workers delete a finished job's objects
