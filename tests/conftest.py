@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import redis
 
 from cli.localservices import ManagedProcess, start_redis, start_s3
+from storage import S3Config, S3ObjectStore
 
 # Settings of the test process itself must not leak in from the developer's shell.
 for name in list(os.environ):
@@ -48,6 +50,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProce
     server = start_s3(workdir=tmp_path_factory.mktemp("s3"))
     yield server
     server.stop()
+
+
+@pytest.fixture()
+def s3(s3_server: ManagedProcess) -> S3ObjectStore:
+    """An object store on the session's S3 server, in a bucket of its own (made empty)."""
+    objects = S3ObjectStore(S3Config(bucket=f"b-{uuid.uuid4().hex[:8]}", endpoint_url=s3_server.url,
+                                     access_key_id="test", secret_access_key="test"))
+    objects.ensure_bucket()
+    return objects
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ finished job's objects go once the object retention has passed, a live job's nev
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -17,22 +16,13 @@ from broker import keys
 from broker.jobstore import RedisJobStore
 from broker.retention import data_removed
 from broker.schema import Job, JobParams, JobStatus, Output, new_job_id
-from cli.localservices import ManagedProcess
 from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
-from storage import S3Config, S3ObjectStore
+from storage import S3ObjectStore
 from storage.listing import list_page
 from workers.object_sweeper import ObjectSweeper
 from workers.settings import WorkerSettings
 
 DAY_S = 86400
-
-
-@pytest.fixture()
-def s3(s3_server: ManagedProcess) -> S3ObjectStore:
-    objects = S3ObjectStore(S3Config(bucket=f"b-{uuid.uuid4().hex[:8]}", endpoint_url=s3_server.url,
-                                     access_key_id="test", secret_access_key="test"))
-    objects.ensure_bucket()
-    return objects
 
 
 @pytest.fixture()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import uuid
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from broker.schema import Job, JobParams, JobStatus, Output, new_job_id
 from broker.tenants import InMemoryTenantStore
 from cli.localservices import ManagedProcess
 from editfarm_testing.api import TEST_KEYS, fake_services, make_settings
-from storage import S3Config, S3ObjectStore
+from storage import S3ObjectStore
 from workers.sweeper import RetentionSweeper
 
 T0 = 1_900_000_000.0  # a fixed "now" for the records; the sweeper's clock is moved around it
@@ -196,14 +195,6 @@ def test_a_sweep_reads_only_due_jobs_in_batches(store: RedisJobStore, index: Ret
 
 
 # -- the archive, on the real S3 server and through the API ----------------------------------------
-
-
-@pytest.fixture()
-def s3(s3_server: ManagedProcess) -> S3ObjectStore:
-    objects = S3ObjectStore(S3Config(bucket=f"b-{uuid.uuid4().hex[:8]}", endpoint_url=s3_server.url,
-                                     access_key_id="test", secret_access_key="test"))
-    objects.ensure_bucket()
-    return objects
 
 
 def _without_urls(body: dict[str, Any]) -> dict[str, Any]:

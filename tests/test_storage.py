@@ -14,14 +14,6 @@ from cli.localservices import ManagedProcess
 from storage import InMemoryObjectStore, ObjectNotFound, S3Config, S3ObjectStore, StorageUnavailable
 
 
-@pytest.fixture()
-def s3(s3_server: ManagedProcess) -> S3ObjectStore:
-    store = S3ObjectStore(S3Config(bucket=f"b-{uuid.uuid4().hex[:8]}", endpoint_url=s3_server.url,
-                                   access_key_id="test", secret_access_key="test"))
-    store.ensure_bucket()
-    return store
-
-
 def test_put_then_get_returns_the_same_bytes_and_checksum(s3: S3ObjectStore) -> None:
     data = b"\x89PNG fake but bytes"
     stored = s3.put("tenants/acme/jobs/j1/outputs/0.png", data, "image/png")
