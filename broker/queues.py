@@ -170,14 +170,17 @@ def _job_id(message: str | bytes) -> str:
 
 
 class RenderQueues:
-    """Every model's message builder (what the API needs: no client), made once per model."""
+    """Every model's :class:`RenderQueue`, made once per model on the same ``client`` and ``celery``
+    (the API's: neither, it only builds messages)."""
 
-    def __init__(self) -> None:
-        self._by_model: dict[str | None, RenderQueue] = {}
+    def __init__(self, *, client: redis.Redis | None = None, celery: Celery | None = None) -> None:
+        self._client, self._celery = client, celery
+        self._by_model: dict[str, RenderQueue] = {}
 
     def of(self, model: str | None) -> RenderQueue:
-        """The queues of ``model`` (None: the legacy model's)."""
-        queue = self._by_model.get(model)
+        """The queues of ``model`` (None and the legacy model's name: the same, legacy queues)."""
+        name = model or keys.LEGACY_MODEL
+        queue = self._by_model.get(name)
         if queue is None:
-            queue = self._by_model[model] = RenderQueue(model=model)
+            queue = self._by_model[name] = RenderQueue(model=name, client=self._client, celery=self._celery)
         return queue

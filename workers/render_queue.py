@@ -11,8 +11,7 @@ from typing import Any, Protocol
 
 import redis
 
-from broker.keys import LEGACY_MODEL
-from broker.queues import RenderQueue
+from broker.queues import RenderQueues
 from broker.schema import Job, model_of
 from workers.priority import PriorityGate
 
@@ -40,26 +39,16 @@ class CeleryRenderQueue:
 
     def __init__(self, *, redis_client: redis.Redis, celery: Any, model: str | None = None,
                  consumed: Collection[str] | None = None, give_way_wait_s: float = 0.0) -> None:
-        self.queues = RenderQueue(model=model, client=redis_client, celery=celery)
+        # a render worker only ever holds its own model's jobs; the reaper (in a webhook worker, which
+        # serves none) re-sends any model's, each on its own model's queues
+        self.by_model = RenderQueues(client=redis_client, celery=celery)
+        self.queues = self.by_model.of(model)
         self.gate = PriorityGate(client=redis_client, queues=self.queues, consumed=consumed,
                                  wait_s=give_way_wait_s)
-        self._redis, self._celery = redis_client, celery
-        self._other_models: dict[str, RenderQueue] = {}
-
-    def _queues_of(self, job: Job) -> RenderQueue:
-        # a render worker only ever holds its own model's jobs; the reaper (in a webhook worker, which
-        # serves none) re-sends any model's
-        model = model_of(job)
-        if model == (self.queues.model or LEGACY_MODEL):
-            return self.queues
-        queues = self._other_models.get(model)
-        if queues is None:
-            queues = self._other_models[model] = RenderQueue(model=model, client=self._redis, celery=self._celery)
-        return queues
 
     def requeue(self, job: Job) -> None:
         """Re-send ``job`` on its own model's queue of its priority."""
-        self._queues_of(job).enqueue(job.id, job.params.priority)
+        self.by_model.of(model_of(job)).enqueue(job.id, job.params.priority)
 
     def give_way(self, job: Job) -> bool:
         """Strict priority for a job the render lane took early (workers/priority.py): ``job``'s

@@ -26,7 +26,6 @@ from broker.events import RedisEventPublisher
 from broker.fleet import RedisFleet
 from broker.jobstore import RedisJobStore
 from broker.outbox import OutboxRecords
-from broker.queues import RenderQueue
 from broker.retention import RetentionIndex
 from broker.schema import Job
 from broker.tenants import RedisTenantStore
@@ -282,7 +281,7 @@ class WorkerServices:
         """Per-process threads: heartbeat and metrics (both roles), the reaper, the retention sweeper
         and, with ``EDITFARM_OBJECT_SWEEPER``, the object sweeper (webhook workers)."""
         self.heartbeat.start()
-        metrics.serve(self.settings.metrics_port, lambda: self.store, self.gpu_memory, self._metric_models())
+        metrics.serve(self.settings.metrics_port, lambda: self.store, self.gpu_memory, self.models)
         if role == "webhooks":
             self.reaper().start()
             self.sweeper().start()
@@ -290,16 +289,19 @@ class WorkerServices:
             if (objects := self.object_sweeper()) is not None:
                 objects.start()
 
-    def _metric_models(self) -> tuple[str, ...]:
-        """The models whose queues this process's /metrics shows: a render worker's own; a webhook worker's
-        catalog (every model), when it has one."""
+    @functools.cached_property
+    def models(self) -> tuple[str, ...]:
+        """The models this process looks after (its /metrics, a webhook worker's reaper): a render worker's
+        own; a webhook worker's catalog (every model), read once, or the one-model cluster's."""
         if self.model is not None:
             return (self.model,)
         s = self.settings
+        if not (s.models_file or s.model):
+            return (keys.LEGACY_MODEL,)
         try:
-            return load_catalog(models_file=s.models_file, model=s.model).names if s.models_file or s.model \
-                else (keys.LEGACY_MODEL,)
-        except CatalogError:
+            return load_catalog(models_file=s.models_file, model=s.model).names
+        except CatalogError as exc:
+            log.error("%s; looking after the one-model cluster's queues only", exc)
             return (keys.LEGACY_MODEL,)
 
     # -- webhooks --------------------------------------------------------------------------------
@@ -330,7 +332,7 @@ class WorkerServices:
             return bool(self.redis.set(keys.resent(job_id), "1", nx=True, ex=max(1, int(after_s))))
 
         # every model's queues: a webhook worker's reaper looks after the whole fleet
-        models = [RenderQueue(model=model, client=self.redis) for model in self._metric_models()]
+        models = [self.queue.by_model.of(model) for model in self.models]
 
         def find_stranded(before_s: float) -> list[str]:
             return [job_id for queue in models for job_id in queue.stranded(before_s)]
